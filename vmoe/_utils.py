@@ -1,0 +1,48 @@
+"""Small helpers shared by the launchers: allocation, interpreter detection, problem-size limits."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INT32_MAX = 2**31 - 1
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def poisoning() -> bool:
+    """VMOE_POISON=1 fills fresh kernel outputs with NaN (floats) or -1 (ints), so a test catches
+    any element a kernel forgot to write. Off by default: it costs a fill per allocation."""
+    return os.environ.get("VMOE_POISON", "0") not in ("", "0")
+
+
+def checking() -> bool:
+    """VMOE_CHECK=1 validates expert-id values, which costs a host synchronization."""
+    return os.environ.get("VMOE_CHECK", "0") not in ("", "0")
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or a poisoned tensor under VMOE_POISON=1."""
+    if not poisoning():
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def dot_dtype_flag(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast tiles to fp32 before tl.dot: the interpreter's bf16 dot is wrong."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def check_triton_device(t: torch.Tensor, name: str = "x") -> None:
+    if t.device.type == "cpu" and not interpreting():
+        raise RuntimeError(f"{name} is on the CPU: the Triton kernels need a CUDA tensor, or "
+                           "TRITON_INTERPRET=1 set before vmoe is imported; or use impl='reference'")

@@ -1,0 +1,417 @@
+"""Grouped GEMMs over ragged row blocks: the up projection (activation fused in the epilogue), the
+down projection, and their backward (the activation derivative fused in the epilogue, and the
+weight gradients reduced over each expert's rows).
+
+Derivation, the version ladder and the padding it avoids: notebooks/04_grouped_gemm.ipynb and
+notebooks/05_backward.ipynb. Shape letters: see :mod:`vmoe.config`; ``g`` is the gate factor
+(2 for swiglu, else 1) and ``A = T*k``.
+
+Layouts:
+  * sorted rows: ``[A, d]``, row p is sorted position p (:mod:`vmoe.routing`).
+  * ragged: expert e's ``[n_e, g*f_e]`` block starts at element ``g*ragged_offsets[e]``, row-major,
+    so the whole tensor holds sum_e n_e*g*f_e elements, whatever the widths. Its buffer is sized
+    for the worst routing, ``A * g * max(f_e)``: the exact size lives on the device, and reading
+    it back would be a host synchronization.
+  * w1 ``[d, g*F]``: expert e owns columns ``[g*o_e, g*(o_e+f_e))`` (gate first, then up).
+    w2 ``[F, d]``: expert e owns rows ``[o_e, o_e+f_e)``.
+
+Two kernels serve all six GEMMs. ``_rows_kernel`` computes ``C[rows of e] = A[rows of e] @ B_e`` for
+each expert, over a persistent grid whose tile schedule is rebuilt on the device from the counts
+(:func:`vmoe.routing.schedule_prologue`). ``_wgrad_kernel`` computes ``A_e^T @ B_e`` over each
+expert's rows; its tiles are known on the host (they depend only on the widths and d).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import dot_dtype_flag, interpreting, new_empty, next_pow2
+from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
+from .config import gate_factor
+from .routing import Routing, locate_tile, max_row_tiles, schedule_prologue
+
+# Operand modes of the row kernel and the weight-gradient kernel.
+SORTED = 0    # dense [A, *], row p is sorted position p
+GATHERED = 1  # dense [T, *], row p is token sorted_to_assign[p] // k (the gather, fused)
+RAGGED = 2    # ragged [n_e, g*f_e] blocks
+
+# Epilogues of the row kernel.
+EPI_STORE = 0     # C = acc
+EPI_ACT = 1       # Z = acc (optional), H = act(Z)
+EPI_ACT_BWD = 2   # dZ = acc * act'(Z)
+
+# The same codes, as constants the kernels can read.
+SORTED_C = tl.constexpr(SORTED)
+GATHERED_C = tl.constexpr(GATHERED)
+RAGGED_C = tl.constexpr(RAGGED)
+EPI_STORE_C = tl.constexpr(EPI_STORE)
+EPI_ACT_C = tl.constexpr(EPI_ACT)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting, so an fp32 layer is as exact as torch's.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _persistent_programs(device: torch.device, max_tiles: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(max_tiles, 3))  # the interpreter runs programs one by one
+    return max(1, min(max_tiles, 2 * _num_sms(device.index or 0)))
+
+
+@triton.jit
+def _rows_kernel(
+    a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr,
+    counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
+    E, K_FIXED, N_FIXED, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    KTOP: tl.constexpr, A_MODE: tl.constexpr, C_MODE: tl.constexpr,
+    K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, ROW_SCALE: tl.constexpr,
+    EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, G: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NUM_PROGS: tl.constexpr,
+):
+    GATED: tl.constexpr = ACT == 3
+    b_cum, b_nt, total = schedule_prologue(counts_ptr, widths_ptr, E, N_FIXED, N_PER_WIDTH,
+                                           BM, BN, E_PAD)
+    for tile_id in range(tl.program_id(0), total, NUM_PROGS):
+        e, i_m, i_n = locate_tile(tile_id, b_cum, b_nt, E_PAD)
+        n_rows = tl.load(counts_ptr + e)
+        row0 = tl.load(offsets_ptr + e)
+        f_e = tl.load(widths_ptr + e)
+        o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+        if K_PER_WIDTH > 0:
+            K = f_e * K_PER_WIDTH
+        else:
+            K = K_FIXED
+        if N_PER_WIDTH > 0:
+            N = f_e * N_PER_WIDTH
+        else:
+            N = N_FIXED
+
+        o_m = i_m * BM + tl.arange(0, BM)
+        m_m = o_m < n_rows
+        o_p = row0 + o_m                                             # sorted positions [BM]
+        if A_MODE == GATHERED_C or ROW_SCALE:
+            b_assign = tl.load(sorted_to_assign_ptr + o_p, mask=m_m, other=0)
+        if A_MODE == GATHERED_C:
+            p_a_row = a_ptr + (b_assign // KTOP).to(tl.int64) * stride_am
+        elif A_MODE == SORTED_C:
+            p_a_row = a_ptr + o_p.to(tl.int64) * stride_am
+        else:
+            a_base = tl.load(ragged_offsets_ptr + e) * G
+            p_a_row = a_ptr + a_base + o_m.to(tl.int64) * K
+        o_n = i_n * BN + tl.arange(0, BN)
+        m_n = o_n < N
+        p_b = b_ptr + o_col * stride_be + o_n[None, :].to(tl.int64) * stride_bn
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if EPI == EPI_ACT_C and GATED:
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            b_a = tl.load(p_a_row[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :],
+                          other=0.0)                                                   # [BM, BK]
+            p_bk = p_b + o_k[:, None].to(tl.int64) * stride_bk
+            b_b = tl.load(p_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)           # [BK, BN]
+            if UPCAST:
+                b_a = b_a.to(tl.float32)
+                b_b = b_b.to(tl.float32)
+            acc = tl.dot(b_a, b_b, acc, input_precision=DOT_PREC)
+            if EPI == EPI_ACT_C and GATED:
+                b_u = tl.load(p_bk + f_e * stride_bn, mask=m_k[:, None] & m_n[None, :],
+                              other=0.0)
+                if UPCAST:
+                    b_u = b_u.to(tl.float32)
+                acc_up = tl.dot(b_a, b_u, acc_up, input_precision=DOT_PREC)
+
+        if ROW_SCALE:
+            acc = acc * tl.load(scale_ptr + b_assign, mask=m_m, other=0.0).to(tl.float32)[:, None]
+        m_c = m_m[:, None] & m_n[None, :]
+        if C_MODE == SORTED_C:
+            p_c = c_ptr + o_p[:, None].to(tl.int64) * stride_cm + o_n[None, :]
+            tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_c)
+        elif EPI == EPI_STORE_C:
+            c_base = tl.load(ragged_offsets_ptr + e) * G
+            p_c = c_ptr + c_base + o_m[:, None].to(tl.int64) * N + o_n[None, :]
+            tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_c)
+        else:
+            # Z and dZ share the ragged layout [n_e, g*f_e]; the gate half comes first.
+            z_base = tl.load(ragged_offsets_ptr + e) * G
+            o_z = z_base + o_m[:, None].to(tl.int64) * (G * f_e) + o_n[None, :]
+            if EPI == EPI_ACT_C:
+                h_base = tl.load(ragged_offsets_ptr + e)
+                p_h = c_ptr + h_base + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
+                if GATED:
+                    # Round Z to the storage dtype first, so H and the saved Z agree exactly.
+                    z_g = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
+                    z_u = acc_up.to(z_ptr.dtype.element_ty).to(tl.float32)
+                    if SAVE_Z:
+                        tl.store(z_ptr + o_z, z_g.to(z_ptr.dtype.element_ty), mask=m_c)
+                        tl.store(z_ptr + o_z + f_e, z_u.to(z_ptr.dtype.element_ty), mask=m_c)
+                    b_h = swiglu_fwd(z_g, z_u)
+                else:
+                    z = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
+                    if SAVE_Z:
+                        tl.store(z_ptr + o_z, z.to(z_ptr.dtype.element_ty), mask=m_c)
+                    b_h = act_fwd(z, ACT)
+                tl.store(p_h, b_h.to(c_ptr.dtype.element_ty), mask=m_c)
+            else:
+                if GATED:
+                    z_g = tl.load(z_ptr + o_z, mask=m_c, other=0.0).to(tl.float32)
+                    z_u = tl.load(z_ptr + o_z + f_e, mask=m_c, other=0.0).to(tl.float32)
+                    d_g, d_u = swiglu_bwd(z_g, z_u, acc)
+                    tl.store(c_ptr + o_z, d_g.to(c_ptr.dtype.element_ty), mask=m_c)
+                    tl.store(c_ptr + o_z + f_e, d_u.to(c_ptr.dtype.element_ty), mask=m_c)
+                else:
+                    z = tl.load(z_ptr + o_z, mask=m_c, other=0.0).to(tl.float32)
+                    tl.store(c_ptr + o_z, act_bwd(z, acc, ACT).to(c_ptr.dtype.element_ty),
+                             mask=m_c)
+
+
+@triton.jit
+def _expert_dims(widths_ptr, E, FIXED, PER_WIDTH: tl.constexpr, E_PAD: tl.constexpr):
+    """[E_PAD] sizes of one weight-gradient dimension: PER_WIDTH * f_e, or FIXED (d) when 0."""
+    o_e = tl.arange(0, E_PAD)
+    m_e = o_e < E
+    if PER_WIDTH > 0:
+        dims = tl.load(widths_ptr + o_e, mask=m_e, other=0) * PER_WIDTH
+    else:
+        dims = tl.where(m_e, FIXED, 0)
+    return dims
+
+
+@triton.jit
+def _wgrad_kernel(
+    l_ptr, r_ptr, out_ptr, scale_ptr,
+    counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
+    E, M_FIXED, N_FIXED, stride_lm, stride_rm, stride_oe, stride_om,
+    KTOP: tl.constexpr, L_MODE: tl.constexpr, R_MODE: tl.constexpr,
+    M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, R_SCALE: tl.constexpr,
+    G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """out_e[M_e, N_e] = L_e^T @ R_e, summed over expert e's rows; out_e starts at o_e*stride_oe."""
+    b_m = _expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
+    b_n = _expert_dims(widths_ptr, E, N_FIXED, N_PER_WIDTH, E_PAD)
+    b_nt = tl.cdiv(b_n, BN)
+    b_cum = tl.cumsum(tl.cdiv(b_m, BM) * b_nt, axis=0)
+    e, i_m, i_n = locate_tile(tl.program_id(0), b_cum, b_nt, E_PAD)
+    o_e = tl.arange(0, E_PAD)
+    M = tl.sum(tl.where(o_e == e, b_m, 0), axis=0)
+    N = tl.sum(tl.where(o_e == e, b_n, 0), axis=0)
+    n_rows = tl.load(counts_ptr + e)
+    row0 = tl.load(offsets_ptr + e)
+    rag0 = tl.load(ragged_offsets_ptr + e) * G
+    o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_m = o_m < M
+    m_n = o_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, n_rows, BK):
+        o_r = r0 + tl.arange(0, BK)
+        m_r = o_r < n_rows
+        o_p = row0 + o_r
+        if L_MODE == GATHERED_C or R_MODE == GATHERED_C:
+            b_assign = tl.load(sorted_to_assign_ptr + o_p, mask=m_r, other=0)
+            o_tok = (b_assign // KTOP).to(tl.int64)
+        if L_MODE == GATHERED_C:
+            p_l = l_ptr + o_tok[:, None] * stride_lm + o_m[None, :]
+        else:
+            p_l = l_ptr + rag0 + o_r[:, None].to(tl.int64) * M + o_m[None, :]
+        b_l = tl.load(p_l, mask=m_r[:, None] & m_m[None, :], other=0.0)               # [BK, BM]
+        if R_MODE == GATHERED_C:
+            p_r = r_ptr + o_tok[:, None] * stride_rm + o_n[None, :]
+        else:
+            p_r = r_ptr + rag0 + o_r[:, None].to(tl.int64) * N + o_n[None, :]
+        b_r = tl.load(p_r, mask=m_r[:, None] & m_n[None, :], other=0.0)               # [BK, BN]
+        if R_SCALE:
+            b_s = tl.load(scale_ptr + b_assign, mask=m_r, other=0.0)
+            b_r = (b_r.to(tl.float32) * b_s.to(tl.float32)[:, None]).to(r_ptr.dtype.element_ty)
+        if UPCAST:
+            b_l = b_l.to(tl.float32)
+            b_r = b_r.to(tl.float32)
+        acc = tl.dot(tl.trans(b_l), b_r, acc, input_precision=DOT_PREC)
+    p_o = out_ptr + o_col * stride_oe + o_m[:, None].to(tl.int64) * stride_om + o_n[None, :]
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+def _row_blocks(dtype, n_max: int, k_max: int):
+    """(BM, BN, BK, num_warps, num_stages) for the row kernel; one pinned config when interpreting."""
+    if interpreting():
+        return 16, 16, 16, 1, 1
+    bn = max(16, min(128, next_pow2(n_max)))
+    bk = max(16, min(64, next_pow2(k_max)))
+    return 128, bn, bk, 8, 3
+
+
+def _wgrad_blocks(m_max: int, n_max: int):
+    if interpreting():
+        return 16, 16, 16, 1, 1
+    return max(16, min(128, next_pow2(m_max))), max(16, min(128, next_pow2(n_max))), 64, 8, 3
+
+
+@functools.lru_cache(maxsize=None)
+def _woffsets_host(widths: tuple) -> tuple:
+    out, o = [], 0
+    for f in widths:
+        out.append(o)
+        o += f
+    return tuple(out)
+
+
+_WOFFSETS_CACHE: dict = {}
+
+
+def device_woffsets(widths: tuple, device) -> torch.Tensor:
+    """o_e, the first column (of F) that expert e owns, as an int32 tensor cached on the device."""
+    key = (widths, str(device))
+    t = _WOFFSETS_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(_woffsets_host(widths), dtype=torch.int32, device=device)
+        _WOFFSETS_CACHE[key] = t
+    return t
+
+
+def ragged_capacity(routing: Routing) -> int:
+    """Elements per unit of g in a ragged buffer: A * max(f_e), enough for any routing."""
+    return routing.num_assignments * max(routing.expert_widths)
+
+
+def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed, k_per_width,
+                 n_fixed, n_per_width, stride_am, stride_be, stride_bk, stride_bn, stride_cm, epi, act, save_z, g):
+    widths = routing.expert_widths
+    E = len(widths)
+    n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
+    k_max = k_fixed if k_per_width == 0 else max(widths) * k_per_width
+    BM, BN, BK, warps, stages = _row_blocks(a.dtype, n_max, k_max)
+    max_tiles = max_row_tiles(routing.num_assignments, E, BM) * triton.cdiv(n_max, BN)
+    progs = _persistent_programs(a.device, max_tiles)
+    _rows_kernel[(progs,)](
+        a, b, c, z if z is not None else c, scale if scale is not None else c,
+        routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
+        device_woffsets(widths, a.device), routing.sorted_to_assign,
+        E, k_fixed, n_fixed, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+        KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
+        N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
+        SAVE_Z=save_z, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
+        E_PAD=next_pow2(E), BM=BM, BN=BN, BK=BK, NUM_PROGS=progs,
+        num_warps=warps, num_stages=stages)
+
+
+def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str,
+            save_z: bool = True):
+    """``H_e = act(x[tokens of e] @ W1_e)``, ragged; the gather of x is fused into the A loads.
+
+    Returns ``(h, z)``: h ragged ``[n_e, f_e]`` blocks, z the pre-activation ragged
+    ``[n_e, g*f_e]`` blocks (None unless ``save_z``), both flat 1-D buffers.
+    """
+    g = gate_factor(activation)
+    cap = ragged_capacity(routing)
+    h = new_empty((cap,), x.dtype, x.device)
+    z = new_empty((g * cap,), x.dtype, x.device) if save_z else None
+    if routing.num_assignments:
+        _launch_rows(x, w1, h, z, None, routing, a_mode=GATHERED, c_mode=RAGGED,
+                     k_fixed=x.shape[1], k_per_width=0, n_fixed=0, n_per_width=1,
+                     stride_am=x.stride(0), stride_be=g * w1.stride(1), stride_bk=w1.stride(0),
+                     stride_bn=w1.stride(1), stride_cm=0, epi=EPI_ACT, act=activation, save_z=save_z, g=g)
+    return h, z
+
+
+def down_proj(h: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``ys[rows of e] = H_e @ W2_e``: ``[A, d]`` in sorted order, unweighted."""
+    d = w2.shape[1]
+    ys = new_empty((routing.num_assignments, d), h.dtype, h.device)
+    if routing.num_assignments:
+        _launch_rows(h, w2, ys, None, None, routing, a_mode=RAGGED, c_mode=SORTED,
+                     k_fixed=0, k_per_width=1, n_fixed=d, n_per_width=0, stride_am=0,
+                     stride_be=w2.stride(0), stride_bk=w2.stride(0), stride_bn=w2.stride(1),
+                     stride_cm=ys.stride(0), epi=EPI_STORE, act="relu2",
+                     save_z=False, g=1)
+    return ys
+
+
+def down_proj_bwd(dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor, z: torch.Tensor,
+                  routing: Routing, activation: str) -> torch.Tensor:
+    """``dZ_e = act'(Z_e) * ((w * dy)[tokens of e] @ W2_e^T)``, ragged ``[n_e, g*f_e]``.
+
+    The routing weight scales the rows of the product, and dy is gathered by token on load, so
+    the weighted, sorted copy of dy is never written.
+    """
+    g = gate_factor(activation)
+    dz = new_empty((g * ragged_capacity(routing),), dy.dtype, dy.device)
+    if routing.num_assignments:
+        _launch_rows(dy, w2, dz, z, topk_weights.reshape(-1), routing, a_mode=GATHERED,
+                     c_mode=RAGGED, k_fixed=dy.shape[1], k_per_width=0, n_fixed=0, n_per_width=1,
+                     stride_am=dy.stride(0), stride_be=w2.stride(0), stride_bk=w2.stride(1),
+                     stride_bn=w2.stride(0), stride_cm=0, epi=EPI_ACT_BWD, act=activation,
+                     save_z=False, g=g)
+    return dz
+
+
+def up_proj_bwd(dz: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str) -> torch.Tensor:
+    """``dxs[rows of e] = dZ_e @ W1_e^T``: ``[A, d]`` in sorted order (summed per token later)."""
+    g = gate_factor(activation)
+    d = w1.shape[0]
+    dxs = new_empty((routing.num_assignments, d), dz.dtype, dz.device)
+    if routing.num_assignments:
+        _launch_rows(dz, w1, dxs, None, None, routing, a_mode=RAGGED, c_mode=SORTED,
+                     k_fixed=0, k_per_width=g, n_fixed=d, n_per_width=0, stride_am=0,
+                     stride_be=g * w1.stride(1), stride_bk=w1.stride(1), stride_bn=w1.stride(0),
+                     stride_cm=dxs.stride(0), epi=EPI_STORE, act=activation, save_z=False, g=g)
+    return dxs
+
+
+def _launch_wgrad(l, r, out, scale, routing: Routing, *, l_mode, r_mode, m_fixed, m_per_width,
+                  n_fixed, n_per_width, stride_lm, stride_rm, stride_oe, stride_om, g):
+    widths = routing.expert_widths
+    E = len(widths)
+    m_max = m_fixed if m_per_width == 0 else max(widths) * m_per_width
+    n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
+    BM, BN, BK, warps, stages = _wgrad_blocks(m_max, n_max)
+    # Exact tile count: it depends only on the widths and d, which the host knows.
+    tiles = sum(triton.cdiv(m_fixed or f * m_per_width, BM) * triton.cdiv(n_fixed or f * n_per_width, BN)
+                for f in widths)
+    _wgrad_kernel[(tiles,)](
+        l, r, out, scale if scale is not None else r,
+        routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
+        device_woffsets(widths, l.device), routing.sorted_to_assign,
+        E, m_fixed, n_fixed, stride_lm, stride_rm, stride_oe, stride_om,
+        KTOP=routing.k, L_MODE=l_mode, R_MODE=r_mode, M_PER_WIDTH=m_per_width,
+        N_PER_WIDTH=n_per_width, R_SCALE=scale is not None, G=g,
+        UPCAST=dot_dtype_flag(l.dtype), DOT_PREC=_dot_precision(l.dtype), E_PAD=next_pow2(E),
+        BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+
+
+def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor,
+            routing: Routing) -> torch.Tensor:
+    """``dW2_e = H_e^T @ (w * dy)[tokens of e]``, ``[F, d]``; zero for an expert with no rows."""
+    dw2 = new_empty(tuple(w2.shape), w2.dtype, w2.device)
+    _launch_wgrad(h, dy, dw2, topk_weights.reshape(-1), routing, l_mode=RAGGED, r_mode=GATHERED,
+                  m_fixed=0, m_per_width=1, n_fixed=dy.shape[1], n_per_width=0, stride_lm=0,
+                  stride_rm=dy.stride(0), stride_oe=dw2.stride(0), stride_om=dw2.stride(0), g=1)
+    return dw2
+
+
+def w1_grad(x: torch.Tensor, dz: torch.Tensor, w1: torch.Tensor, routing: Routing,
+            activation: str) -> torch.Tensor:
+    """``dW1_e = x[tokens of e]^T @ dZ_e``, ``[d, g*F]``; zero for an expert with no rows."""
+    g = gate_factor(activation)
+    dw1 = new_empty(tuple(w1.shape), w1.dtype, w1.device)
+    _launch_wgrad(x, dz, dw1, None, routing, l_mode=GATHERED, r_mode=RAGGED,
+                  m_fixed=x.shape[1], m_per_width=0, n_fixed=0, n_per_width=g,
+                  stride_lm=x.stride(0), stride_rm=0, stride_oe=g * dw1.stride(1),
+                  stride_om=dw1.stride(0), g=g)
+    return dw1

@@ -1,0 +1,114 @@
+"""MoEMLP: the router, top-k selection, the auxiliary losses, and the experts.
+
+Derivation of the losses: notebooks/06_moe_layer.ipynb. Shape letters: see :mod:`vmoe.config`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .autograd import expert_mlp, use_triton
+from .config import MoEConfig, gate_factor
+from .reference import router_probs
+from .routing import build_routing
+
+
+class MoEMLP(nn.Module):
+    """A Mixture-of-Experts MLP whose experts may have different widths.
+
+    Attributes:
+        router: ``nn.Linear(d, E, bias=False)``.
+        w1: ``[d, g*F]`` expert up projections, expert e owning columns ``[g*o_e, g*(o_e+f_e))``.
+        w2: ``[F, d]`` expert down projections, expert e owning rows ``[o_e, o_e+f_e)``.
+
+    ``forward(x)`` takes ``[B, S, d]`` or ``[T, d]`` and returns ``(out, aux_loss, f_i)``:
+        * ``out``: x's shape.
+        * ``aux_loss``: a dict of scalar tensors, differentiable w.r.t. the router, with
+          ``P`` the router probabilities ``[T, E]`` (sigmoid or softmax of the logits) and
+          ``n_e`` the assignments per expert:
+
+          - ``router_z_loss = mean_t(logsumexp_e(logits[t])^2)``: keeps the logits small.
+          - ``load_balance_loss``: for each group g of equal-width experts, with
+            ``f_i = n_i / sum_{j in g} n_j`` and ``p_i = mean_t P[t, i] / sum_{j in g} mean_t P[t, j]``,
+            ``L_g = |g| * sum_{i in g} f_i * p_i`` (switch-style, 1 when balanced); the loss is
+            the mean of L_g over the groups.
+          - ``compute_loss = mean_t(sum_e P[t, e] * f_e) / mean_e(f_e)``: the expected width per
+            unit of probability, relative to the mean width; it pushes tokens toward cheap experts.
+        * ``f_i``: ``[E]`` fraction of the T*k assignments that went to each expert (sums to 1).
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        d, F, E = config.n_embd, config.total_width, config.num_experts
+        g = gate_factor(config.activation)
+        self.router = nn.Linear(d, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(d, g * F))
+        self.w2 = nn.Parameter(torch.empty(F, d))
+        widths = torch.tensor(config.expert_widths, dtype=torch.float32)
+        self.register_buffer("expert_widths_f", widths, persistent=False)
+        groups, start = [], 0
+        for count, _ in config.expert_sizes:
+            groups.append((start, start + count))
+            start += count
+        self._groups = groups
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        d = self.config.n_embd
+        nn.init.normal_(self.w1, std=d ** -0.5)
+        o = 0
+        for f in self.config.expert_widths:
+            nn.init.normal_(self.w2[o:o + f], std=f ** -0.5)
+            o += f
+        nn.init.normal_(self.router.weight, std=d ** -0.5)
+
+    def forward(self, x: torch.Tensor):
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.n_embd:
+            raise ValueError(f"x must be [B, S, n_embd] or [T, n_embd] with n_embd={cfg.n_embd}, "
+                             f"got shape {tuple(x.shape)}")
+        shape = x.shape
+        x2 = x.reshape(-1, cfg.n_embd)
+        T, E, k = x2.shape[0], cfg.num_experts, cfg.num_active_experts
+        logits = self.router(x2).float()                                   # [T, E]
+        probs = router_probs(logits, cfg.router)
+        topk_probs, topk_ids = probs.topk(k, dim=-1)
+        if cfg.norm_topk_prob:
+            topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
+        topk_weights = topk_probs.to(x.dtype)
+
+        widths = cfg.expert_widths
+        if use_triton(x2, "triton" if cfg.impl == "triton" else cfg.impl):
+            routing = build_routing(topk_ids, widths)
+            counts = routing.counts.float()
+            out = expert_mlp(x2, topk_ids, topk_weights, self.w1, self.w2, widths,
+                             cfg.activation, impl="triton", routing=routing)
+        else:
+            counts = torch.zeros(E, device=x.device).scatter_add_(
+                0, topk_ids.reshape(-1), torch.ones(T * k, device=x.device))
+            out = expert_mlp(x2, topk_ids, topk_weights, self.w1, self.w2, widths,
+                             cfg.activation, impl="reference")
+        f_i = counts / max(T * k, 1)
+        aux = self.aux_losses(logits, probs, counts)
+        return out.reshape(shape), aux, f_i
+
+    def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
+        """The three auxiliary losses (see the class docstring) from ``[T, E]`` logits and
+        probabilities and the ``[E]`` assignment counts."""
+        if logits.shape[0] == 0:
+            zero = logits.sum() * 0.0
+            return {"router_z_loss": zero, "load_balance_loss": zero, "compute_loss": zero}
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        p_mean = probs.mean(0)                                               # [E]
+        group_losses = []
+        for lo, hi in self._groups:
+            n = counts[lo:hi]
+            f = n / n.sum().clamp_min(1.0)
+            p = p_mean[lo:hi] / p_mean[lo:hi].sum().clamp_min(1e-20)
+            group_losses.append((hi - lo) * (f * p).sum())
+        lb_loss = torch.stack(group_losses).mean()
+        w = self.expert_widths_f
+        compute_loss = (probs @ w).mean() / w.mean()
+        return {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}

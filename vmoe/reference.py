@@ -1,0 +1,85 @@
+"""The naive per-expert loop: the oracle for every kernel, test and notebook.
+
+Slow on purpose and written for reading. Every function here has a fast twin in another module
+and a test that compares the two. Shape letters: see :mod:`vmoe.config`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import check_expert_mlp_args, gate_factor
+
+
+def act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The expert activation. For ``"swiglu"`` z is ``[n, 2f]`` (gate, up) and the result ``[n, f]``."""
+    if activation == "relu2":
+        return torch.relu(z) ** 2
+    if activation == "gelu":
+        return 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    if activation == "silu":
+        return z * torch.sigmoid(z)
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        return gate * torch.sigmoid(gate) * up
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def routing(topk_ids: torch.Tensor, num_experts: int):
+    """Counts, offsets and the stable expert-sorted permutation, by sort + bincount + cumsum.
+
+    Returns ``(counts [E], offsets [E+1], sorted_to_assign [T*k], assign_to_sorted [T*k])``, where
+    assignment ``a = t*k + j`` is slot j of token t.
+    """
+    flat = topk_ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_to_assign = torch.sort(flat, stable=True).indices
+    assign_to_sorted = torch.empty_like(sorted_to_assign)
+    assign_to_sorted[sorted_to_assign] = torch.arange(flat.numel(), device=flat.device)
+    return counts, offsets, sorted_to_assign, assign_to_sorted
+
+
+def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="relu2"):
+    """``y[t] = sum_j topk_weights[t, j] * act(x[t] @ W1_e) @ W2_e`` with ``e = topk_ids[t, j]``.
+
+    One matmul pair per expert, in a Python loop. See :func:`vmoe.expert_mlp` for the argument
+    contract; this function computes in the dtype of its inputs (pass float64 for an oracle).
+    """
+    widths = check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation)
+    g = gate_factor(activation)
+    y = torch.zeros_like(x)
+    ids = topk_ids.long()
+    offset = 0
+    for e, f in enumerate(widths):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel():
+            h = act(x[tok] @ w1[:, g * offset: g * (offset + f)], activation)
+            out = h @ w2[offset: offset + f]
+            y.index_add_(0, tok, out * topk_weights[tok, slot].unsqueeze(-1))
+        offset += f
+    return y
+
+
+def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x in the order of ``index``: ``x[index]``."""
+    return x[index.long()]
+
+
+def combine(ys: torch.Tensor, assign_to_sorted: torch.Tensor, weights: torch.Tensor | None, k: int):
+    """``y[t] = sum_j weights[t, j] * ys[assign_to_sorted[t*k + j]]`` (weights of 1 when None)."""
+    rows = ys[assign_to_sorted.long()].reshape(-1, k, ys.shape[-1])
+    if weights is not None:
+        rows = rows * weights.reshape(-1, k, 1).to(ys.dtype)
+    return rows.sum(1)
+
+
+def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
+    if router == "sigmoid":
+        return torch.sigmoid(logits)
+    if router == "softmax":
+        return F.softmax(logits, dim=-1)
+    raise ValueError(f"unknown router {router!r}")

@@ -1,0 +1,270 @@
+"""Routing metadata: from ``topk_ids`` to counts, offsets, the expert-sorted permutation and the
+tile schedule of the grouped GEMMs, on the device, with no host synchronization.
+
+Derivation and pictures: notebooks/02_routing.ipynb. Shape letters: see :mod:`vmoe.config`.
+
+The data structure (:class:`Routing`), for ``A = T*k`` assignments, assignment ``a = t*k + j``
+being slot j of token t, and ``E`` experts:
+
+=================  ============  =========================================================
+array              shape/dtype   meaning
+=================  ============  =========================================================
+counts             [E] int32     n_e, assignments routed to expert e
+offsets            [E+1] int32   first sorted position of expert e; offsets[E] is the number
+                                 of valid assignments (ids outside [0, E) sort after it)
+sorted_to_assign   [A] int32     sorted position -> assignment a (token a // k)
+assign_to_sorted   [A] int32     assignment a -> sorted position; inverse of the above
+ragged_offsets     [E+1] int64   first element of expert e's [n_e, f_e] block in the ragged
+                                 intermediate, sum_{j<e} n_j * f_j
+=================  ============  =========================================================
+
+Within one expert, assignments keep their original order (the scatter is stable), so the
+permutation equals ``torch.sort(topk_ids.flatten(), stable=True)``.
+
+The tile schedule of a grouped GEMM over ragged row blocks is not stored: every GEMM program
+rebuilds it from ``counts`` in its prologue (:func:`locate_tile`), because it depends on the
+GEMM's block sizes, which autotuning chooses. :func:`tile_schedule` materialises it for reading.
+
+Three launches, each bounded by what the host knows (A, E):
+  1. ``_block_histogram_kernel`` (one program per BLOCK assignments): per-block expert counts.
+  2. ``_block_scan_kernel`` (one program per expert): exclusive scan of its column over the
+     blocks, and its total n_e.
+  3. ``_scatter_kernel`` (one program per block): position = offsets[e] + earlier blocks' count
+     + rank inside the block; program 0 also writes offsets and ragged_offsets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INT32_MAX, checking, interpreting, new_empty, next_pow2
+
+
+@dataclass
+class Routing:
+    """Routing metadata for one ``topk_ids``; see the module docstring for each array."""
+
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    sorted_to_assign: torch.Tensor
+    assign_to_sorted: torch.Tensor
+    ragged_offsets: torch.Tensor
+    widths: torch.Tensor          # [E] int32 on the device, f_e
+    expert_widths: tuple          # the same, on the host
+    k: int
+    num_tokens: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_widths)
+
+    @property
+    def num_assignments(self) -> int:
+        return self.num_tokens * self.k
+
+
+@triton.jit
+def _block_histogram_kernel(ids_ptr, block_counts_ptr, A, E,
+                            BLOCK: tl.constexpr, E1_PAD: tl.constexpr):
+    i_b = tl.program_id(0)
+    o_a = i_b * BLOCK + tl.arange(0, BLOCK)
+    m_a = o_a < A
+    b_id = tl.load(ids_ptr + o_a, mask=m_a, other=0).to(tl.int32)
+    # ids outside [0, E) go to the drop bin E, which sorts after every expert.
+    b_id = tl.where((b_id >= 0) & (b_id < E), b_id, E)
+    o_e = tl.arange(0, E1_PAD)
+    b_hit = (b_id[:, None] == o_e[None, :]) & m_a[:, None]      # [BLOCK, E1_PAD]
+    b_cnt = tl.sum(b_hit.to(tl.int32), axis=0)                  # [E1_PAD]
+    tl.store(block_counts_ptr + i_b * (E + 1) + o_e, b_cnt, mask=o_e < E + 1)
+
+
+@triton.jit
+def _block_scan_kernel(block_counts_ptr, counts_ptr, NB, E, SCAN: tl.constexpr):
+    # Column e of block_counts [NB, E+1] becomes its exclusive scan over blocks, in place.
+    i_e = tl.program_id(0)
+    carry = tl.zeros((), dtype=tl.int32)
+    for i_start in range(0, NB, SCAN):
+        o_b = i_start + tl.arange(0, SCAN)
+        m_b = o_b < NB
+        p_c = block_counts_ptr + o_b.to(tl.int64) * (E + 1) + i_e
+        b_c = tl.load(p_c, mask=m_b, other=0)
+        b_inc = tl.cumsum(b_c, axis=0)
+        tl.store(p_c, carry + b_inc - b_c, mask=m_b)
+        carry += tl.sum(b_c, axis=0)
+    tl.store(counts_ptr + i_e, carry)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, block_prefix_ptr, counts_ptr, widths_ptr,
+                    offsets_ptr, ragged_offsets_ptr, sorted_to_assign_ptr, assign_to_sorted_ptr,
+                    A, E, BLOCK: tl.constexpr, E1_PAD: tl.constexpr):
+    i_b = tl.program_id(0)
+    o_e = tl.arange(0, E1_PAD)
+    m_e = o_e < E + 1
+    b_cnt = tl.load(counts_ptr + o_e, mask=m_e, other=0)          # [E1_PAD], bin E = dropped
+    b_off = tl.cumsum(b_cnt, axis=0) - b_cnt                      # exclusive: offsets[e]
+    if i_b == 0:
+        tl.store(offsets_ptr + o_e, b_off, mask=m_e)
+        b_w = tl.load(widths_ptr + o_e, mask=o_e < E, other=0).to(tl.int64)
+        b_elems = b_cnt.to(tl.int64) * b_w
+        tl.store(ragged_offsets_ptr + o_e, tl.cumsum(b_elems, axis=0) - b_elems, mask=m_e)
+
+    o_a = i_b * BLOCK + tl.arange(0, BLOCK)
+    m_a = o_a < A
+    b_id = tl.load(ids_ptr + o_a, mask=m_a, other=0).to(tl.int32)
+    b_id = tl.where((b_id >= 0) & (b_id < E), b_id, E)
+    # Stable rank inside the block: earlier lanes with the same expert.
+    o_j = tl.arange(0, BLOCK)
+    b_same = (b_id[:, None] == b_id[None, :]) & (o_j[None, :] < o_j[:, None]) & m_a[None, :]
+    b_rank = tl.sum(b_same.to(tl.int32), axis=1)                  # [BLOCK]
+    b_base = tl.load(block_prefix_ptr + i_b * (E + 1) + b_id, mask=m_a, other=0)
+    b_sel = b_id[:, None] == o_e[None, :]
+    b_start = tl.sum(tl.where(b_sel, b_off[None, :], 0), axis=1)  # offsets[id] per lane
+    b_pos = b_start + b_base + b_rank
+    tl.store(assign_to_sorted_ptr + o_a, b_pos, mask=m_a)
+    tl.store(sorted_to_assign_ptr + b_pos, o_a, mask=m_a)
+
+
+def _block_size(e1_pad: int) -> int:
+    if interpreting():
+        return 16  # small, so CPU tests cross several blocks
+    return max(16, min(256, 8192 // e1_pad))
+
+
+_WIDTHS_CACHE: dict = {}
+
+
+def device_widths(expert_widths: tuple, device) -> torch.Tensor:
+    """The widths as an int32 tensor on ``device``, cached so that steady-state calls copy nothing."""
+    key = (tuple(expert_widths), str(device))
+    t = _WIDTHS_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(expert_widths, dtype=torch.int32, device=device)
+        _WIDTHS_CACHE[key] = t
+    return t
+
+
+def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
+    """Build the :class:`Routing` metadata of ``topk_ids`` ([T, k], any integer dtype).
+
+    Ids outside ``[0, E)`` are dropped (they sort after every expert and contribute nothing);
+    with VMOE_CHECK=1 they raise instead, at the cost of a host synchronization.
+    """
+    E = len(expert_widths)
+    T, k = topk_ids.shape
+    A = T * k
+    if A > INT32_MAX:
+        raise ValueError(f"topk_ids has {A} assignments; vmoe indexes them with int32 (< 2**31)")
+    device = topk_ids.device
+    if checking() and A:
+        bad = (topk_ids < 0) | (topk_ids >= E)
+        if bool(bad.any()):  # host-ok: opt-in validation under VMOE_CHECK=1
+            raise ValueError(f"topk_ids holds ids outside [0, {E}): e.g. "
+                             f"{int(topk_ids[bad][0])}")  # host-ok: error path only
+    ids = topk_ids.contiguous().reshape(-1)
+    E1_PAD = next_pow2(E + 1)
+    BLOCK = _block_size(E1_PAD)
+    NB = triton.cdiv(A, BLOCK)
+    counts_all = new_empty((E + 1,), torch.int32, device)
+    offsets = new_empty((E + 1,), torch.int32, device)
+    ragged_offsets = new_empty((E + 1,), torch.int64, device)
+    sorted_to_assign = new_empty((A,), torch.int32, device)
+    assign_to_sorted = new_empty((A,), torch.int32, device)
+    widths = device_widths(expert_widths, device)
+    block_counts = torch.empty((max(NB, 1), E + 1), dtype=torch.int32, device=device)
+    if NB == 0:
+        block_counts.zero_()
+    else:
+        _block_histogram_kernel[(NB,)](ids, block_counts, A, E, BLOCK=BLOCK, E1_PAD=E1_PAD)
+    SCAN = min(1024, next_pow2(NB)) if not interpreting() else 16
+    _block_scan_kernel[(E + 1,)](block_counts, counts_all, max(NB, 1), E, SCAN=SCAN)
+    _scatter_kernel[(max(NB, 1),)](ids, block_counts, counts_all, widths, offsets, ragged_offsets,
+                                   sorted_to_assign, assign_to_sorted, A, E,
+                                   BLOCK=BLOCK, E1_PAD=E1_PAD)
+    return Routing(counts=counts_all[:E], offsets=offsets, sorted_to_assign=sorted_to_assign,
+                   assign_to_sorted=assign_to_sorted, ragged_offsets=ragged_offsets,
+                   widths=widths, expert_widths=tuple(expert_widths), k=k, num_tokens=T)
+
+
+@triton.jit
+def schedule_prologue(counts_ptr, widths_ptr, E, N, N_PER_WIDTH: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, E_PAD: tl.constexpr):
+    """Tiles per expert for a GEMM whose expert e has n_e rows and N_e columns.
+
+    N_e is ``N_PER_WIDTH * f_e`` when N_PER_WIDTH > 0 (the columns follow the expert's width),
+    else the fixed N (d). Returns (inclusive cumsum of tiles [E_PAD], column tiles [E_PAD],
+    total tiles): the whole schedule, from E numbers, in registers.
+    """
+    o_e = tl.arange(0, E_PAD)
+    m_e = o_e < E
+    b_n_rows = tl.load(counts_ptr + o_e, mask=m_e, other=0)
+    if N_PER_WIDTH > 0:
+        b_n_cols = tl.load(widths_ptr + o_e, mask=m_e, other=0) * N_PER_WIDTH
+    else:
+        b_n_cols = tl.where(m_e, N, 0)
+    b_nt = tl.cdiv(b_n_cols, BN)
+    b_tiles = tl.cdiv(b_n_rows, BM) * b_nt
+    return tl.cumsum(b_tiles, axis=0), b_nt, tl.sum(b_tiles, axis=0)
+
+
+@triton.jit
+def locate_tile(tile_id, b_cum, b_nt, E_PAD: tl.constexpr):
+    """Map a flat tile id to (expert e, row tile, column tile).
+
+    ``b_cum`` is the inclusive cumsum of tiles per expert and ``b_nt`` the column tiles per expert
+    (from :func:`schedule_prologue`). An expert's tiles are row-major, so consecutive programs
+    share a row tile of A and sweep that expert's weight columns.
+    """
+    o_e = tl.arange(0, E_PAD)
+    e = tl.sum((b_cum <= tile_id).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(o_e == e - 1, b_cum, 0), axis=0)
+    # max(., 1): a tile id past the total lands on no expert; callers mask it.
+    n_tiles = tl.maximum(tl.sum(tl.where(o_e == e, b_nt, 0), axis=0), 1)
+    local = tile_id - first
+    return e, local // n_tiles, local % n_tiles
+
+
+@triton.jit
+def _tile_schedule_kernel(counts_ptr, widths_ptr, out_ptr, max_tiles, E, N,
+                          N_PER_WIDTH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          E_PAD: tl.constexpr):
+    i_t = tl.program_id(0)
+    b_cum, b_nt, total = schedule_prologue(counts_ptr, widths_ptr, E, N, N_PER_WIDTH, BM, BN, E_PAD)
+    e, i_m, i_n = locate_tile(i_t, b_cum, b_nt, E_PAD)
+    live = i_t < total
+    e = tl.where(live, e, -1)
+    i_m = tl.where(live, i_m, -1)
+    i_n = tl.where(live, i_n, -1)
+    tl.store(out_ptr + i_t * 3 + 0, e)
+    tl.store(out_ptr + i_t * 3 + 1, i_m)
+    tl.store(out_ptr + i_t * 3 + 2, i_n)
+
+
+def max_row_tiles(num_assignments: int, num_experts: int, bm: int) -> int:
+    """An upper bound on sum_e cdiv(n_e, BM) over all routings: full tiles plus one partial each."""
+    return triton.cdiv(num_assignments, bm) + num_experts
+
+
+def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
+                  n_per_width: int = 1) -> torch.Tensor:
+    """Materialise a grouped GEMM's tile schedule, for reading and drawing (the GEMMs never call it).
+
+    Returns ``[max_tiles, 3]`` int32 rows ``(expert, row tile, column tile)``; rows past the real
+    number of tiles hold -1. Columns follow the expert's width times ``n_per_width`` unless
+    ``n_cols`` fixes them (the down projection's d).
+    """
+    E = routing.num_experts
+    if n_cols is None:
+        per_width, N = n_per_width, 0
+        n_tiles_max = max(triton.cdiv(n_per_width * f, bn) for f in routing.expert_widths)
+    else:
+        per_width, N = 0, n_cols
+        n_tiles_max = triton.cdiv(n_cols, bn)
+    max_tiles = max_row_tiles(routing.num_assignments, E, bm) * n_tiles_max
+    out = new_empty((max_tiles, 3), torch.int32, routing.counts.device)
+    _tile_schedule_kernel[(max_tiles,)](routing.counts, routing.widths, out, max_tiles, E, N,
+                                        N_PER_WIDTH=per_width, BM=bm, BN=bn, E_PAD=next_pow2(E))
+    return out
