@@ -46,3 +46,17 @@ def check_triton_device(t: torch.Tensor, name: str = "x") -> None:
     if t.device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{name} is on the CPU: the Triton kernels need a CUDA tensor, or "
                            "TRITON_INTERPRET=1 set before vmoe is imported; or use impl='reference'")
+
+
+def reexec_with_interpreter(module: str, argv) -> None:
+    """Re-run ``python -m module argv`` with TRITON_INTERPRET=1 when there is no GPU.
+
+    Triton decides at decoration time whether a kernel is interpreted, so the variable must be set
+    before vmoe is imported; a command-line entry point is already too late, hence the re-exec.
+    """
+    import sys
+
+    if torch.cuda.is_available() or interpreting():
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)

@@ -9,8 +9,9 @@ import triton.language as tl
 # The constexpr codes the kernels dispatch on; order matches vmoe.config.ACTIVATIONS.
 ACT_CODES = {"relu2": 0, "gelu": 1, "silu": 2, "swiglu": 3}
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals a kernel reads must be constexpr objects.
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

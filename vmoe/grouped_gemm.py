@@ -23,6 +23,7 @@ expert's rows; its tiles are known on the host (they depend only on the widths a
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -73,22 +74,29 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 def _rows_kernel(
     a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr,
     counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
-    E, K_FIXED, N_FIXED, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    E, K_FIXED, N_FIXED, K_MAX, N_MAX, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     KTOP: tl.constexpr, A_MODE: tl.constexpr, C_MODE: tl.constexpr,
     K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, ROW_SCALE: tl.constexpr,
     EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, G: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NUM_PROGS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     GATED: tl.constexpr = ACT == 3
     b_cum, b_nt, total = schedule_prologue(counts_ptr, widths_ptr, E, N_FIXED, N_PER_WIDTH,
                                            BM, BN, E_PAD)
-    for tile_id in range(tl.program_id(0), total, NUM_PROGS):
+    for tile_id in range(tl.program_id(0), total, tl.num_programs(0)):
         e, i_m, i_n = locate_tile(tile_id, b_cum, b_nt, E_PAD)
         n_rows = tl.load(counts_ptr + e)
         row0 = tl.load(offsets_ptr + e)
         f_e = tl.load(widths_ptr + e)
         o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+        rag0 = tl.load(ragged_offsets_ptr + e)
+        if ALIGNED:
+            # Every width is a multiple of 16, so are the column offsets and the ragged bases:
+            # telling the compiler lets it issue 16-byte loads instead of scalar ones.
+            f_e = tl.multiple_of(f_e, 16)
+            o_col = tl.multiple_of(o_col, 16)
+            rag0 = tl.multiple_of(rag0, 16)
         if K_PER_WIDTH > 0:
             K = f_e * K_PER_WIDTH
         else:
@@ -108,8 +116,7 @@ def _rows_kernel(
         elif A_MODE == SORTED_C:
             p_a_row = a_ptr + o_p.to(tl.int64) * stride_am
         else:
-            a_base = tl.load(ragged_offsets_ptr + e) * G
-            p_a_row = a_ptr + a_base + o_m.to(tl.int64) * K
+            p_a_row = a_ptr + rag0 * G + o_m.to(tl.int64) * K
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < N
         p_b = b_ptr + o_col * stride_be + o_n[None, :].to(tl.int64) * stride_bn
@@ -142,16 +149,13 @@ def _rows_kernel(
             p_c = c_ptr + o_p[:, None].to(tl.int64) * stride_cm + o_n[None, :]
             tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_c)
         elif EPI == EPI_STORE_C:
-            c_base = tl.load(ragged_offsets_ptr + e) * G
-            p_c = c_ptr + c_base + o_m[:, None].to(tl.int64) * N + o_n[None, :]
+            p_c = c_ptr + rag0 * G + o_m[:, None].to(tl.int64) * N + o_n[None, :]
             tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_c)
         else:
             # Z and dZ share the ragged layout [n_e, g*f_e]; the gate half comes first.
-            z_base = tl.load(ragged_offsets_ptr + e) * G
-            o_z = z_base + o_m[:, None].to(tl.int64) * (G * f_e) + o_n[None, :]
+            o_z = rag0 * G + o_m[:, None].to(tl.int64) * (G * f_e) + o_n[None, :]
             if EPI == EPI_ACT_C:
-                h_base = tl.load(ragged_offsets_ptr + e)
-                p_h = c_ptr + h_base + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
+                p_h = c_ptr + rag0 + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
                 if GATED:
                     # Round Z to the storage dtype first, so H and the saved Z agree exactly.
                     z_g = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
@@ -195,11 +199,11 @@ def _expert_dims(widths_ptr, E, FIXED, PER_WIDTH: tl.constexpr, E_PAD: tl.conste
 def _wgrad_kernel(
     l_ptr, r_ptr, out_ptr, scale_ptr,
     counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
-    E, M_FIXED, N_FIXED, stride_lm, stride_rm, stride_oe, stride_om,
+    E, M_FIXED, N_FIXED, M_MAX, N_MAX, stride_lm, stride_rm, stride_oe, stride_om,
     KTOP: tl.constexpr, L_MODE: tl.constexpr, R_MODE: tl.constexpr,
     M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, R_SCALE: tl.constexpr,
     G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """out_e[M_e, N_e] = L_e^T @ R_e, summed over expert e's rows; out_e starts at o_e*stride_oe."""
     b_m = _expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
@@ -214,6 +218,12 @@ def _wgrad_kernel(
     row0 = tl.load(offsets_ptr + e)
     rag0 = tl.load(ragged_offsets_ptr + e) * G
     o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+    if ALIGNED:
+        # See _rows_kernel: widths that are multiples of 16 allow 16-byte loads.
+        M = tl.multiple_of(M, 16)
+        N = tl.multiple_of(N, 16)
+        rag0 = tl.multiple_of(rag0, 16)
+        o_col = tl.multiple_of(o_col, 16)
 
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -248,19 +258,40 @@ def _wgrad_kernel(
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-def _row_blocks(dtype, n_max: int, k_max: int):
-    """(BM, BN, BK, num_warps, num_stages) for the row kernel; one pinned config when interpreting."""
+def _configs(shapes):
+    """Autotuning candidates (BM, BN, BK, warps, stages); one pinned config when interpreting,
+    or when VMOE_PIN_CONFIG=1 (reproducible timings without a tuning pass)."""
     if interpreting():
-        return 16, 16, 16, 1, 1
-    bn = max(16, min(128, next_pow2(n_max)))
-    bk = max(16, min(64, next_pow2(k_max)))
-    return 128, bn, bk, 8, 3
+        return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1, num_stages=1)]
+    if os.environ.get("VMOE_PIN_CONFIG", "0") not in ("", "0"):
+        shapes = shapes[:1]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes]
 
 
-def _wgrad_blocks(m_max: int, n_max: int):
-    if interpreting():
-        return 16, 16, 16, 1, 1
-    return max(16, min(128, next_pow2(m_max))), max(16, min(128, next_pow2(n_max))), 64, 8, 3
+def _prune(configs, named_args, **kwargs):
+    # Blocks much wider than the widest expert only add masked work.
+    n_max = named_args["N_MAX"]
+    keep = [c for c in configs if c.kwargs["BN"] <= max(16, next_pow2(n_max))]
+    return keep or configs[:1]
+
+
+_ROW_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+               (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
+_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
+                 (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 64, 4, 3)]
+
+_rows_kernel = triton.autotune(
+    configs=_configs(_ROW_SHAPES),
+    key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_rows_kernel)
+
+_wgrad_kernel = triton.autotune(
+    configs=_configs(_WGRAD_SHAPES),
+    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_wgrad_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,30 +316,37 @@ def device_woffsets(widths: tuple, device) -> torch.Tensor:
     return t
 
 
+def _aligned(widths: tuple) -> bool:
+    return all(f % 16 == 0 for f in widths)
+
+
 def ragged_capacity(routing: Routing) -> int:
     """Elements per unit of g in a ragged buffer: A * max(f_e), enough for any routing."""
     return routing.num_assignments * max(routing.expert_widths)
 
 
 def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed, k_per_width,
-                 n_fixed, n_per_width, stride_am, stride_be, stride_bk, stride_bn, stride_cm, epi, act, save_z, g):
+                 n_fixed, n_per_width, stride_am, stride_be, stride_bk, stride_bn, stride_cm, epi,
+                 act, save_z, g):
     widths = routing.expert_widths
     E = len(widths)
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
     k_max = k_fixed if k_per_width == 0 else max(widths) * k_per_width
-    BM, BN, BK, warps, stages = _row_blocks(a.dtype, n_max, k_max)
-    max_tiles = max_row_tiles(routing.num_assignments, E, BM) * triton.cdiv(n_max, BN)
-    progs = _persistent_programs(a.device, max_tiles)
-    _rows_kernel[(progs,)](
+    # A persistent grid, sized from what the host knows: the tile count's upper bound for this
+    # block shape, capped at two programs per multiprocessor.
+    def grid(meta):
+        bound = max_row_tiles(routing.num_assignments, E, meta["BM"]) * triton.cdiv(n_max, meta["BN"])
+        return (_persistent_programs(a.device, bound),)
+
+    _rows_kernel[grid](
         a, b, c, z if z is not None else c, scale if scale is not None else c,
         routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
         device_woffsets(widths, a.device), routing.sorted_to_assign,
-        E, k_fixed, n_fixed, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+        E, k_fixed, n_fixed, k_max, n_max, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
         KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
         N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
         SAVE_Z=save_z, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
-        E_PAD=next_pow2(E), BM=BM, BN=BN, BK=BK, NUM_PROGS=progs,
-        num_warps=warps, num_stages=stages)
+        E_PAD=next_pow2(E), ALIGNED=_aligned(widths))
 
 
 def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str,
@@ -374,25 +412,33 @@ def up_proj_bwd(dz: torch.Tensor, w1: torch.Tensor, routing: Routing, activation
     return dxs
 
 
+@functools.lru_cache(maxsize=None)
+def _wgrad_tiles(widths: tuple, m_fixed, m_per_width, n_fixed, n_per_width, bm, bn) -> int:
+    # Exact tile count: it depends only on the widths and d, which the host knows.
+    return sum(triton.cdiv(m_fixed or f * m_per_width, bm) * triton.cdiv(n_fixed or f * n_per_width, bn)
+               for f in widths)
+
+
 def _launch_wgrad(l, r, out, scale, routing: Routing, *, l_mode, r_mode, m_fixed, m_per_width,
                   n_fixed, n_per_width, stride_lm, stride_rm, stride_oe, stride_om, g):
     widths = routing.expert_widths
     E = len(widths)
     m_max = m_fixed if m_per_width == 0 else max(widths) * m_per_width
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
-    BM, BN, BK, warps, stages = _wgrad_blocks(m_max, n_max)
-    # Exact tile count: it depends only on the widths and d, which the host knows.
-    tiles = sum(triton.cdiv(m_fixed or f * m_per_width, BM) * triton.cdiv(n_fixed or f * n_per_width, BN)
-                for f in widths)
-    _wgrad_kernel[(tiles,)](
+
+    def grid(meta):
+        return (_wgrad_tiles(widths, m_fixed, m_per_width, n_fixed, n_per_width,
+                             meta["BM"], meta["BN"]),)
+
+    _wgrad_kernel[grid](
         l, r, out, scale if scale is not None else r,
         routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
         device_woffsets(widths, l.device), routing.sorted_to_assign,
-        E, m_fixed, n_fixed, stride_lm, stride_rm, stride_oe, stride_om,
+        E, m_fixed, n_fixed, m_max, n_max, stride_lm, stride_rm, stride_oe, stride_om,
         KTOP=routing.k, L_MODE=l_mode, R_MODE=r_mode, M_PER_WIDTH=m_per_width,
         N_PER_WIDTH=n_per_width, R_SCALE=scale is not None, G=g,
         UPCAST=dot_dtype_flag(l.dtype), DOT_PREC=_dot_precision(l.dtype), E_PAD=next_pow2(E),
-        BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+        ALIGNED=_aligned(widths))
 
 
 def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor,
@@ -415,3 +461,8 @@ def w1_grad(x: torch.Tensor, dz: torch.Tensor, w1: torch.Tensor, routing: Routin
                   stride_lm=x.stride(0), stride_rm=0, stride_oe=g * dw1.stride(1),
                   stride_om=dw1.stride(0), g=g)
     return dw1
+
+
+def row_block_sizes() -> list:
+    """The row-block sizes (BM) the row kernel may run with on this machine, smallest first."""
+    return sorted({c.kwargs["BM"] for c in _rows_kernel.configs})

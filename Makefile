@@ -1,0 +1,25 @@
+# The two commands of the README. Both create .venv with the project installed on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: reproduce test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## reproduce: validate every kernel against the naive loop, then regenerate the tables and figures
+reproduce: $(VENV)/.installed
+	$(PY) -m vmoe.validate
+	$(PY) -m vmoe.bench --reproduce
+
+## test: the unit tests, then every notebook under strict nbval
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests/
+	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+clean:
+	rm -rf $(VENV)

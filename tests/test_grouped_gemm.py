@@ -1,0 +1,216 @@
+"""The ragged grouped GEMMs of vmoe.grouped_gemm against a per-expert torch loop in float64.
+
+Ragged buffers are flat: expert e's [n_e, g*f_e] block starts at element g*ragged_offsets[e]. The
+tests read exactly those blocks (through the routing's counts and ragged_offsets), so only the
+sum_e n_e*g*f_e elements the kernels must write are compared; every one must be finite (the
+conftest poisons fresh outputs with NaN). Ragged *inputs* are NaN outside their blocks, so a kernel
+that reads past an expert's block fails too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPE_IDS, assert_close, case_id, sizes
+
+from vmoe import reference
+from vmoe.config import ACTIVATIONS, gate_factor
+from vmoe.grouped_gemm import (down_proj, down_proj_bwd, ragged_capacity, up_proj, up_proj_bwd,
+                               w1_grad, w2_grad)
+from vmoe.routing import build_routing
+
+# (T, d, widths, k): widths off the block sizes, a width-1 expert, and more experts than rows.
+CASES = [
+    (13, 24, (7, 33, 1, 20), 2),
+    (7, 40, (7, 33, 100), 2),
+    (sizes(5, 200), sizes(16, 256), (3, 5, 8, 13, 21, 34), 1),
+]
+CASE_IDS = [case_id(*c) for c in CASES]
+# Activation x dtype: every activation in fp32 and bf16, fp16 for two of them.
+ACT_DTYPES = ([(a, torch.float32) for a in ACTIVATIONS] + [(a, torch.bfloat16) for a in ACTIVATIONS]
+              + [("relu2", torch.float16), ("swiglu", torch.float16)])
+ACT_DTYPE_IDS = [f"{a}-{DTYPE_IDS[t]}" for a, t in ACT_DTYPES]
+
+
+class Problem:
+    """Routing plus the per-expert views the reference loop needs."""
+
+    def __init__(self, T, d, widths, k, empty=(), ids=None):
+        E = len(widths)
+        if ids is None:
+            live = [e for e in range(E) if e not in empty]
+            ids = torch.tensor(live)[torch.randint(0, len(live), (T, k))]
+        self.ids = ids.to(DEVICE)
+        self.T, self.d, self.widths, self.k = T, d, widths, k
+        self.r = build_routing(self.ids, widths)
+        self.counts = self.r.counts.tolist()
+        self.offsets = self.r.offsets.tolist()
+        self.rag = self.r.ragged_offsets.tolist()
+        self.s2a = self.r.sorted_to_assign.long()
+        self.woff = [sum(widths[:e]) for e in range(E)]
+
+    def experts(self):
+        """(e, n_e, f_e, o_e, assignments of e in sorted order) for every non-empty expert."""
+        for e, (n, f) in enumerate(zip(self.counts, self.widths)):
+            if n:
+                yield e, n, f, self.woff[e], self.s2a[self.offsets[e]:self.offsets[e] + n]
+
+    def block(self, flat, e, g):
+        n, f = self.counts[e], self.widths[e]
+        start = g * self.rag[e]
+        return flat[start:start + n * g * f].view(n, g * f)
+
+    def ragged_random(self, g, dtype):
+        """A ragged buffer of capacity size, random inside the blocks and NaN outside them."""
+        buf = torch.full((g * ragged_capacity(self.r),), float("nan"), device=DEVICE, dtype=dtype)
+        for e, n, f, _, _ in self.experts():
+            self.block(buf, e, g).copy_(torch.randn(n, g * f, device=DEVICE))
+        return buf
+
+    def written(self, g):
+        return g * self.rag[-1]
+
+
+def _w1(d, widths, g, dtype):
+    return (torch.randn(d, g * sum(widths), device=DEVICE) / d ** 0.5).to(dtype)
+
+
+def _w2(d, widths, dtype):
+    return torch.cat([torch.randn(f, d, device=DEVICE) / f ** 0.5 for f in widths]).to(dtype)
+
+
+@pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_up_proj(case, activation, dtype):
+    p = Problem(*case)
+    g = gate_factor(activation)
+    x = torch.randn(p.T, p.d, device=DEVICE).to(dtype)
+    w1 = _w1(p.d, p.widths, g, dtype)
+    h, z = up_proj(x, w1, p.r, activation)
+    assert p.written(g) == g * sum(n * f for n, f in zip(p.counts, p.widths))
+    for e, n, f, o, assign in p.experts():
+        z_ref = x.double()[assign // p.k] @ w1.double()[:, g * o:g * (o + f)]
+        assert_close(f"z expert {e}", p.block(z, e, g), z_ref, dtype)
+        # H is computed from Z rounded to the storage dtype, as the kernel documents.
+        h_ref = reference.act(p.block(z, e, g).double(), activation)
+        assert_close(f"h expert {e}", p.block(h, e, 1), h_ref, dtype)
+        h_exact = reference.act(z_ref, activation)
+        assert_close(f"h expert {e} vs float64 chain", p.block(h, e, 1), h_exact, dtype)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_up_proj_without_z(activation):
+    p = Problem(*CASES[0])
+    g = gate_factor(activation)
+    x = torch.randn(p.T, p.d, device=DEVICE)
+    w1 = _w1(p.d, p.widths, g, torch.float32)
+    h, z = up_proj(x, w1, p.r, activation, save_z=False)
+    assert z is None
+    for e, n, f, o, assign in p.experts():
+        h_ref = reference.act(x.double()[assign // p.k] @ w1.double()[:, g * o:g * (o + f)], activation)
+        assert_close(f"h expert {e}", p.block(h, e, 1), h_ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_down_proj(case, dtype):
+    p = Problem(*case)
+    h = p.ragged_random(1, dtype)
+    w2 = _w2(p.d, p.widths, dtype)
+    ys = down_proj(h, w2, p.r)
+    assert ys.shape == (p.T * p.k, p.d)
+    for e, n, f, o, _ in p.experts():
+        ref = p.block(h, e, 1).double() @ w2.double()[o:o + f]
+        assert_close(f"ys expert {e}", ys[p.offsets[e]:p.offsets[e] + n], ref, dtype)
+
+
+@pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
+def test_down_proj_bwd(case, activation, dtype):
+    p = Problem(*case)
+    g = gate_factor(activation)
+    dy = torch.randn(p.T, p.d, device=DEVICE).to(dtype)
+    weights = (torch.rand(p.T, p.k, device=DEVICE) + 0.1).to(dtype)
+    w2 = _w2(p.d, p.widths, dtype)
+    z = p.ragged_random(g, dtype)
+    dz = down_proj_bwd(dy, weights, w2, z, p.r, activation)
+    for e, n, f, o, assign in p.experts():
+        scaled = dy.double()[assign // p.k] * weights.double().reshape(-1)[assign][:, None]
+        dh = scaled @ w2.double()[o:o + f].T                                   # [n_e, f_e]
+        z_e = p.block(z, e, g).double().requires_grad_()
+        (dz_ref,) = torch.autograd.grad(reference.act(z_e, activation), z_e, dh)
+        assert_close(f"dz expert {e}", p.block(dz, e, g), dz_ref, dtype)
+
+
+@pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
+def test_up_proj_bwd(case, activation, dtype):
+    p = Problem(*case)
+    g = gate_factor(activation)
+    dz = p.ragged_random(g, dtype)
+    w1 = _w1(p.d, p.widths, g, dtype)
+    dxs = up_proj_bwd(dz, w1, p.r, activation)
+    assert dxs.shape == (p.T * p.k, p.d)
+    for e, n, f, o, _ in p.experts():
+        ref = p.block(dz, e, g).double() @ w1.double()[:, g * o:g * (o + f)].T
+        assert_close(f"dxs expert {e}", dxs[p.offsets[e]:p.offsets[e] + n], ref, dtype)
+
+
+# (T, d, widths, k, empty experts): the weight gradients must write zeros for an expert with no rows.
+WGRAD_CASES = [
+    (13, 24, (7, 33, 1, 20), 2, ()),
+    (9, 40, (7, 33, 1, 20, 100), 2, (0, 2)),
+    (6, 16, (5, 9, 17), 1, (2,)),
+]
+WGRAD_IDS = [case_id(*c[:4], f"empty{list(c[4])}".replace(" ", "")) for c in WGRAD_CASES]
+
+
+@pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=WGRAD_IDS)
+def test_w1_grad(case, activation, dtype):
+    T, d, widths, k, empty = case
+    p = Problem(T, d, widths, k, empty=empty)
+    g = gate_factor(activation)
+    x = torch.randn(T, d, device=DEVICE).to(dtype)
+    w1 = _w1(d, widths, g, dtype)
+    dz = p.ragged_random(g, dtype)
+    dw1 = w1_grad(x, dz, w1, p.r, activation)
+    ref = torch.zeros(d, g * sum(widths), dtype=torch.float64, device=DEVICE)
+    for e, n, f, o, assign in p.experts():
+        ref[:, g * o:g * (o + f)] = x.double()[assign // k].T @ p.block(dz, e, g).double()
+    assert_close("dw1", dw1, ref, dtype)
+    for e in empty:
+        o, f = p.woff[e], widths[e]
+        assert p.counts[e] == 0
+        assert bool((dw1[:, g * o:g * (o + f)] == 0).all()), f"dw1 of empty expert {e} is not zero"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=WGRAD_IDS)
+def test_w2_grad(case, dtype):
+    T, d, widths, k, empty = case
+    p = Problem(T, d, widths, k, empty=empty)
+    h = p.ragged_random(1, dtype)
+    dy = torch.randn(T, d, device=DEVICE).to(dtype)
+    weights = (torch.rand(T, k, device=DEVICE) + 0.1).to(dtype)
+    w2 = _w2(d, widths, dtype)
+    dw2 = w2_grad(h, dy, weights, w2, p.r)
+    ref = torch.zeros(sum(widths), d, dtype=torch.float64, device=DEVICE)
+    for e, n, f, o, assign in p.experts():
+        scaled = dy.double()[assign // k] * weights.double().reshape(-1)[assign][:, None]
+        ref[o:o + f] = p.block(h, e, 1).double().T @ scaled
+    assert_close("dw2", dw2, ref, dtype)
+    for e in empty:
+        o, f = p.woff[e], widths[e]
+        assert bool((dw2[o:o + f] == 0).all()), f"dw2 of empty expert {e} is not zero"
+
+
+def test_zero_tokens():
+    p = Problem(0, 16, (7, 33), 2, ids=torch.zeros(0, 2, dtype=torch.long))
+    x = torch.randn(0, 16, device=DEVICE)
+    w1, w2 = _w1(16, p.widths, 1, torch.float32), _w2(16, p.widths, torch.float32)
+    h, z = up_proj(x, w1, p.r, "relu2")
+    assert h.numel() == 0 and z.numel() == 0
+    assert down_proj(h, w2, p.r).shape == (0, 16)
+    dw1 = w1_grad(x, z, w1, p.r, "relu2")
+    dw2 = w2_grad(h, x, torch.zeros(0, 2, device=DEVICE), w2, p.r)
+    assert bool((dw1 == 0).all()) and bool((dw2 == 0).all())

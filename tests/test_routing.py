@@ -1,0 +1,220 @@
+"""vmoe.routing against the sort + bincount + cumsum of vmoe.reference.routing, and the invariants
+of the Routing data structure (see the table in vmoe/routing.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from conftest import DEVICE, assert_close, make_inputs, random_ids
+
+from vmoe import expert_mlp, reference
+from vmoe.routing import build_routing, tile_schedule
+
+# (T, k, widths): several interpreter blocks of 16 assignments, ragged widths, more experts than
+# tokens, and k = E.
+CASES = [
+    (1, 1, (5,)),
+    (7, 2, (7, 33, 100)),
+    (13, 2, (7, 33, 1, 20)),
+    (40, 3, (3, 5, 8, 13, 21)),
+    (5, 4, (4, 4, 4, 4)),
+    (9, 2, tuple(range(1, 21))),
+]
+
+
+def _id(case):
+    T, k, widths = case
+    return f"T{T}-w[{','.join(map(str, widths))}]-k{k}"
+
+
+def _random_ids_with_repeats(T, E, k):
+    return torch.randint(0, E, (T, k), device=DEVICE)
+
+
+def check_invariants(r, topk_ids, widths):
+    """The documented invariants of a Routing, for ids all in [0, E)."""
+    T, k = topk_ids.shape
+    A, E = T * k, len(widths)
+    counts, offsets = r.counts.long().cpu(), r.offsets.long().cpu()
+    s2a, a2s = r.sorted_to_assign.long().cpu(), r.assign_to_sorted.long().cpu()
+    assert counts.shape == (E,) and offsets.shape == (E + 1,) and s2a.shape == (A,)
+    assert int(counts.sum()) == A, "counts must sum to T*k"
+    assert offsets[0] == 0 and torch.equal(offsets.diff(), counts), "offsets diff must equal counts"
+    assert torch.equal(s2a[a2s], torch.arange(A)), "sorted_to_assign[assign_to_sorted] != arange"
+    assert torch.equal(a2s[s2a], torch.arange(A)), "assign_to_sorted[sorted_to_assign] != arange"
+    flat = topk_ids.reshape(-1).long().cpu()
+    for e in range(E):
+        block = s2a[offsets[e]:offsets[e + 1]]
+        assert bool((flat[block] == e).all()), f"expert {e}'s block holds other experts' assignments"
+        assert bool((block.diff() > 0).all()), f"expert {e}'s block is not in assignment order (unstable)"
+    elems = counts * torch.tensor(widths)
+    expected = torch.cat([torch.zeros(1, dtype=torch.long), elems.cumsum(0)])
+    assert torch.equal(r.ragged_offsets.cpu(), expected), "ragged_offsets != exclusive cumsum of n_e*f_e"
+    assert r.ragged_offsets.dtype == torch.int64
+
+
+def check_against_reference(r, topk_ids, E):
+    counts, offsets, s2a, a2s = reference.routing(topk_ids, E)
+    assert torch.equal(r.counts.long(), counts), f"counts {r.counts.tolist()} != {counts.tolist()}"
+    assert torch.equal(r.offsets.long(), offsets)
+    assert torch.equal(r.sorted_to_assign.long(), s2a)
+    assert torch.equal(r.assign_to_sorted.long(), a2s)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_build_routing_matches_reference(case):
+    T, k, widths = case
+    ids = _random_ids_with_repeats(T, len(widths), k)
+    r = build_routing(ids, widths)
+    check_against_reference(r, ids, len(widths))
+    check_invariants(r, ids, widths)
+    assert r.k == k and r.num_tokens == T and r.expert_widths == widths
+
+
+@pytest.mark.parametrize("case", CASES[1:3], ids=_id)
+def test_build_routing_top_k_distinct(case):
+    T, k, widths = case
+    ids = random_ids(T, len(widths), k)
+    r = build_routing(ids, widths)
+    check_against_reference(r, ids, len(widths))
+    check_invariants(r, ids, widths)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8],
+                         ids=lambda t: str(t).removeprefix("torch."))
+def test_any_integer_dtype(dtype):
+    widths = (7, 33, 1, 20)
+    ids64 = _random_ids_with_repeats(19, len(widths), 2)
+    r = build_routing(ids64.to(dtype), widths)
+    check_against_reference(r, ids64, len(widths))
+    check_invariants(r, ids64, widths)
+
+
+def test_all_to_one_expert():
+    widths = (7, 33, 1)
+    for e in (0, len(widths) - 1):
+        ids = torch.full((21, 1), e, device=DEVICE)
+        r = build_routing(ids, widths)
+        check_against_reference(r, ids, len(widths))
+        check_invariants(r, ids, widths)
+        assert int(r.counts[e]) == 21
+
+
+def test_zero_tokens():
+    widths = (7, 33, 1)
+    ids = torch.zeros(0, 2, dtype=torch.long, device=DEVICE)
+    r = build_routing(ids, widths)
+    assert r.sorted_to_assign.numel() == 0 and r.assign_to_sorted.numel() == 0
+    assert r.counts.tolist() == [0, 0, 0]
+    assert r.offsets.tolist() == [0, 0, 0, 0]
+    assert r.ragged_offsets.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64], ids=["int8", "int64"])
+def test_out_of_range_ids_sort_last(dtype):
+    """Ids outside [0, E) go to a drop bin after every expert: offsets[E] counts only the valid ones,
+    and the permutation equals a stable sort with every bad id replaced by E."""
+    widths = (7, 33, 1, 20)
+    E = len(widths)
+    ids = _random_ids_with_repeats(17, E, 2)
+    ids[0, 0], ids[3, 1], ids[8, 0], ids[16, 1] = -1, E, 100, -7
+    r = build_routing(ids.to(dtype), widths)
+    keyed = torch.where((ids >= 0) & (ids < E), ids, E)
+    counts, offsets, s2a, a2s = reference.routing(keyed, E + 1)
+    assert torch.equal(r.counts.long(), counts[:E])
+    assert torch.equal(r.offsets.long(), offsets[:E + 1])
+    assert int(r.offsets[E]) == ids.numel() - 4
+    assert torch.equal(r.sorted_to_assign.long(), s2a)
+    assert torch.equal(r.assign_to_sorted.long(), a2s)
+    elems = counts[:E].cpu() * torch.tensor(widths)
+    assert r.ragged_offsets.tolist() == [0] + elems.cumsum(0).tolist()
+
+
+def test_out_of_range_ids_dropped_in_expert_mlp():
+    """A dropped assignment contributes nothing: the same as routing it to expert 0 with weight 0,
+    and its routing-weight gradient is zero."""
+    widths, k = (7, 33, 1), 2
+    E = len(widths)
+    x, ids, w, w1, w2 = make_inputs(11, 16, widths, k)
+    ids[1, 0], ids[4, 1], ids[10, 0] = -1, E, 50
+    valid = (ids >= 0) & (ids < E)
+    leaves = [t.clone().requires_grad_() for t in (x, w, w1, w2)]
+    y = expert_mlp(leaves[0], ids, leaves[1], leaves[2], leaves[3], widths)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, w1, w2)]
+    ids_ref = torch.where(valid, ids, 0)
+    w_ref = torch.where(valid, ref_leaves[1], 0.0)
+    y_ref = reference.expert_mlp(ref_leaves[0], ids_ref, w_ref, ref_leaves[2], ref_leaves[3], widths)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+
+    assert_close("y", y, y_ref, torch.float32)
+    assert_close("dx", grads[0], ref_grads[0], torch.float32)
+    assert_close("dw1", grads[2], ref_grads[2], torch.float32)
+    assert_close("dw2", grads[3], ref_grads[3], torch.float32)
+    assert_close("dweights (valid)", grads[1][valid], ref_grads[1][valid], torch.float32)
+    assert bool((grads[1][~valid] == 0).all()), "a dropped assignment's weight gradient must be 0"
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 127], ids=["neg", "eqE", "big"])
+def test_check_mode_raises_on_out_of_range(monkeypatch, bad):
+    monkeypatch.setenv("VMOE_CHECK", "1")
+    widths = (7, 33, 1)
+    x, ids, w, w1, w2 = make_inputs(5, 16, widths, 2)
+    ids[2, 1] = bad
+    with pytest.raises(ValueError, match="topk_ids"):
+        build_routing(ids, widths)
+    with pytest.raises(ValueError, match="topk_ids"):
+        expert_mlp(x, ids, w, w1, w2, widths)
+
+
+def test_check_mode_accepts_valid_ids(monkeypatch):
+    monkeypatch.setenv("VMOE_CHECK", "1")
+    widths = (7, 33, 1)
+    ids = _random_ids_with_repeats(9, len(widths), 2)
+    check_against_reference(build_routing(ids, widths), ids, len(widths))
+
+
+def _expected_tiles(counts, widths, bm, bn, n_cols, n_per_width):
+    out = []
+    for e, (n, f) in enumerate(zip(counts, widths)):
+        cols = n_cols if n_cols is not None else n_per_width * f
+        for i_m in range(triton.cdiv(n, bm)):
+            for i_n in range(triton.cdiv(cols, bn)):
+                out.append((e, i_m, i_n))
+    return out
+
+
+@pytest.mark.parametrize("bm,bn,n_cols,n_per_width", [
+    (16, 16, None, 1),
+    (8, 8, None, 1),
+    (8, 8, None, 2),
+    (8, 16, 40, 1),
+    (32, 32, None, 1),
+], ids=["bm16-bn16-perwidth1", "bm8-bn8-perwidth1", "bm8-bn8-perwidth2", "bm8-bn16-ncols40",
+        "bm32-bn32-perwidth1"])
+def test_tile_schedule(bm, bn, n_cols, n_per_width):
+    widths = (7, 33, 1, 20, 40)
+    ids = _random_ids_with_repeats(23, len(widths), 2)
+    ids[ids == 2] = 3  # expert 2 empty: it must own no tile
+    r = build_routing(ids, widths)
+    sched = tile_schedule(r, bm, bn, n_cols=n_cols, n_per_width=n_per_width).cpu()
+    counts = r.counts.tolist()
+    assert counts[2] == 0
+    expected = _expected_tiles(counts, widths, bm, bn, n_cols, n_per_width)
+    live = [tuple(row) for row in sched.tolist() if row[0] != -1]
+    assert len(live) == len(set(live)), "a tile appears twice"
+    assert sorted(live) == sorted(expected), "the tile set differs from cdiv(n_e,BM)*cdiv(N_e,BN) per expert"
+    assert live == expected, "tiles must run expert by expert, row-major inside an expert"
+    assert bool((sched[len(expected):] == -1).all()), "rows past the last tile must be -1"
+    for e in range(len(widths)):
+        cols = n_cols if n_cols is not None else n_per_width * widths[e]
+        n_e = sum(1 for t in live if t[0] == e)
+        assert n_e == triton.cdiv(counts[e], bm) * triton.cdiv(cols, bn), f"expert {e}"
+
+
+def test_tile_schedule_zero_tokens():
+    r = build_routing(torch.zeros(0, 2, dtype=torch.long, device=DEVICE), (7, 33))
+    sched = tile_schedule(r, 16, 16)
+    assert sched.shape[1] == 3 and bool((sched == -1).all())

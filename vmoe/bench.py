@@ -1,0 +1,883 @@
+"""Benchmark harness: vmoe against the other ways of computing a variable-width MoE, one CSV per GPU.
+
+Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_benchmark.ipynb`` and the
+README's results table read what it writes, through :func:`load_results`, :func:`speedup_table` and
+:func:`markdown_table`. Shape letters: see :mod:`vmoe.config`.
+
+Providers, all fed the same x, routing and weights:
+    vmoe        :func:`vmoe.expert_mlp`, routing metadata (build_routing) included.
+    naive       :func:`vmoe.reference.expert_mlp`, the per-expert Python loop, in the bench dtype.
+    stk         the block-sparse baseline of the original work (MegaBlocks' dMoE, rebuilt): tokens
+                sorted and padded to 128 rows per expert, the variable-width block-sparse topology
+                built every call, ``stk.ops.sdd(x, w1) -> act -> stk.ops.dsd(h, w2)``, un-permuted
+                and weighted. Torch ops do the routing (MegaBlocks' CUDA extension does not build on
+                CUDA 13). Needs d and every f_e to be multiples of 128. Optional (``pip install
+                .[bench]``).
+    grouped_mm  ``torch._grouped_mm``: tokens sorted by expert, one grouped GEMM per group of
+                equal-width experts for each projection, weighted sum back to tokens. Needs 16-byte
+                aligned strides (d and f_e multiples of 8 in bf16).
+    dense       the ceiling: one balanced ``[T k, d] x [d, f_bar]`` MLP with the same useful FLOPs
+                (f_bar = sum_e n_e f_e / (T k), rounded to a multiple of 8) and no routing at all.
+
+Useful FLOPs, from the routing actually used (n_e assignments to expert e): the forward does two
+GEMMs of ``2 n_e f_e d`` each, so ``4 d sum_e n_e f_e``; swiglu's up projection is twice as wide,
+so 1.5 times that; forward+backward counts 3 times the forward. Padding (stk) and recomputation are
+not useful work and are not counted.
+
+Every provider's output (and, for fwdbwd, its gradients of x, topk_weights, w1 and w2) is compared
+with the float64 reference before it is timed. ``rel_err`` is the largest ``||out - ref|| / ||ref||``
+over those tensors; a provider above the dtype's tolerance keeps its row with ``ok=False``.
+Providers that cannot run a config get a row with ``applicable=False`` and the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import triton
+
+from . import reference
+from ._utils import interpreting
+from .autograd import expert_mlp
+from .config import gate_factor
+
+PROVIDERS = ("vmoe", "naive", "stk", "grouped_mm", "dense")
+MODES = ("fwd", "fwdbwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# rel_err bound in float64 terms; bf16 storage of the intermediates compounds over two GEMMs.
+TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+QUANTILES = [0.5, 0.2, 0.8]
+STK_BLOCK = 128
+
+COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "ok",
+           "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E", "widths",
+           "activation", "dtype", "applicable", "reason", "timer"]
+# A row is replaced, not duplicated, when the same measurement is taken again.
+ROW_KEY = ("gpu", "dtype", "config", "provider", "mode")
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    T: int
+    d: int
+    k: int
+    expert_sizes: tuple      # ((count, width), ...), experts numbered in this order
+    activation: str
+    quick: bool = False      # part of the --quick subset
+
+    @property
+    def widths(self) -> tuple:
+        return tuple(w for count, w in self.expert_sizes for _ in range(count))
+
+    @property
+    def E(self) -> int:
+        return sum(count for count, _ in self.expert_sizes)
+
+    @property
+    def widths_str(self) -> str:
+        return "+".join(f"{count}x{w}" for count, w in self.expert_sizes)
+
+
+def _configs(prefix, T, d, k, sizes, activations, quick=(), tag_activation=True):
+    out = []
+    for act in activations:
+        wstr = "+".join(f"{c}x{w}" for c, w in sizes)
+        name = f"{prefix}-{wstr}-k{k}" + (f"-{act}" if tag_activation else "")
+        out.append(BenchConfig(name, T, d, k, tuple(sizes), act, quick=(wstr, act) in quick))
+    return out
+
+
+def _seed_set():
+    # The original table: T = 8 x 512 tokens, d = 256, relu2.
+    T, d = 8 * 512, 256
+    table = [
+        (2, [(8, 512)]), (2, [(4, 512), (4, 256)]), (2, [(16, 256)]),
+        (2, [(4, 512), (8, 256), (4, 128)]),
+        (8, [(64, 256)]), (8, [(16, 512), (32, 256), (16, 128)]), (8, [(128, 256)]),
+        (8, [(32, 512), (64, 256), (32, 128)]),
+    ]
+    quick = {("4x512+8x256+4x128", "relu2"), ("32x512+64x256+32x128", "relu2")}
+    return [c for k, sizes in table
+            for c in _configs("seed", T, d, k, sizes, ["relu2"], quick, tag_activation=False)]
+
+
+def _large_set():
+    # Today's sizes: Qwen3-30B-A3B-like (128 x 768), OLMoE-like (64 x 1024), and variable-width
+    # mixes of the same total width.
+    T, d, k = 16384, 2048, 8
+    table = [[(128, 768)], [(32, 1536), (32, 768), (64, 384)], [(64, 1024)],
+             [(16, 2048), (16, 1024), (32, 512)]]
+    quick = {("128x768", "relu2"), ("32x1536+32x768+64x384", "swiglu")}
+    return [c for sizes in table for c in _configs("large", T, d, k, sizes, ["relu2", "swiglu"], quick)]
+
+
+def _tiny_set():
+    # Sized for the Triton interpreter on a CPU (tests, CI); not a benchmark.
+    return _configs("tiny", 32, 32, 2, [(2, 32), (2, 16)], ["relu2", "swiglu"],
+                    quick={("2x32+2x16", "relu2")})
+
+
+CONFIG_SETS = {"seed": _seed_set, "large": _large_set, "tiny": _tiny_set}
+
+
+def configs(selection: str = "all", quick: bool = False) -> list[BenchConfig]:
+    """The configs of ``"seed"``, ``"large"``, ``"all"`` (both) or ``"tiny"``; the quick subset if asked."""
+    names = ["seed", "large"] if selection == "all" else [selection]
+    out = [c for name in names for c in CONFIG_SETS[name]()]
+    return [c for c in out if c.quick] if quick else out
+
+
+def _mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
+    flops = 4.0 * sum_nf * d * (1.5 if activation == "swiglu" else 1.0)
+    return flops * (3.0 if mode == "fwdbwd" else 1.0)
+
+
+def useful_flops(topk_ids: torch.Tensor, widths, d: int, activation: str, mode: str = "fwd") -> float:
+    """Useful FLOPs of one call for this routing: ``4 d sum_e n_e f_e`` for the forward (x1.5 for
+    swiglu), x3 for forward+backward."""
+    counts = torch.bincount(topk_ids.reshape(-1).long().cpu(), minlength=len(widths))[:len(widths)]
+    sum_nf = float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum())
+    return _mlp_flops(sum_nf, d, activation, mode)
+
+
+def dense_width(topk_ids: torch.Tensor, widths) -> int:
+    """f_bar: the width of a balanced dense MLP over T k rows doing the same useful work, a multiple of 8."""
+    T, k = topk_ids.shape
+    counts = torch.bincount(topk_ids.reshape(-1).long().cpu(), minlength=len(widths))[:len(widths)]
+    mean = float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum()) / (T * k)
+    return max(8, 8 * round(mean / 8))
+
+
+def applicability(provider: str, cfg: BenchConfig, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether ``provider`` can compute ``cfg`` at all, and if not, why (a shape constraint, not a bug)."""
+    if provider == "stk":
+        bad = sorted({f for f in cfg.widths if f % STK_BLOCK})
+        if bad:
+            return False, f"stk needs expert widths that are multiples of {STK_BLOCK}, got {bad}"
+        if cfg.d % STK_BLOCK:
+            return False, f"stk needs d to be a multiple of {STK_BLOCK} (dsd's column tile), got {cfg.d}"
+    if provider == "grouped_mm":
+        size = torch.empty((), dtype=dtype).element_size()
+        per = 16 // size
+        bad = sorted({f for f in cfg.widths if (f * size) % 16})
+        if bad or (cfg.d * size) % 16:
+            what = f"widths {bad}" if bad else f"d={cfg.d}"
+            return False, (f"torch._grouped_mm needs 16-byte aligned strides: d and every f_e a "
+                           f"multiple of {per} in {str(dtype)[6:]}, got {what}")
+    return True, ""
+
+
+def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu2":
+        return torch.relu(z).square()
+    return reference.act(z, activation)
+
+
+def _vmoe(x, ids, w, w1, w2, widths, activation):
+    return expert_mlp(x, ids, w, w1, w2, widths, activation, impl="triton")
+
+
+def _naive(x, ids, w, w1, w2, widths, activation):
+    return reference.expert_mlp(x, ids, w, w1, w2, widths, activation)
+
+
+def _dense(x, w1, w2, activation):
+    return _act(x @ w1, activation) @ w2
+
+
+def _sort_and_unsort(ids: torch.Tensor, num_experts: int):
+    """Stable expert-sorted order of the T k assignments, its inverse, and the counts (on the device)."""
+    flat = ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return flat, order, inverse, counts
+
+
+def _weighted_sum(ys_assign: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # A gather back to assignment order and a sum over k, rather than index_add: deterministic, no
+    # atomics, and the same combine that every provider here uses.
+    T, k = w.shape
+    return (ys_assign.view(T, k, -1) * w.unsqueeze(-1)).sum(1)
+
+
+@lru_cache(maxsize=None)
+def _bucket_plan(widths: tuple):
+    """Experts grouped by width: [(f, experts)], and each expert's rank in bucket-major order."""
+    buckets = {}
+    for e, f in enumerate(widths):
+        buckets.setdefault(f, []).append(e)
+    plan = [(f, tuple(es)) for f, es in buckets.items()]
+    rank = [0] * len(widths)
+    for r, e in enumerate(e for _, es in plan for e in es):
+        rank[e] = r
+    return plan, tuple(rank)
+
+
+def _grouped_mm_moe(x, ids, w, w1, w2, widths, activation):
+    T, k = ids.shape
+    d, g = x.shape[1], gate_factor(activation)
+    plan, rank = _bucket_plan(tuple(widths))
+    offs_col = [0]
+    for f in widths:
+        offs_col.append(offs_col[-1] + f)
+    key = _device_ints(rank, str(ids.device))[ids.reshape(-1)]
+    _, order, inverse, counts = _sort_and_unsort(key.view(T, k), len(widths))
+    # The row range of each bucket must be known on the host to slice it: one synchronization.
+    counts_host = counts.tolist()
+    xs = x[order // k]
+    outs, row, pos = [], 0, 0
+    for f, experts in plan:
+        n = len(experts)
+        c = counts[pos:pos + n]
+        rows = sum(counts_host[pos:pos + n])
+        pos += n
+        if rows == 0:
+            continue
+        offs = torch.cumsum(c, 0, dtype=torch.int32)
+        e0 = experts[0]
+        if experts == tuple(range(e0, e0 + n)):
+            b1 = w1[:, g * offs_col[e0]:g * (offs_col[e0] + n * f)].view(d, n, g * f).transpose(0, 1)
+            b2 = w2[offs_col[e0]:offs_col[e0] + n * f].view(n, f, d)
+        else:
+            b1 = torch.stack([w1[:, g * offs_col[e]:g * (offs_col[e] + f)] for e in experts])
+            b2 = torch.stack([w2[offs_col[e]:offs_col[e] + f] for e in experts])
+        h = _act(torch._grouped_mm(xs[row:row + rows], b1, offs=offs), activation)
+        outs.append(torch._grouped_mm(h, b2, offs=offs))
+        row += rows
+    ys = torch.cat(outs) if outs else x.new_zeros(0, d)
+    return _weighted_sum(ys[inverse], w)
+
+
+@lru_cache(maxsize=None)
+def _device_ints(values: tuple, device: str) -> torch.Tensor:
+    """A constant int64 tensor, cached so that steady-state calls copy nothing to the device."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _stk_topology(padded_rows: torch.Tensor, R: int, nnz: int, widths: tuple, g: int, device):
+    """The block-sparse [P, g F] topology: expert e's row blocks hold its g f_e / 128 column blocks.
+
+    Mirrors MegaBlocks' ``dMoE.topology`` (BCSR with the transposed index for the backward), for
+    experts of different widths; the data is a meta tensor, only its shape is read.
+    """
+    import stk
+
+    B = STK_BLOCK
+    cols = _device_ints(tuple(g * f // B for f in widths), str(device))
+    col_start = torch.cumsum(cols, 0) - cols
+    row_expert = torch.repeat_interleave(torch.arange(len(widths), device=device), padded_rows // B,
+                                         output_size=R)
+    per_row = cols[row_expert]
+    offsets = torch.zeros(R + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(per_row, 0)
+    row_indices = torch.repeat_interleave(torch.arange(R, device=device), per_row, output_size=nnz)
+    j = torch.arange(nnz, device=device) - offsets[row_indices]
+    column_indices = col_start[row_expert][row_indices] + j
+    n_cols = g * sum(widths) // B
+    order = torch.sort(column_indices, stable=True).indices
+    offsets_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=device)
+    offsets_t[1:] = torch.cumsum(torch.bincount(column_indices, minlength=n_cols), 0)
+    data = torch.empty(nnz, B, B, device="meta")
+    topo = stk.Matrix((R * B, n_cols * B), data, row_indices.to(torch.int16),
+                      column_indices.to(torch.int16), offsets, row_indices[order].to(torch.int16),
+                      offsets_t, order.to(torch.int32))
+    return topo, row_indices, offsets, per_row
+
+
+def _stk_moe(x, ids, w, w1, w2, widths, activation):
+    import stk
+
+    T, k = ids.shape
+    d, B, g = x.shape[1], STK_BLOCK, gate_factor(activation)
+    E = len(widths)
+    flat, order, inverse, counts = _sort_and_unsort(ids, E)
+    padded = (counts + B - 1) // B * B
+    start = torch.cumsum(counts, 0) - counts
+    padded_start = torch.cumsum(padded, 0) - padded
+    # The padded row counts size the buffers, as in MegaBlocks' padded_gather: one synchronization.
+    padded_host = padded.tolist()
+    P = sum(padded_host)
+    R = P // B
+
+    def nnz(cols_per_width):
+        return sum(p // B * (cols_per_width * f // B) for p, f in zip(padded_host, widths))
+
+    expert_of_sorted = flat[order]
+    rank = torch.arange(order.numel(), device=x.device) - start[expert_of_sorted]
+    row_of_sorted = padded_start[expert_of_sorted] + rank
+    xp = x.new_zeros(P, d).index_copy(0, row_of_sorted, x[order // k])
+    topo, _, _, _ = _stk_topology(padded, R, nnz(g), tuple(widths), g, x.device)
+    z = stk.ops.sdd(xp, w1, topo)
+    if g == 1:
+        h = stk.Matrix(topo.size(), _act(z.data, activation), topo.row_indices, topo.column_indices,
+                       topo.offsets, topo.column_indices_t, topo.offsets_t, topo.block_offsets_t)
+    else:
+        # swiglu: one sdd over the [gate | up] columns of each expert, then pair block j of the gate
+        # half with block j of the up half of the same row; h has the F-wide topology.
+        h_topo, h_rows, h_offsets, h_per_row = _stk_topology(padded, R, nnz(1), tuple(widths), 1,
+                                                             x.device)
+        i = torch.arange(h_rows.numel(), device=x.device)
+        gate = 2 * h_offsets[h_rows].long() + (i - h_offsets[h_rows])
+        up = gate + h_per_row[h_rows]
+        data = torch.nn.functional.silu(z.data[gate]) * z.data[up]
+        h = stk.Matrix(h_topo.size(), data, h_topo.row_indices, h_topo.column_indices,
+                       h_topo.offsets, h_topo.column_indices_t, h_topo.offsets_t,
+                       h_topo.block_offsets_t)
+    yp = stk.ops.dsd(h, w2)
+    return _weighted_sum(yp[row_of_sorted[inverse]], w)
+
+
+_MOE = {"vmoe": _vmoe, "naive": _naive, "stk": _stk_moe, "grouped_mm": _grouped_mm_moe}
+
+
+def available_providers(requested, device, dtype, log=print) -> list[str]:
+    """The requested providers that can run here; each one left out is announced through ``log``."""
+    out = []
+    for p in requested:
+        if p == "stk":
+            try:
+                import stk  # noqa: F401
+            except ImportError as exc:
+                log(f"skipping stk: cannot import it ({exc}); install the optional extra with "
+                    f"`pip install --no-deps .whl/stanford_stk-0.7.1-py3-none-any.whl` "
+                    f"or `pip install '.[bench]'`")
+                continue
+            if device.type != "cuda" and not interpreting():
+                log("skipping stk: its Triton kernels need CUDA or TRITON_INTERPRET=1")
+                continue
+        if p == "grouped_mm":
+            reason = _grouped_mm_unavailable(device, dtype)
+            if reason:
+                log(f"skipping grouped_mm: {reason}")
+                continue
+        out.append(p)
+    return out
+
+
+def _grouped_mm_unavailable(device, dtype) -> str:
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    try:
+        a = torch.randn(16, 32, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(2, 32, 16, device=device, dtype=dtype, requires_grad=True)
+        out = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+        out.backward(torch.randn_like(out))
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"torch._grouped_mm fails on {device.type} in {str(dtype)[6:]}: {str(exc).splitlines()[0]}"
+    return ""
+
+
+@dataclass
+class Inputs:
+    """One config's inputs, shared by every provider: x, routing, weights, and dy for the backward."""
+
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    dy: torch.Tensor
+    dense: dict | None = None      # x [T k, d], w1, w2, dy for the dense provider
+    dense_flops: float = 0.0
+
+
+def make_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = True) -> Inputs:
+    """Seeded inputs: router logits -> top-k distinct experts, softmax over the k chosen logits
+    (weights summing to 1); w1 ~ N(0, 1/d) and expert e's rows of w2 ~ N(0, 1/f_e), so the output
+    is O(1)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    T, d, k, widths = cfg.T, cfg.d, cfg.k, cfg.widths
+    g, F = gate_factor(cfg.activation), sum(widths)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    logits = randn(T, cfg.E)
+    top, ids = logits.topk(k, dim=-1)
+    w = torch.softmax(top, dim=-1).to(dtype)
+    x = randn(T, d).to(dtype)
+    w1 = (randn(d, g * F) * d ** -0.5).to(dtype)
+    row_scale = torch.repeat_interleave(torch.tensor(widths, dtype=torch.float32, device=device) ** -0.5,
+                                        torch.tensor(widths, device=device))
+    w2 = (randn(F, d) * row_scale[:, None]).to(dtype)
+    dy = randn(T, d).to(dtype)
+    inp = Inputs(x, ids, w, w1, w2, dy)
+    if dense:
+        fbar = dense_width(ids, widths)
+        inp.dense = {"x": randn(T * k, d).to(dtype), "w1": (randn(d, g * fbar) * d ** -0.5).to(dtype),
+                     "w2": (randn(fbar, d) * fbar ** -0.5).to(dtype), "dy": randn(T * k, d).to(dtype)}
+        inp.dense_flops = _mlp_flops(float(T * k * fbar), d, cfg.activation, "fwd")
+    return inp
+
+
+def reference_outputs(cfg: BenchConfig, inp: Inputs, grads: bool) -> dict:
+    """The float64 oracle: ``out`` and, if asked, the gradients for dy (keys x, w, w1, w2)."""
+    leaves = {n: getattr(inp, n).detach().double().requires_grad_(grads) for n in ("x", "w", "w1", "w2")}
+    with torch.set_grad_enabled(grads):
+        out = reference.expert_mlp(leaves["x"], inp.ids, leaves["w"], leaves["w1"], leaves["w2"],
+                                   cfg.widths, cfg.activation)
+    ref = {"out": out.detach()}
+    if grads:
+        out.backward(inp.dy.double())
+        ref.update({n: t.grad for n, t in leaves.items()})
+    return ref
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN when out holds a NaN."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if not bool(torch.isfinite(out).all()):
+        return float("nan")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+class _Case:
+    """One provider on one config in one mode: its leaves, and a zero-argument call to time."""
+
+    def __init__(self, provider: str, cfg: BenchConfig, inp: Inputs, mode: str):
+        grad = mode == "fwdbwd"
+        self.mode = mode
+        if provider == "dense":
+            src = inp.dense
+            self.leaves = {n: src[n].detach().requires_grad_(grad) for n in ("x", "w1", "w2")}
+            self.dy = src["dy"]
+            lv = self.leaves
+            self.forward = lambda: _dense(lv["x"], lv["w1"], lv["w2"], cfg.activation)
+            self.flops = inp.dense_flops * (3 if grad else 1)
+        else:
+            self.leaves = {n: getattr(inp, n).detach().requires_grad_(grad) for n in ("x", "w", "w1", "w2")}
+            self.dy = inp.dy
+            lv, fn, ids, widths = self.leaves, _MOE[provider], inp.ids, cfg.widths
+            self.forward = lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, cfg.activation)
+            self.flops = useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode)
+
+    def clear_grads(self):
+        for t in self.leaves.values():
+            t.grad = None
+
+    def __call__(self):
+        if self.mode == "fwd":
+            with torch.no_grad():
+                return self.forward()
+        self.forward().backward(self.dy)
+
+    def errors(self, ref: dict) -> dict:
+        """Relative errors of the output and of every gradient this provider produced."""
+        self.clear_grads()
+        with torch.set_grad_enabled(self.mode == "fwdbwd"):
+            out = self.forward()
+        errs = {"out": rel_err(out, ref["out"])}
+        if self.mode == "fwdbwd":
+            out.backward(self.dy)
+            for n, t in self.leaves.items():
+                if t.grad is not None:
+                    errs[n] = rel_err(t.grad, ref[n])
+        self.clear_grads()
+        return errs
+
+
+@dataclass
+class Timing:
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    cpu_reps: int = 5
+
+    @classmethod
+    def quick(cls):
+        return cls(warmup_ms=5.0, rep_ms=20.0, cpu_reps=2)
+
+
+def bench_quantiles(fn, grad_to_none, timing: Timing, do_bench=None) -> list[float]:
+    """p50, p20, p80 in ms from ``triton.testing.do_bench``, whichever way this triton returns them."""
+    if do_bench is None:
+        from triton.testing import do_bench
+    params = inspect.signature(do_bench).parameters
+    kw = {"warmup": timing.warmup_ms, "rep": timing.rep_ms, "grad_to_none": grad_to_none}
+    if "quantiles" in params:
+        return [float(v) for v in do_bench(fn, quantiles=QUANTILES, **kw)]
+    times = torch.tensor(do_bench(fn, return_mode="all", **kw), dtype=torch.float64)
+    return [float(torch.quantile(times, q)) for q in QUANTILES]
+
+
+def _time_case(case: _Case, device, timing: Timing) -> tuple[list[float], float, str]:
+    """(p50/p20/p80 ms, peak MB above the inputs, timer name)."""
+    if device.type == "cuda":
+        case()
+        torch.cuda.synchronize(device)
+        ms = bench_quantiles(case, list(case.leaves.values()), timing)
+        case.clear_grads()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        case()
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        case.clear_grads()
+        return ms, peak, "do_bench"
+    times = []
+    for _ in range(max(1, timing.cpu_reps)):
+        case.clear_grads()
+        t0 = time.perf_counter()
+        case()
+        times.append((time.perf_counter() - t0) * 1e3)
+    case.clear_grads()
+    t = torch.tensor(times, dtype=torch.float64)
+    timer = "perf_counter (cpu" + (", Triton interpreter)" if interpreting() else ")")
+    return [float(torch.quantile(t, q)) for q in QUANTILES], float("nan"), timer
+
+
+def gpu_name(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def gpu_slug(name: str) -> str:
+    """A short file name for a device: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
+    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name.replace("NVIDIA", ""))
+    if m:
+        return m.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def vmoe_commit() -> str:
+    """``git rev-parse --short HEAD``, with "+dirty" when vmoe/ has uncommitted changes; else "unknown"."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args):
+        res = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict) -> dict:
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(env)
+    row.update(config=cfg.name, provider=provider, mode=mode, T=cfg.T, d=cfg.d, k=cfg.k, E=cfg.E,
+               widths=cfg.widths_str, activation=cfg.activation, applicable=True)
+    for c in ("ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "peak_mem_mb"):
+        row[c] = float("nan")
+    return row
+
+
+def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict | None, device,
+            dtype, timing: Timing, env: dict, log=print) -> dict:
+    """One CSV row: check against the float64 reference, then time. Errors become rows, not crashes."""
+    row = _base_row(cfg, provider, mode, env)
+    ok_shape, why = applicability(provider, cfg, dtype)
+    if not ok_shape:
+        row.update(applicable=False, reason=why)
+        return row
+    try:
+        case = _Case(provider, cfg, inp, mode)
+        if provider == "dense":
+            row["reason"] = "not checked: a stand-in with the same FLOPs, not the same function"
+        else:
+            errs = case.errors(ref)
+            err = max(errs.values())
+            if any(math.isnan(v) for v in errs.values()):
+                err = float("nan")
+            row["rel_err"] = err
+            row["ok"] = err <= TOL[dtype]
+            if not row["ok"]:
+                detail = ", ".join(f"{n} {v:.2e}" for n, v in errs.items())
+                row["reason"] = f"rel err above {TOL[dtype]:g}: {detail}"
+                log(f"CHECK FAILED {cfg.name} {provider} {mode}: {detail}")
+        ms, peak, timer = _time_case(case, device, timing)
+        row.update(ms_p50=ms[0], ms_p20=ms[1], ms_p80=ms[2], peak_mem_mb=peak, timer=timer,
+                   tflops=case.flops / (ms[0] * 1e-3) / 1e12)
+    except Exception as exc:  # one provider's failure must not lose the rest of the sweep
+        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+        row.update(ok=False, reason=f"error: {type(exc).__name__}: {msg}")
+        log(f"ERROR {cfg.name} {provider} {mode}: {type(exc).__name__}: {msg}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """Write ``rows`` into the CSV at ``path``, replacing rows with the same key and keeping the rest."""
+    path = Path(path)
+    kept = []
+    if path.exists():
+        with open(path, newline="") as fh:
+            new_keys = {tuple(str(r[c]) for c in ROW_KEY) for r in rows}
+            for r in csv.DictReader(fh):
+                if tuple(r.get(c, "") for c in ROW_KEY) not in new_keys:
+                    kept.append(r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in kept:
+            writer.writerow({c: r.get(c, "") for c in COLUMNS})
+        for r in rows:
+            writer.writerow({c: _fmt(r[c]) for c in COLUMNS})
+    os.replace(tmp, path)
+
+
+def _progress(total: int):
+    disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None, print
+    bar = tqdm(total=total, desc="vmoe.bench", unit="run", disable=disable, dynamic_ncols=True)
+    return bar, bar.write
+
+
+def run_sweep(cfgs, providers, modes, device, dtype, timing: Timing, out=None, seed: int = 0,
+              log=None) -> list[dict]:
+    """Check and time every (config, provider, mode); rows are written to ``out`` as they come."""
+    device = torch.device(device)
+    env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
+           "vmoe_commit": vmoe_commit(), "dtype": str(dtype)[6:]}
+    bar, write = _progress(len(cfgs) * len(providers) * len(modes))
+    log = log or write
+    rows = []
+    try:
+        for cfg in cfgs:
+            inp = make_inputs(cfg, device, dtype, seed, dense="dense" in providers)
+            ref = None
+            if any(p != "dense" for p in providers):
+                ref = reference_outputs(cfg, inp, grads="fwdbwd" in modes)
+            for provider in providers:
+                for mode in modes:
+                    if bar is not None:
+                        bar.set_postfix_str(f"{cfg.name} {provider} {mode}")
+                    row = measure(cfg, provider, mode, inp, ref, device, dtype, timing, env, log)
+                    rows.append(row)
+                    if out is not None:
+                        write_rows(out, rows)
+                    log(_summary(row))
+                    if bar is not None:
+                        bar.update()
+            del inp, ref
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def _summary(row: dict) -> str:
+    head = f"{row['config']:<40} {row['provider']:<10} {row['mode']:<6}"
+    if row["applicable"] is False:
+        return f"{head} n/a: {row['reason']}"
+    if row["reason"].startswith("error"):
+        return f"{head} {row['reason']}"
+    ok = {True: "ok", False: "FAIL", "": "-"}[row["ok"]]
+    return (f"{head} {row['ms_p50']:9.4f} ms {row['tflops']:8.2f} TFLOP/s  rel_err "
+            f"{row['rel_err']:.1e} {ok}")
+
+
+def load_results(path):
+    """The CSV as a DataFrame, with ``ok`` and ``applicable`` as nullable booleans."""
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    for c in ("ok", "applicable"):
+        df[c] = df[c].map(_as_bool).astype("boolean")
+    return df
+
+
+def _as_bool(v):
+    if isinstance(v, str):
+        return {"true": True, "false": False}.get(v.strip().lower())
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    try:
+        import pandas as pd
+        if v is pd.NA:
+            return None
+    except ImportError:
+        pass
+    return bool(v)
+
+
+SPEEDUP_COLUMNS = ["vmoe_ms", "vmoe_tflops", "vmoe_over_dense", "stk_over_vmoe",
+                   "grouped_mm_over_vmoe", "naive_over_vmoe"]
+
+
+def speedup_table(df):
+    """Per (gpu, dtype, config, mode): vmoe's p50 ms and TFLOP/s, vmoe time / dense time (1 is the
+    ceiling), and each other provider's time / vmoe time (above 1: vmoe is faster).
+
+    Only rows that ran and passed their check count; a missing or failed provider gives NaN.
+    """
+    import pandas as pd
+
+    keys = ["gpu", "dtype", "config", "mode"]
+    ok = df["ok"].map(_as_bool).map(lambda v: v is not False)
+    ran = df["applicable"].map(_as_bool).map(lambda v: v is not False) & df["ms_p50"].notna()
+    good = df[ok & ran]
+    order = df[keys].drop_duplicates()
+    ms = good.pivot_table(index=keys, columns="provider", values="ms_p50", aggfunc="min")
+    tf = good.pivot_table(index=keys, columns="provider", values="tflops", aggfunc="max")
+    ms = ms.reindex(pd.MultiIndex.from_frame(order))
+    tf = tf.reindex(ms.index)
+
+    def col(frame, name):
+        return frame[name] if name in frame.columns else pd.Series(float("nan"), index=frame.index)
+
+    vmoe = col(ms, "vmoe")
+    out = pd.DataFrame(index=ms.index)
+    out["vmoe_ms"] = vmoe
+    out["vmoe_tflops"] = col(tf, "vmoe")
+    out["vmoe_over_dense"] = vmoe / col(ms, "dense")
+    for p in ("stk", "grouped_mm", "naive"):
+        out[f"{p}_over_vmoe"] = col(ms, p) / vmoe
+    return out.reset_index()
+
+
+def markdown_table(df) -> str:
+    """The README's results: one markdown table per GPU, naming the GPU and versions, from the CSV."""
+    import pandas as pd
+
+    table = speedup_table(df)
+    parts = []
+    for gpu, sub in table.groupby("gpu", sort=False):
+        rows = df[df["gpu"] == gpu]
+        versions = ", ".join(f"{c} {'/'.join(str(v) for v in pd.unique(rows[c]))}"
+                             for c in ("torch", "triton", "vmoe_commit"))
+        dtypes = "/".join(str(v) for v in pd.unique(rows["dtype"]))
+        timers = "/".join(str(v) for v in pd.unique(rows["timer"].dropna()))
+        lines = [f"Measured on **{gpu}** ({dtypes}; {versions}; timer: {timers}, median). "
+                 "`fwd` is the forward, `fwdbwd` forward + backward. vmoe ÷ dense is vmoe's time over "
+                 "a dense MLP with the same useful FLOPs (1.00× is the ceiling); X ÷ vmoe is X's time "
+                 "over vmoe's (above 1: vmoe is faster).", "",
+                 "| config | mode | vmoe ms | vmoe TFLOP/s | vmoe ÷ dense | stk ÷ vmoe | "
+                 "grouped_mm ÷ vmoe | naive ÷ vmoe |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sub.itertuples(index=False):
+            cells = [r.config, r.mode, _num(r.vmoe_ms, "{:.3f}"), _num(r.vmoe_tflops, "{:.1f}"),
+                     _num(r.vmoe_over_dense, "{:.2f}×"), _num(r.stk_over_vmoe, "{:.2f}×"),
+                     _num(r.grouped_mm_over_vmoe, "{:.2f}×"), _num(r.naive_over_vmoe, "{:.2f}×")]
+            lines.append("| " + " | ".join(cells) + " |")
+        notes = []
+        failed = rows[rows["ok"].map(_as_bool).map(lambda v: v is False)
+                      & rows["applicable"].map(_as_bool).map(lambda v: v is not False)]
+        for r in failed.itertuples(index=False):
+            notes.append(f"{r.provider} on {r.config} ({r.mode}) is left out: {r.reason}")
+        na = rows[rows["applicable"].map(_as_bool).map(lambda v: v is False)]
+        for provider, reasons in na.groupby("provider", sort=False)["reason"]:
+            notes.append(f"{provider} n/a on {len(reasons)} row(s): {reasons.iloc[0]}")
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _num(v, fmt: str) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def rewrite_readme(path, block: str) -> None:
+    """Replace what lies between the results markers in ``path`` (appending the markers if absent)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    fenced = f"{README_START}\n{block.strip()}\n{README_END}"
+    start, end = text.find(README_START), text.find(README_END)
+    if start >= 0 and end > start:
+        text = text[:start] + fenced + text[end + len(README_END):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + fenced + "\n"
+    path.write_text(text)
+
+
+def _regenerate(csv_path, readme) -> None:
+    try:
+        df = load_results(csv_path)
+    except ImportError:
+        print("pandas is not installed: the tables cannot be regenerated here "
+              f"(run `python -m vmoe.bench --from-csv {csv_path}` where it is)")
+        return
+    md = markdown_table(df)
+    print(md)
+    if readme:
+        rewrite_readme(readme, md)
+        print(f"rewrote the results block of {readme}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m vmoe.bench",
+                                     description="Check, then time, vmoe against the other providers.")
+    parser.add_argument("--configs", choices=["seed", "large", "all", "tiny"], default="all",
+                        help="seed: the original 8 configs; large: today's sizes; all: both "
+                             "(tiny: interpreter-sized, for tests)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                        help="default: every provider that can run here")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="CSV path (default results/<gpu>.csv); rows with the same "
+                                      "gpu/dtype/config/provider/mode are replaced, others kept")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, a subset of configs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--readme", help="rewrite the results block of this README from the CSV")
+    parser.add_argument("--from-csv", dest="from_csv", help="measure nothing: regenerate the tables "
+                                                            "from this CSV")
+    args = parser.parse_args(argv)
+
+    if args.from_csv:
+        _regenerate(args.from_csv, args.readme)
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cpu" and not interpreting():
+        # Triton picks the interpreter when a kernel is decorated, i.e. when vmoe was imported, so
+        # the variable only takes effect in a fresh process.
+        print("no GPU: re-running under TRITON_INTERPRET=1 (the timings measure the interpreter)")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, "-m", "vmoe.bench", *argv], env)
+    dtype = DTYPES[args.dtype]
+    out = Path(args.out) if args.out else Path("results") / f"{gpu_slug(gpu_name(device))}.csv"
+    cfgs = configs(args.configs, quick=args.quick)
+    providers = available_providers(args.providers, device, dtype)
+    timing = Timing.quick() if args.quick else Timing()
+    print(f"device {gpu_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{args.dtype}; {len(cfgs)} configs x {providers} x {args.modes} -> {out}")
+    rows = run_sweep(cfgs, providers, args.modes, device, dtype, timing, out=out, seed=args.seed)
+    bad = [r for r in rows if r["ok"] is False]
+    print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
+    if args.readme:
+        _regenerate(out, args.readme)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
