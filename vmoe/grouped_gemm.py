@@ -270,10 +270,19 @@ def _configs(shapes):
 
 
 def _prune(configs, named_args, **kwargs):
-    # Blocks much wider than the widest expert only add masked work.
+    """Drop blocks much wider than the widest expert (masked work only) and pipelines whose
+    shared memory would not fit (the gated up projection streams two B tiles)."""
     n_max = named_args["N_MAX"]
-    keep = [c for c in configs if c.kwargs["BN"] <= max(16, next_pow2(n_max))]
-    return keep or configs[:1]
+    gated = kwargs.get("ACT", named_args.get("ACT")) == ACT_CODES["swiglu"] and \
+        kwargs.get("EPI", named_args.get("EPI")) == EPI_ACT
+    elem = named_args["a_ptr" if "a_ptr" in named_args else "l_ptr"].element_size()
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        smem = c.num_stages * (bm * bk + (2 if gated else 1) * bk * bn) * elem
+        if bn <= max(16, next_pow2(n_max)) and smem <= 200 * 1024:
+            keep.append(c)
+    return keep or configs[-1:]
 
 
 _ROW_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
