@@ -1,6 +1,6 @@
 """Benchmark harness: vmoe against the other ways of computing a variable-width MoE, one CSV per GPU.
 
-Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_benchmark.ipynb`` and the
+Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_benchmarks.ipynb`` and the
 README's results table read what it writes, through :func:`load_results`, :func:`speedup_table` and
 :func:`markdown_table`. Shape letters: see :mod:`vmoe.config`.
 
@@ -14,8 +14,9 @@ Providers, all fed the same x, routing and weights:
                 CUDA 13). Needs d and every f_e to be multiples of 128. Optional (``pip install
                 .[bench]``).
     grouped_mm  ``torch._grouped_mm``: tokens sorted by expert, one grouped GEMM per group of
-                equal-width experts for each projection, weighted sum back to tokens. Needs 16-byte
-                aligned strides (d and f_e multiples of 8 in bf16).
+                equal-width experts for each projection, weighted sum back to tokens. It keeps its
+                weights as one [n, d, g f] / [n, f, d] pair per width (copied from w1, w2 once).
+                Needs 16-byte aligned strides (d and f_e multiples of 8 in bf16).
     dense       the ceiling: one balanced ``[T k, d] x [d, f_bar]`` MLP with the same useful FLOPs
                 (f_bar = sum_e n_e f_e / (T k), rounded to a multiple of 8) and no routing at all.
 
@@ -135,10 +136,13 @@ def _tiny_set():
 CONFIG_SETS = {"seed": _seed_set, "large": _large_set, "tiny": _tiny_set}
 
 
-def configs(selection: str = "all", quick: bool = False) -> list[BenchConfig]:
-    """The configs of ``"seed"``, ``"large"``, ``"all"`` (both) or ``"tiny"``; the quick subset if asked."""
+def configs(selection: str = "all", quick: bool = False, match: str | None = None) -> list[BenchConfig]:
+    """The configs of ``"seed"``, ``"large"``, ``"all"`` (both) or ``"tiny"``; only the quick subset
+    if asked, and only names matching the regular expression ``match`` if given."""
     names = ["seed", "large"] if selection == "all" else [selection]
     out = [c for name in names for c in CONFIG_SETS[name]()]
+    if match:
+        out = [c for c in out if re.search(match, c.name)]
     return [c for c in out if c.quick] if quick else out
 
 
@@ -183,8 +187,12 @@ def applicability(provider: str, cfg: BenchConfig, dtype: torch.dtype) -> tuple[
 
 
 def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation in the fewest torch kernels, for the providers built from torch ops."""
     if activation == "relu2":
         return torch.relu(z).square()
+    if activation == "swiglu":
+        gate, up = z.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
     return reference.act(z, activation)
 
 
@@ -230,34 +238,58 @@ def _bucket_plan(widths: tuple):
     return plan, tuple(rank)
 
 
-def _grouped_mm_moe(x, ids, w, w1, w2, widths, activation):
-    T, k = ids.shape
-    d, g = x.shape[1], gate_factor(activation)
-    plan, rank = _bucket_plan(tuple(widths))
-    offs_col = [0]
+def _column_offsets(widths) -> list[int]:
+    """o_e for e = 0..E: expert e owns rows [o_e, o_(e+1)) of w2."""
+    out = [0]
     for f in widths:
-        offs_col.append(offs_col[-1] + f)
+        out.append(out[-1] + f)
+    return out
+
+
+def to_buckets(w1, w2, widths, activation) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """w1 [d, g F] and w2 [F, d] as one ([n, d, g f], [n, f, d]) pair per width bucket (copies).
+
+    grouped_mm keeps its weights in this layout, as a grouped-GEMM MoE would store them: views
+    into the shared layout would make its backward scatter every bucket's gradient into a zeroed
+    full-size w1, a cost the method itself does not have.
+    """
+    g, o = gate_factor(activation), _column_offsets(widths)
+    plan, _ = _bucket_plan(tuple(widths))
+    return [(torch.stack([w1[:, g * o[e]:g * o[e + 1]] for e in es]),
+             torch.stack([w2[o[e]:o[e + 1]] for e in es])) for _, es in plan]
+
+
+def from_buckets(b1s, b2s, widths, activation):
+    """The inverse of :func:`to_buckets` (for comparing gradients with the reference)."""
+    g, o = gate_factor(activation), _column_offsets(widths)
+    plan, _ = _bucket_plan(tuple(widths))
+    d = b1s[0].shape[1]
+    w1 = b1s[0].new_empty(d, g * o[-1])
+    w2 = b2s[0].new_empty(o[-1], d)
+    for (_, es), b1, b2 in zip(plan, b1s, b2s):
+        for i, e in enumerate(es):
+            w1[:, g * o[e]:g * o[e + 1]] = b1[i]
+            w2[o[e]:o[e + 1]] = b2[i]
+    return w1, w2
+
+
+def _grouped_mm_moe(x, ids, w, b1s, b2s, widths, activation):
+    T, k = ids.shape
+    d = x.shape[1]
+    plan, rank = _bucket_plan(tuple(widths))
     key = _device_ints(rank, str(ids.device))[ids.reshape(-1)]
     _, order, inverse, counts = _sort_and_unsort(key.view(T, k), len(widths))
     # The row range of each bucket must be known on the host to slice it: one synchronization.
     counts_host = counts.tolist()
     xs = x[order // k]
     outs, row, pos = [], 0, 0
-    for f, experts in plan:
+    for (_, experts), b1, b2 in zip(plan, b1s, b2s):
         n = len(experts)
-        c = counts[pos:pos + n]
         rows = sum(counts_host[pos:pos + n])
+        offs = torch.cumsum(counts[pos:pos + n], 0, dtype=torch.int32)
         pos += n
         if rows == 0:
             continue
-        offs = torch.cumsum(c, 0, dtype=torch.int32)
-        e0 = experts[0]
-        if experts == tuple(range(e0, e0 + n)):
-            b1 = w1[:, g * offs_col[e0]:g * (offs_col[e0] + n * f)].view(d, n, g * f).transpose(0, 1)
-            b2 = w2[offs_col[e0]:offs_col[e0] + n * f].view(n, f, d)
-        else:
-            b1 = torch.stack([w1[:, g * offs_col[e]:g * (offs_col[e] + f)] for e in experts])
-            b2 = torch.stack([w2[offs_col[e]:offs_col[e] + f] for e in experts])
         h = _act(torch._grouped_mm(xs[row:row + rows], b1, offs=offs), activation)
         outs.append(torch._grouped_mm(h, b2, offs=offs))
         row += rows
@@ -295,9 +327,12 @@ def _stk_topology(padded_rows: torch.Tensor, R: int, nnz: int, widths: tuple, g:
     offsets_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=device)
     offsets_t[1:] = torch.cumsum(torch.bincount(column_indices, minlength=n_cols), 0)
     data = torch.empty(nnz, B, B, device="meta")
-    topo = stk.Matrix((R * B, n_cols * B), data, row_indices.to(torch.int16),
-                      column_indices.to(torch.int16), offsets, row_indices[order].to(torch.int16),
-                      offsets_t, order.to(torch.int32))
+    # int32 block indices where MegaBlocks uses int16: since Triton 3.2 an int16 index times a
+    # constexpr block size stays int16 in stk's sdd kernel and wraps from block 256 on (32768 rows
+    # or columns), which every config here reaches (stanford-futuredata/stk PR #17).
+    i32 = torch.int32
+    topo = stk.Matrix((R * B, n_cols * B), data, row_indices.to(i32), column_indices.to(i32),
+                      offsets, row_indices[order].to(i32), offsets_t, order.to(i32))
     return topo, row_indices, offsets, per_row
 
 
@@ -344,7 +379,7 @@ def _stk_moe(x, ids, w, w1, w2, widths, activation):
     return _weighted_sum(yp[row_of_sorted[inverse]], w)
 
 
-_MOE = {"vmoe": _vmoe, "naive": _naive, "stk": _stk_moe, "grouped_mm": _grouped_mm_moe}
+_MOE = {"vmoe": _vmoe, "naive": _naive, "stk": _stk_moe}
 
 
 def available_providers(requested, device, dtype, log=print) -> list[str]:
@@ -453,20 +488,32 @@ class _Case:
 
     def __init__(self, provider: str, cfg: BenchConfig, inp: Inputs, mode: str):
         grad = mode == "fwdbwd"
-        self.mode = mode
+        self.mode, self.provider, self.cfg = mode, provider, cfg
+
+        def leaf(t):
+            return t.detach().requires_grad_(grad)
+
+        ids, widths, act = inp.ids, cfg.widths, cfg.activation
+        self.dy = inp.dy
+        self.flops = useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode)
         if provider == "dense":
             src = inp.dense
-            self.leaves = {n: src[n].detach().requires_grad_(grad) for n in ("x", "w1", "w2")}
+            lv = self.leaves = {n: leaf(src[n]) for n in ("x", "w1", "w2")}
             self.dy = src["dy"]
-            lv = self.leaves
-            self.forward = lambda: _dense(lv["x"], lv["w1"], lv["w2"], cfg.activation)
+            self.forward = lambda: _dense(lv["x"], lv["w1"], lv["w2"], act)
             self.flops = inp.dense_flops * (3 if grad else 1)
+        elif provider == "grouped_mm":
+            buckets = to_buckets(inp.w1, inp.w2, widths, act)
+            lv = self.leaves = {"x": leaf(inp.x), "w": leaf(inp.w)}
+            for i, (b1, b2) in enumerate(buckets):
+                lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
+            b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
+            b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
+            self.forward = lambda: _grouped_mm_moe(lv["x"], ids, lv["w"], b1s, b2s, widths, act)
         else:
-            self.leaves = {n: getattr(inp, n).detach().requires_grad_(grad) for n in ("x", "w", "w1", "w2")}
-            self.dy = inp.dy
-            lv, fn, ids, widths = self.leaves, _MOE[provider], inp.ids, cfg.widths
-            self.forward = lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, cfg.activation)
-            self.flops = useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode)
+            lv = self.leaves = {n: leaf(getattr(inp, n)) for n in ("x", "w", "w1", "w2")}
+            fn = _MOE[provider]
+            self.forward = lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, act)
 
     def clear_grads(self):
         for t in self.leaves.values():
@@ -478,6 +525,18 @@ class _Case:
                 return self.forward()
         self.forward().backward(self.dy)
 
+    def grads(self) -> dict:
+        """The gradients this provider produced, named and laid out as the reference's."""
+        out = {n: t.grad for n, t in self.leaves.items() if t.grad is not None and n[:2] not in ("b1", "b2")}
+        if self.provider == "grouped_mm":
+            n = sum(1 for name in self.leaves if name.startswith("b1_"))
+            # A bucket that no token reached takes no part in the graph: its gradient is zero.
+            b1s, b2s = ([self.leaves[f"{b}_{i}"].grad if self.leaves[f"{b}_{i}"].grad is not None
+                         else torch.zeros_like(self.leaves[f"{b}_{i}"]) for i in range(n)]
+                        for b in ("b1", "b2"))
+            out["w1"], out["w2"] = from_buckets(b1s, b2s, self.cfg.widths, self.cfg.activation)
+        return out
+
     def errors(self, ref: dict) -> dict:
         """Relative errors of the output and of every gradient this provider produced."""
         self.clear_grads()
@@ -486,9 +545,7 @@ class _Case:
         errs = {"out": rel_err(out, ref["out"])}
         if self.mode == "fwdbwd":
             out.backward(self.dy)
-            for n, t in self.leaves.items():
-                if t.grad is not None:
-                    errs[n] = rel_err(t.grad, ref[n])
+            errs.update({n: rel_err(g, ref[n]) for n, g in self.grads().items()})
         self.clear_grads()
         return errs
 
@@ -761,7 +818,7 @@ def speedup_table(df):
     out["vmoe_over_dense"] = vmoe / col(ms, "dense")
     for p in ("stk", "grouped_mm", "naive"):
         out[f"{p}_over_vmoe"] = col(ms, p) / vmoe
-    return out.reset_index()
+    return out.reset_index()[keys + SPEEDUP_COLUMNS]
 
 
 def markdown_table(df) -> str:
@@ -848,6 +905,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="CSV path (default results/<gpu>.csv); rows with the same "
                                       "gpu/dtype/config/provider/mode are replaced, others kept")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, a subset of configs")
+    parser.add_argument("--match", help="only configs whose name matches this regular expression "
+                                        "(to split a sweep over several runs into one CSV)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--readme", help="rewrite the results block of this README from the CSV")
     parser.add_argument("--from-csv", dest="from_csv", help="measure nothing: regenerate the tables "
@@ -866,7 +925,9 @@ def main(argv=None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "vmoe.bench", *argv], env)
     dtype = DTYPES[args.dtype]
     out = Path(args.out) if args.out else Path("results") / f"{gpu_slug(gpu_name(device))}.csv"
-    cfgs = configs(args.configs, quick=args.quick)
+    cfgs = configs(args.configs, quick=args.quick, match=args.match)
+    if not cfgs:
+        parser.error(f"no config of {args.configs!r} matches {args.match!r}" + (" in --quick" if args.quick else ""))
     providers = available_providers(args.providers, device, dtype)
     timing = Timing.quick() if args.quick else Timing()
     print(f"device {gpu_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "

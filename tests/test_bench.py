@@ -1,0 +1,331 @@
+"""Tests of the benchmark harness: FLOP counting, applicability, the CSV it writes, the tables built
+from it, and the baselines it times (against the float64 reference). No timing is asserted."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from vmoe import bench
+from vmoe.config import gate_factor
+
+from conftest import DEVICE, ON_GPU
+
+EXPECTED_COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
+                    "ok", "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E",
+                    "widths", "activation", "dtype", "applicable", "reason", "timer"]
+
+
+# Widths (4, 2, 6), d = 3; the routing below sends 3 assignments to expert 0, 2 to expert 1 and 3
+# to expert 2, so sum_e n_e f_e = 3*4 + 2*2 + 3*6 = 34 and the forward costs 2 GEMMs * 2 * 34 * 3.
+HAND_IDS = [[0, 2], [0, 1], [0, 2], [2, 1]]
+
+
+@pytest.mark.parametrize("activation,mode,expected", [
+    ("relu2", "fwd", 4 * 34 * 3),
+    ("relu2", "fwdbwd", 3 * 4 * 34 * 3),
+    ("swiglu", "fwd", (2 * 34 * 3) * 2 + 2 * 34 * 3),
+    ("swiglu", "fwdbwd", 3 * ((2 * 34 * 3) * 2 + 2 * 34 * 3)),
+])
+def test_useful_flops_by_hand(activation, mode, expected):
+    ids = torch.tensor(HAND_IDS)
+    assert bench.useful_flops(ids, (4, 2, 6), 3, activation, mode) == expected
+
+
+def test_dense_width_matches_the_useful_work():
+    # n = (2, 2): (2*104 + 2*20) / 4 = 62 -> the nearest multiple of 8 is 64.
+    ids = torch.tensor([[0], [0], [1], [1]])
+    assert bench.dense_width(ids, (104, 20)) == 64
+    # Never below 8, so the dense GEMMs keep aligned shapes.
+    assert bench.dense_width(torch.tensor(HAND_IDS), (4, 2, 6)) == 8
+
+
+def test_config_sets():
+    seed, large = bench.configs("seed"), bench.configs("large")
+    assert len(seed) == 8 and len(large) == 8
+    assert all((c.T, c.d, c.activation) == (4096, 256, "relu2") for c in seed)
+    assert all((c.T, c.d, c.k) == (16384, 2048, 8) for c in large)
+    assert {c.activation for c in large} == {"relu2", "swiglu"}
+    every = bench.configs("all")
+    assert [c.name for c in every] == [c.name for c in seed + large]
+    assert len({c.name for c in every}) == len(every)
+    quick = bench.configs("all", quick=True)
+    assert 0 < len(quick) < len(every) and all(c in every for c in quick)
+    mixed = next(c for c in seed if c.name == "seed-4x512+8x256+4x128-k2")
+    assert mixed.widths == (512,) * 4 + (256,) * 8 + (128,) * 4 and mixed.E == 16
+
+
+def _cfg(widths, d=256, activation="relu2"):
+    sizes = tuple((1, f) for f in widths)
+    return bench.BenchConfig("c", 64, d, 2, sizes, activation)
+
+
+@pytest.mark.parametrize("widths,d,ok", [
+    ((512, 256, 128), 256, True),
+    ((768, 384), 2048, True),
+    ((512, 100), 256, False),
+    ((64, 64), 256, False),
+    ((128, 256), 96, False),
+], ids=["w512-256-128", "w768-384", "w100", "w64", "d96"])
+def test_stk_applicability(widths, d, ok):
+    applicable, reason = bench.applicability("stk", _cfg(widths, d), torch.bfloat16)
+    assert applicable is ok
+    assert (reason == "") is ok
+    if not ok:
+        assert "128" in reason
+
+
+def test_grouped_mm_applicability():
+    assert bench.applicability("grouped_mm", _cfg((16, 32), d=40), torch.bfloat16)[0]
+    applicable, reason = bench.applicability("grouped_mm", _cfg((16, 12), d=40), torch.bfloat16)
+    assert not applicable and "12" in reason
+    assert not bench.applicability("grouped_mm", _cfg((16,), d=36), torch.bfloat16)[0]
+    # 16 bytes is 4 fp32 elements.
+    assert bench.applicability("grouped_mm", _cfg((12,), d=36), torch.float32)[0]
+
+
+def test_every_seed_and_large_config_runs_on_every_provider():
+    for cfg in bench.configs("all"):
+        for p in bench.PROVIDERS:
+            assert bench.applicability(p, cfg, torch.bfloat16) == (True, ""), (p, cfg.name)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """The tiny config on this machine's device: vmoe, naive and dense measured, stk n/a."""
+    out = tmp_path_factory.mktemp("bench") / "tiny.csv"
+    cfgs = bench.configs("tiny", quick=True)
+    rows = bench.run_sweep(cfgs, ["vmoe", "naive", "stk", "dense"], list(bench.MODES), DEVICE,
+                           torch.bfloat16, bench.Timing(warmup_ms=1, rep_ms=5, cpu_reps=1), out=out,
+                           log=lambda *_: None)
+    return cfgs, rows, out
+
+
+def test_csv_has_exactly_the_columns(tiny_sweep):
+    _, rows, out = tiny_sweep
+    with open(out, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        body = list(reader)
+    assert header == EXPECTED_COLUMNS
+    assert len(body) == len(rows) == 4 * len(bench.MODES)
+
+
+def test_tiny_sweep_checks_and_counts(tiny_sweep):
+    cfgs, _, out = tiny_sweep
+    df = bench.load_results(out)
+    for provider in ("vmoe", "naive"):
+        sub = df[df.provider == provider]
+        assert len(sub) == 2 and sub.ok.all() and sub.applicable.all(), sub[["mode", "rel_err", "reason"]]
+    vmoe = df[df.provider == "vmoe"]
+    assert (vmoe.rel_err < 3e-2).all(), vmoe.rel_err.tolist()
+    assert (vmoe.ms_p50 > 0).all() and (vmoe.ms_p20 <= vmoe.ms_p80).all()
+    # TFLOP/s comes from the routing actually used, recomputed here from the same seed.
+    cfg = cfgs[0]
+    ids = bench.make_inputs(cfg, torch.device(DEVICE), torch.bfloat16, dense=False).ids
+    for r in vmoe.itertuples():
+        flops = bench.useful_flops(ids, cfg.widths, cfg.d, cfg.activation, r.mode)
+        assert math.isclose(r.tflops * 1e12 * r.ms_p50 * 1e-3, flops, rel_tol=1e-4)
+    dense = df[df.provider == "dense"]
+    assert dense.applicable.all() and dense.rel_err.isna().all() and (dense.ms_p50 > 0).all()
+    stk = df[df.provider == "stk"]
+    assert len(stk) == 2 and (~stk.applicable).all() and stk.ms_p50.isna().all()
+    assert stk.reason.str.contains("multiples of 128").all()
+    if not ON_GPU:
+        assert df.timer.dropna().str.startswith("perf_counter").all()
+
+
+def test_write_rows_replaces_the_same_measurement(tmp_path):
+    cfg = bench.configs("tiny")[0]
+    env = {"gpu": "G", "torch": "t", "triton": "tr", "vmoe_commit": "c", "dtype": "bfloat16"}
+    first = bench._base_row(cfg, "vmoe", "fwd", env)
+    first.update(ms_p50=2.0, ok=True)
+    other = bench._base_row(cfg, "naive", "fwd", env)
+    other.update(ms_p50=5.0, ok=False)
+    path = tmp_path / "r.csv"
+    bench.write_rows(path, [first, other])
+    again = dict(first, ms_p50=1.0)
+    bench.write_rows(path, [again])
+    df = bench.load_results(path)
+    assert sorted(df.provider) == ["naive", "vmoe"]
+    assert df.set_index("provider").ms_p50["vmoe"] == 1.0
+    assert str(df.ok.dtype) == "boolean" and df.set_index("provider").ok["naive"] == False  # noqa: E712
+
+
+def _synthetic():
+    """Two configs x one mode, with hand-picked times; stk fails its check on the second config and
+    grouped_mm does not apply to it."""
+    rows = []
+    ms = {"cfg-a": {"vmoe": 1.0, "dense": 0.5, "stk": 3.0, "grouped_mm": 2.0, "naive": 10.0},
+          "cfg-b": {"vmoe": 4.0, "dense": 2.0, "stk": 6.0, "grouped_mm": None, "naive": 20.0}}
+    for config, per in ms.items():
+        for provider, t in per.items():
+            row = {"gpu": "Test GPU 9000", "dtype": "bfloat16", "config": config, "mode": "fwd",
+                   "provider": provider, "ms_p50": t if t is not None else float("nan"),
+                   "tflops": 100.0 / t if t else float("nan"), "ok": True, "applicable": True,
+                   "reason": "", "torch": "2.x", "triton": "3.x", "vmoe_commit": "abc1234",
+                   "timer": "do_bench"}
+            if provider == "dense":
+                row["ok"] = float("nan")
+            if provider == "grouped_mm" and t is None:
+                row.update(applicable=False, ok=float("nan"), reason="not aligned")
+            if config == "cfg-b" and provider == "stk":
+                row.update(ok=False, reason="rel err above 0.05")
+            rows.append(row)
+    return pd.DataFrame(rows), ms
+
+
+def test_speedup_table_ratios():
+    df, ms = _synthetic()
+    table = bench.speedup_table(df).set_index("config")
+    a = ms["cfg-a"]
+    assert table.loc["cfg-a", "vmoe_ms"] == a["vmoe"]
+    assert table.loc["cfg-a", "vmoe_tflops"] == 100.0 / a["vmoe"]
+    assert table.loc["cfg-a", "vmoe_over_dense"] == pytest.approx(a["vmoe"] / a["dense"])
+    for p in ("stk", "grouped_mm", "naive"):
+        assert table.loc["cfg-a", f"{p}_over_vmoe"] == pytest.approx(a[p] / a["vmoe"])
+    b = ms["cfg-b"]
+    assert table.loc["cfg-b", "naive_over_vmoe"] == pytest.approx(b["naive"] / b["vmoe"])
+    # A provider that failed its check or does not apply has no speed worth comparing.
+    assert math.isnan(table.loc["cfg-b", "stk_over_vmoe"])
+    assert math.isnan(table.loc["cfg-b", "grouped_mm_over_vmoe"])
+    assert list(table.index) == ["cfg-a", "cfg-b"]
+
+
+def test_markdown_table_names_the_gpu_and_the_ratios():
+    df, ms = _synthetic()
+    md = bench.markdown_table(df)
+    assert "Test GPU 9000" in md and "abc1234" in md
+    rows = [line for line in md.splitlines() if line.startswith("| cfg-")]
+    assert len(rows) == 2
+    a = ms["cfg-a"]
+    cells_a = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells_a[:2] == ["cfg-a", "fwd"]
+    assert float(cells_a[2]) == a["vmoe"]
+    assert float(cells_a[4].rstrip("×")) == pytest.approx(a["vmoe"] / a["dense"], abs=5e-3)
+    assert float(cells_a[5].rstrip("×")) == pytest.approx(a["stk"] / a["vmoe"], abs=5e-3)
+    cells_b = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert cells_b[5] == cells_b[6] == "–"
+    assert "stk on cfg-b (fwd) is left out" in md
+    assert "grouped_mm n/a" in md
+
+
+def test_readme_block_is_regenerated(tmp_path):
+    df, _ = _synthetic()
+    path = tmp_path / "results.csv"
+    df.to_csv(path, index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# vmoe\n\nintro\n\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and "Test GPU 9000" in text
+    assert text.startswith("# vmoe\n\nintro\n\n") and text.endswith("\n\nafter\n")
+    bench.main(["--from-csv", str(path), "--readme", str(readme)])
+    assert readme.read_text() == text
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# x\n")
+    bench.rewrite_readme(bare, "table")
+    assert bare.read_text() == f"# x\n\n## Results\n\n{bench.README_START}\ntable\n{bench.README_END}\n"
+
+
+def test_bench_quantiles_with_either_do_bench_signature():
+    def new_style(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        return [2.0, 1.0, 3.0] if quantiles == bench.QUANTILES else None
+
+    def old_style(fn, warmup=25, rep=100, grad_to_none=None, return_mode="mean"):
+        assert return_mode == "all"
+        return [float(v) for v in range(1, 11)]
+
+    timing = bench.Timing()
+    assert bench.bench_quantiles(None, None, timing, do_bench=new_style) == [2.0, 1.0, 3.0]
+    expected = [float(torch.quantile(torch.arange(1, 11, dtype=torch.float64), q)) for q in bench.QUANTILES]
+    assert bench.bench_quantiles(None, None, timing, do_bench=old_style) == expected
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", "cpu")])
+def test_gpu_slug(name, slug):
+    assert bench.gpu_slug(name) == slug
+
+
+def _check_provider(provider, cfg, dtype, ids=None, tol=None):
+    inp = bench.make_inputs(cfg, torch.device(DEVICE), dtype, dense=False)
+    if ids is not None:
+        inp.ids = ids.to(DEVICE)
+    ref = bench.reference_outputs(cfg, inp, grads=True)
+    errs = bench._Case(provider, cfg, inp, "fwdbwd").errors(ref)
+    assert set(errs) == {"out", "x", "w", "w1", "w2"}
+    tol = bench.TOL[dtype] if tol is None else tol
+    assert all(v <= tol for v in errs.values()), errs
+
+
+def _ids_leaving_expert_empty(T, k, E, empty):
+    """Each token's k distinct experts, cycling through all experts but ``empty``."""
+    others = [e for e in range(E) if e != empty]
+    return torch.tensor([[others[(t + j) % len(others)] for j in range(k)] for t in range(T)])
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_grouped_mm_provider(activation):
+    dtype = torch.bfloat16
+    reason = bench._grouped_mm_unavailable(torch.device(DEVICE), dtype)
+    if reason:
+        pytest.skip(reason)
+    # Equal widths that are not neighbours (16 at experts 0 and 2) and an empty expert (3).
+    cfg = bench.BenchConfig("g", 24, 32, 2, ((1, 16), (1, 32), (1, 16), (1, 8)), activation)
+    _check_provider("grouped_mm", cfg, dtype, _ids_leaving_expert_empty(24, 2, 4, empty=3))
+
+
+def test_stk_topology_is_the_block_diagonal_of_each_expert():
+    stk = pytest.importorskip("stk")
+    B = bench.STK_BLOCK
+    widths, padded = (256, 128, 384), torch.tensor([2 * B, 0, B])
+    R = int(padded.sum()) // B
+    nnz = 2 * 2 + 0 * 1 + 1 * 3
+    topo, _, _, _ = bench._stk_topology(padded, R, nnz, widths, 1, "cpu")
+    dense = stk.ops.to_dense(stk.Matrix(topo.size(), torch.ones(nnz, B, B), topo.row_indices,
+                                        topo.column_indices, topo.offsets))
+    expected = torch.zeros(R * B, sum(widths))
+    expected[:2 * B, :256] = 1           # expert 0: two row blocks, columns [0, 256)
+    expected[2 * B:, 384:] = 1           # expert 2: one row block, columns [384, 768); expert 1 empty
+    assert torch.equal(dense, expected)
+    col_t, off_t, block_t = stk.matrix._transpose(topo.size(), torch.empty(nnz, B, B), topo.row_indices,
+                                                  topo.column_indices, topo.offsets)
+    assert torch.equal(topo.offsets_t, off_t)
+    # Within a block column the order of blocks is free; the pairs (row, block) must agree.
+    pairs = sorted(zip(topo.column_indices_t.tolist(), topo.block_offsets_t.tolist()))
+    assert pairs == sorted(zip(col_t.tolist(), block_t.tolist()))
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_stk_provider(activation):
+    pytest.importorskip("stk")
+    # The interpreter's bf16 dot is not exact, so on the CPU stk is checked in fp32.
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    cfg = bench.BenchConfig("s", 48, 128, 2, ((1, 128), (1, 256), (1, 128), (1, 128)), activation)
+    assert gate_factor(activation) * sum(cfg.widths) % bench.STK_BLOCK == 0
+    _check_provider("stk", cfg, dtype, _ids_leaving_expert_empty(48, 2, 4, empty=2))
+
+
+def test_stk_block_indices_past_256():
+    """A block at row 300 and column 260: with int16 indices stk's sdd wraps (Triton >= 3.2)."""
+    stk = pytest.importorskip("stk")
+    B = bench.STK_BLOCK
+    topo, rows, _, _ = bench._stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
+    assert topo.row_indices.dtype == topo.column_indices.dtype == torch.int32
+    assert topo.column_indices_t.dtype == torch.int32
+    r, c = 300, 260
+    one = torch.tensor([0], dtype=torch.int32)
+    block = stk.Matrix(((r + 1) * B, (c + 1) * B), torch.empty(1, B, B, device="meta"),
+                       torch.tensor([r], dtype=torch.int32), torch.tensor([c], dtype=torch.int32),
+                       torch.cat([torch.zeros(r + 1, dtype=torch.int32), one + 1]),
+                       torch.tensor([r], dtype=torch.int32),
+                       torch.cat([torch.zeros(c + 1, dtype=torch.int32), one + 1]), one)
+    x = torch.randn((r + 1) * B, 32)
+    w = torch.randn(32, (c + 1) * B)
+    out = stk.ops.sdd(x, w, block).data[0]
+    ref = x[r * B:(r + 1) * B].double() @ w[:, c * B:(c + 1) * B].double()
+    assert bench.rel_err(out, ref) < 1e-5
