@@ -329,3 +329,16 @@ def test_stk_block_indices_past_256():
     out = stk.ops.sdd(x, w, block).data[0]
     ref = x[r * B:(r + 1) * B].double() @ w[:, c * B:(c + 1) * B].double()
     assert bench.rel_err(out, ref) < 1e-5
+
+
+def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypatch):
+    df, _ = _synthetic()
+    (tmp_path / "results").mkdir()
+    df.to_csv(tmp_path / "results" / "test.csv", index=False)
+    other = df.assign(gpu="Other GPU 1")
+    other.to_csv(tmp_path / "results" / "other.csv", index=False)
+    (tmp_path / "README.md").write_text(f"# r\n{bench.README_START}\n{bench.README_END}\n")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--reproduce"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "Test GPU 9000" in text and "Other GPU 1" in text

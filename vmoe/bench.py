@@ -876,13 +876,14 @@ def rewrite_readme(path, block: str) -> None:
     path.write_text(text)
 
 
-def _regenerate(csv_path, readme) -> None:
+def _regenerate(csv_paths, readme) -> None:
     try:
-        df = load_results(csv_path)
+        import pandas as pd
     except ImportError:
-        print("pandas is not installed: the tables cannot be regenerated here "
-              f"(run `python -m vmoe.bench --from-csv {csv_path}` where it is)")
+        print("pandas is not installed: the tables cannot be regenerated here (run "
+              "`python -m vmoe.bench --from-csv CSV` where it is)")
         return
+    df = pd.concat([load_results(p) for p in csv_paths], ignore_index=True)
     md = markdown_table(df)
     print(md)
     if readme:
@@ -911,10 +912,19 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", help="rewrite the results block of this README from the CSV")
     parser.add_argument("--from-csv", dest="from_csv", help="measure nothing: regenerate the tables "
                                                             "from this CSV")
+    parser.add_argument("--reproduce", action="store_true",
+                        help="measure nothing: rewrite README.md's results block from results/*.csv")
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        _regenerate(args.from_csv, args.readme)
+        _regenerate([args.from_csv], args.readme)
+        return 0
+    if args.reproduce:
+        csvs = sorted(Path("results").glob("*.csv"))
+        if not csvs:
+            print("no results/*.csv yet: run `python -m vmoe.bench` on a GPU first")
+            return 0
+        _regenerate(csvs, args.readme or "README.md")
         return 0
     device = torch.device(args.device)
     if device.type == "cpu" and not interpreting():
@@ -936,7 +946,7 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["ok"] is False]
     print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
     if args.readme:
-        _regenerate(out, args.readme)
+        _regenerate([out], args.readme)
     return 1 if bad else 0
 
 
