@@ -219,9 +219,12 @@ def _wgrad_kernel(
     rag0 = tl.load(ragged_offsets_ptr + e) * G
     o_col = tl.load(woffsets_ptr + e).to(tl.int64)
     if ALIGNED:
-        # See _rows_kernel: widths that are multiples of 16 allow 16-byte loads.
-        M = tl.multiple_of(M, 16)
-        N = tl.multiple_of(N, 16)
+        # See _rows_kernel: widths that are multiples of 16 allow 16-byte loads. Only the
+        # width-derived sizes get the hint; d may be anything.
+        if M_PER_WIDTH > 0:
+            M = tl.multiple_of(M, 16)
+        if N_PER_WIDTH > 0:
+            N = tl.multiple_of(N, 16)
         rag0 = tl.multiple_of(rag0, 16)
         o_col = tl.multiple_of(o_col, 16)
 
