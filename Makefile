@@ -19,7 +19,7 @@ reproduce: $(VENV)/.installed
 ## test: the unit tests, then every notebook under strict nbval
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests/
-	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/
 
 clean:
 	rm -rf $(VENV)

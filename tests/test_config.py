@@ -129,8 +129,6 @@ def test_expert_mlp_rejects_activation(activation):
         expert_mlp(*_inputs(), WIDTHS, activation)
 
 
-@pytest.mark.xfail(strict=True, reason="vmoe bug: expert_mlp does not validate impl; a typo such as "
-                                       "'refrence' silently runs as impl='auto'")
 def test_expert_mlp_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         expert_mlp(*_inputs(), WIDTHS, "relu2", impl="refrence")

@@ -58,12 +58,8 @@ def _forward_backward(layer, x, dout, coeffs):
 
 
 # Every configuration in fp32; bf16 on two of them, to keep the interpreter suite short.
-_BF16_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="vmoe bug: MoEMLP.to(bfloat16) also casts the expert_widths_f buffer, and aux_losses' "
-           "fp32 probs @ bf16 widths raises 'addmv input tensors must have the same dtype'")
 MATCH_PARAMS = ([pytest.param(*c, torch.float32, id=f"{c[0]}-fp32") for c in CASES]
-                + [pytest.param(*c, torch.bfloat16, id=f"{c[0]}-bf16", marks=_BF16_BUG)
+                + [pytest.param(*c, torch.bfloat16, id=f"{c[0]}-bf16")
                    for c in CASES[:2]])
 
 

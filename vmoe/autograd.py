@@ -11,7 +11,7 @@ import torch
 
 from . import reference
 from ._utils import check_triton_device, interpreting
-from .config import check_expert_mlp_args
+from .config import IMPLS, check_expert_mlp_args
 from .gather_scatter import combine, combine_weight_grad
 from .grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_grad, w2_grad
 from .routing import Routing, build_routing
@@ -50,6 +50,8 @@ class ExpertMLPFunction(torch.autograd.Function):
 
 def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether ``impl`` resolves to the Triton kernels for a tensor on x's device."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return False
     if impl == "triton":

@@ -109,6 +109,6 @@ class MoEMLP(nn.Module):
             p = p_mean[lo:hi] / p_mean[lo:hi].sum().clamp_min(1e-20)
             group_losses.append((hi - lo) * (f * p).sum())
         lb_loss = torch.stack(group_losses).mean()
-        w = self.expert_widths_f
+        w = self.expert_widths_f.float()  # module.to(dtype) casts buffers too
         compute_loss = (probs @ w).mean() / w.mean()
         return {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
