@@ -53,7 +53,7 @@ from ._utils import interpreting
 from .autograd import expert_mlp
 from .config import gate_factor
 
-PROVIDERS = ("vmoe", "naive", "stk", "grouped_mm", "dense")
+PROVIDERS = ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rel_err bound in float64 terms; bf16 storage of the intermediates compounds over two GEMMs.
@@ -379,7 +379,7 @@ def _stk_moe(x, ids, w, w1, w2, widths, activation):
     return _weighted_sum(yp[row_of_sorted[inverse]], w)
 
 
-_MOE = {"vmoe": _vmoe, "naive": _naive, "stk": _stk_moe}
+_MOE = {"vmoe": _vmoe, "vmoe_graph": _vmoe, "naive": _naive, "stk": _stk_moe}
 
 
 def available_providers(requested, device, dtype, log=print) -> list[str]:
@@ -397,6 +397,9 @@ def available_providers(requested, device, dtype, log=print) -> list[str]:
             if device.type != "cuda" and not interpreting():
                 log("skipping stk: its Triton kernels need CUDA or TRITON_INTERPRET=1")
                 continue
+        if p == "vmoe_graph" and device.type != "cuda":
+            log("skipping vmoe_graph: CUDA graphs need a GPU")
+            continue
         if p == "grouped_mm":
             reason = _grouped_mm_unavailable(device, dtype)
             if reason:
@@ -550,6 +553,43 @@ class _Case:
         return errs
 
 
+class _GraphCase:
+    """The vmoe case captured once in a CUDA graph and replayed: the launch-free time, and proof
+    that the layer needs no host synchronization (capture fails on one)."""
+
+    def __init__(self, case: _Case, device):
+        self.case, self.mode, self.flops = case, case.mode, case.flops
+        self.leaves = {}  # replays rewrite the captured gradients; nothing to reset between them
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile and autotune outside the capture
+                case.clear_grads()
+                case()
+        torch.cuda.current_stream(device).wait_stream(side)
+        case.clear_grads()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with torch.set_grad_enabled(self.mode == "fwdbwd"):
+                self.out = case.forward()
+                if self.mode == "fwdbwd":
+                    self.out.backward(case.dy)
+        self.grads = case.grads() if self.mode == "fwdbwd" else {}
+
+    def __call__(self):
+        self.graph.replay()
+
+    def clear_grads(self):
+        pass
+
+    def errors(self, ref: dict) -> dict:
+        """Relative errors of what a replay writes: the output and every captured gradient."""
+        self.graph.replay()
+        errs = {"out": rel_err(self.out, ref["out"])}
+        errs.update({n: rel_err(g, ref[n]) for n, g in self.grads.items()})
+        return errs
+
+
 @dataclass
 class Timing:
     warmup_ms: float = 25.0
@@ -615,6 +655,8 @@ def gpu_slug(name: str) -> str:
 
 def vmoe_commit() -> str:
     """``git rev-parse --short HEAD``, with "+dirty" when vmoe/ has uncommitted changes; else "unknown"."""
+    if os.environ.get("VMOE_COMMIT"):  # a copy of the tree without its .git names its commit here
+        return os.environ["VMOE_COMMIT"]
     here = Path(__file__).resolve().parent
 
     def git(*args):
@@ -651,6 +693,8 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict |
         return row
     try:
         case = _Case(provider, cfg, inp, mode)
+        if provider == "vmoe_graph":
+            case = _GraphCase(case, device)
         if provider == "dense":
             row["reason"] = "not checked: a stand-in with the same FLOPs, not the same function"
         else:

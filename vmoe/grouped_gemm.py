@@ -74,7 +74,7 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 def _rows_kernel(
     a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr,
     counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
-    E, K_FIXED, N_FIXED, K_MAX, N_MAX, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    E, K_FIXED, N_FIXED, K_MAX, N_MAX, B_TILES, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     KTOP: tl.constexpr, A_MODE: tl.constexpr, C_MODE: tl.constexpr,
     K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, ROW_SCALE: tl.constexpr,
     EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, G: tl.constexpr,
@@ -276,8 +276,7 @@ def _prune(configs, named_args, **kwargs):
     """Drop blocks much wider than the widest expert (masked work only) and pipelines whose
     shared memory would not fit (the gated up projection streams two B tiles)."""
     n_max = named_args["N_MAX"]
-    gated = kwargs.get("ACT", named_args.get("ACT")) == ACT_CODES["swiglu"] and \
-        kwargs.get("EPI", named_args.get("EPI")) == EPI_ACT
+    gated = named_args.get("B_TILES", 1) == 2
     elem = named_args["a_ptr" if "a_ptr" in named_args else "l_ptr"].element_size()
     keep = []
     for c in configs:
@@ -354,7 +353,7 @@ def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed
         a, b, c, z if z is not None else c, scale if scale is not None else c,
         routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
         device_woffsets(widths, a.device), routing.sorted_to_assign,
-        E, k_fixed, n_fixed, k_max, n_max, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+        E, k_fixed, n_fixed, k_max, n_max, 2 if (epi == EPI_ACT and g == 2) else 1, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
         KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
         N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
         SAVE_Z=save_z, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
