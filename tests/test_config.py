@@ -132,3 +132,10 @@ def test_expert_mlp_rejects_activation(activation):
 def test_expert_mlp_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         expert_mlp(*_inputs(), WIDTHS, "relu2", impl="refrence")
+
+
+def test_triton_path_rejects_float64():
+    # The kernels accumulate in fp32 and tl.dot has no float64 path: refuse rather than be wrong.
+    x, ids, w, w1, w2 = (t.double() if t.is_floating_point() else t for t in _inputs())
+    with pytest.raises(TypeError, match="x has dtype"):
+        expert_mlp(x, ids, w, w1, w2, WIDTHS, "relu2", impl="triton")

@@ -17,6 +17,9 @@ from .grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_gra
 from .routing import Routing, build_routing
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, w1, w2, routing: Routing, activation: str):
@@ -90,6 +93,9 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
     widths = check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation)
     if not use_triton(x, impl):
         return reference.expert_mlp(x, topk_ids, topk_weights, w1, w2, widths, activation)
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take {KERNEL_DTYPES} "
+                        "(use impl='reference' for others)")
     if routing is None:
         routing = build_routing(topk_ids, widths)
     return ExpertMLPFunction.apply(x.contiguous(), topk_weights.contiguous(), w1.contiguous(),
