@@ -5,6 +5,7 @@ code lives in vmoe; this file holds only notebook plumbing.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -59,3 +60,24 @@ def savefig(fig, name: str) -> Path:
     path = FIGURES / f"{name}.svg"
     fig.savefig(path, format="svg", metadata={"Date": None}, bbox_inches="tight")
     return path
+
+
+def show(fig, name: str) -> None:
+    """Write ``figures/<name>.svg``, then show the figure inline as a PNG (nbval skips PNGs)."""
+    from IPython.display import Image, display
+
+    savefig(fig, name)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    display(Image(buf.getvalue()))
+
+
+def exact(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Print a pass/fail line for bitwise equality (integers, copies, fixed-order sums)."""
+    out, ref = out.cpu(), ref.cpu()
+    if not out.is_floating_point():
+        out, ref = out.long(), ref.long()
+    ok = out.shape == ref.shape and torch.equal(out, ref)
+    print(f"{name}: {'PASS' if ok else 'FAIL'} (exact)")
+    assert ok, name
