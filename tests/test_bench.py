@@ -205,10 +205,11 @@ def test_markdown_table_names_the_gpu_and_the_ratios():
     cells_a = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells_a[:2] == ["cfg-a", "fwd"]
     assert float(cells_a[2]) == a["vmoe"]
-    assert float(cells_a[4].rstrip("×")) == pytest.approx(a["vmoe"] / a["dense"], abs=5e-3)
-    assert float(cells_a[5].rstrip("×")) == pytest.approx(a["stk"] / a["vmoe"], abs=5e-3)
+    assert cells_a[3] == "–"  # no vmoe_graph rows in this frame
+    assert float(cells_a[5].rstrip("×")) == pytest.approx(a["vmoe"] / a["dense"], abs=5e-3)
+    assert float(cells_a[6].rstrip("×")) == pytest.approx(a["stk"] / a["vmoe"], abs=5e-3)
     cells_b = [c.strip() for c in rows[1].strip("|").split("|")]
-    assert cells_b[5] == cells_b[6] == "–"
+    assert cells_b[6] == cells_b[7] == "–"
     assert "stk on cfg-b (fwd) is left out" in md
     assert "grouped_mm n/a" in md
 
@@ -342,3 +343,13 @@ def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypa
     assert bench.main(["--reproduce"]) == 0
     text = (tmp_path / "README.md").read_text()
     assert "Test GPU 9000" in text and "Other GPU 1" in text
+
+
+def test_markdown_table_shows_the_graph_replay_time():
+    df, ms = _synthetic()
+    row = df[(df["provider"] == "vmoe") & (df["config"] == "cfg-a")].iloc[[0]].copy()
+    row["provider"], row["ms_p50"], row["ok"] = "vmoe_graph", ms["cfg-a"]["vmoe"] / 4, True
+    md = bench.markdown_table(pd.concat([df, row], ignore_index=True))
+    line = next(x for x in md.splitlines() if x.startswith("| cfg-a"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[3]) == pytest.approx(ms["cfg-a"]["vmoe"] / 4, abs=5e-4)
