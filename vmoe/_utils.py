@@ -60,3 +60,17 @@ def reexec_with_interpreter(module: str, argv) -> None:
         return
     env = dict(os.environ, TRITON_INTERPRET="1")
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+_DEVICE_INTS: dict = {}
+
+
+def device_ints(values: tuple, device, dtype=torch.int32) -> torch.Tensor:
+    """A tuple of host ints as a tensor on ``device``, cached: steady-state calls copy nothing
+    (and a CUDA graph can capture a call that uses it, once it has been made outside the capture)."""
+    key = (tuple(values), str(device), dtype)
+    t = _DEVICE_INTS.get(key)
+    if t is None:
+        t = torch.tensor(key[0], dtype=dtype, device=device)
+        _DEVICE_INTS[key] = t
+    return t

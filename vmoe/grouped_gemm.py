@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_dtype_flag, interpreting, new_empty, next_pow2
+from ._utils import device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
 from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
 from .config import gate_factor
 from .routing import Routing, locate_tile, max_row_tiles, schedule_prologue
@@ -314,17 +314,9 @@ def _woffsets_host(widths: tuple) -> tuple:
     return tuple(out)
 
 
-_WOFFSETS_CACHE: dict = {}
-
-
 def device_woffsets(widths: tuple, device) -> torch.Tensor:
     """o_e, the first column (of F) that expert e owns, as an int32 tensor cached on the device."""
-    key = (widths, str(device))
-    t = _WOFFSETS_CACHE.get(key)
-    if t is None:
-        t = torch.tensor(_woffsets_host(widths), dtype=torch.int32, device=device)
-        _WOFFSETS_CACHE[key] = t
-    return t
+    return device_ints(_woffsets_host(widths), device)
 
 
 def _aligned(widths: tuple) -> bool:
@@ -473,7 +465,3 @@ def w1_grad(x: torch.Tensor, dz: torch.Tensor, w1: torch.Tensor, routing: Routin
                   stride_om=dw1.stride(0), g=g)
     return dw1
 
-
-def row_block_sizes() -> list:
-    """The row-block sizes (BM) the row kernel may run with on this machine, smallest first."""
-    return sorted({c.kwargs["BM"] for c in _rows_kernel.configs})

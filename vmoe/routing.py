@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INT32_MAX, checking, interpreting, new_empty, next_pow2
+from ._utils import INT32_MAX, checking, device_ints, interpreting, new_empty, next_pow2
 
 
 @dataclass
@@ -134,19 +134,6 @@ def _block_size(e1_pad: int) -> int:
     return max(16, min(256, 8192 // e1_pad))
 
 
-_WIDTHS_CACHE: dict = {}
-
-
-def device_widths(expert_widths: tuple, device) -> torch.Tensor:
-    """The widths as an int32 tensor on ``device``, cached so that steady-state calls copy nothing."""
-    key = (tuple(expert_widths), str(device))
-    t = _WIDTHS_CACHE.get(key)
-    if t is None:
-        t = torch.tensor(expert_widths, dtype=torch.int32, device=device)
-        _WIDTHS_CACHE[key] = t
-    return t
-
-
 def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     """Build the :class:`Routing` metadata of ``topk_ids`` ([T, k], any integer dtype).
 
@@ -173,7 +160,7 @@ def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     ragged_offsets = new_empty((E + 1,), torch.int64, device)
     sorted_to_assign = new_empty((A,), torch.int32, device)
     assign_to_sorted = new_empty((A,), torch.int32, device)
-    widths = device_widths(expert_widths, device)
+    widths = device_ints(expert_widths, device)
     block_counts = torch.empty((max(NB, 1), E + 1), dtype=torch.int32, device=device)
     if NB == 0:
         block_counts.zero_()
