@@ -22,7 +22,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     if torch.isnan(out).any():
         return float("nan")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
