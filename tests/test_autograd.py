@@ -96,6 +96,9 @@ def _edge_cases():
            lambda T, E, k, bm=bm: _ids_from_counts([bm - 1, bm, bm + 1])) for bm in _row_bms()],
         *[(f"counts-2bm-and-1-bm{bm}", 2 * bm + 1, 16, (7, 33), 1, "silu", torch.bfloat16,
            lambda T, E, k, bm=bm: _ids_from_counts([2 * bm, 1])) for bm in _row_bms()],
+        # Widths that are multiples of 16 take the kernels' aligned path (16-byte load hints); d
+        # must not inherit those hints, so make its rows 72 bytes.
+        ("aligned-widths-odd-d", 9, 36, (16, 32, 48), 2, "swiglu", torch.bfloat16, None),
         ("k-equals-E", 6, 16, E4, 4, "gelu", torch.float32, None),
         ("single-expert-k-equals-E", 6, 16, (19,), 1, "swiglu", torch.float32, None),
         ("T1", 1, 16, E4, 2, "relu2", torch.float32, None),
