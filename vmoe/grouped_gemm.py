@@ -74,7 +74,8 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 def _rows_kernel(
     a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr,
     counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
-    E, K_FIXED, N_FIXED, K_MAX, N_MAX, B_TILES, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    E, K_FIXED, N_FIXED, K_MAX, N_MAX, B_TILES, KIND,
+    stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     KTOP: tl.constexpr, A_MODE: tl.constexpr, C_MODE: tl.constexpr,
     K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, ROW_SCALE: tl.constexpr,
     EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, G: tl.constexpr,
@@ -294,7 +295,10 @@ _WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4
 
 _rows_kernel = triton.autotune(
     configs=_configs(_ROW_SHAPES),
-    key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E"],
+    # KIND and B_TILES separate the four GEMMs that share sizes (the up projection and dH both
+    # have K = d and N = f_e): each gets its own tuning, and a gated one never inherits a block
+    # shape whose two B tiles overflow shared memory.
+    key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E", "B_TILES", "KIND"],
     prune_configs_by={"early_config_prune": _prune},
 )(_rows_kernel)
 
@@ -345,7 +349,8 @@ def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed
         a, b, c, z if z is not None else c, scale if scale is not None else c,
         routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
         device_woffsets(widths, a.device), routing.sorted_to_assign,
-        E, k_fixed, n_fixed, k_max, n_max, 2 if (epi == EPI_ACT and g == 2) else 1, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+        E, k_fixed, n_fixed, k_max, n_max, 2 if (epi == EPI_ACT and g == 2) else 1,
+        (a_mode * 3 + c_mode) * 3 + epi, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
         KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
         N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
         SAVE_Z=save_z, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
