@@ -151,21 +151,23 @@ def _mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
     return flops * (3.0 if mode == "fwdbwd" else 1.0)
 
 
+def _sum_nf(topk_ids: torch.Tensor, widths) -> float:
+    """sum_e n_e f_e for this routing, on the host (for the report, outside any timed region)."""
+    ids = topk_ids.reshape(-1).long().cpu()  # host-ok: FLOP counting, not timed
+    counts = torch.bincount(ids, minlength=len(widths))[:len(widths)]
+    return float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum())
+
+
 def useful_flops(topk_ids: torch.Tensor, widths, d: int, activation: str, mode: str = "fwd") -> float:
     """Useful FLOPs of one call for this routing: ``4 d sum_e n_e f_e`` for the forward (x1.5 for
     swiglu), x3 for forward+backward."""
-    # host-ok: FLOP counting for the report, outside any timed region
-    counts = torch.bincount(topk_ids.reshape(-1).long().cpu(), minlength=len(widths))[:len(widths)]
-    sum_nf = float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum())
-    return _mlp_flops(sum_nf, d, activation, mode)
+    return _mlp_flops(_sum_nf(topk_ids, widths), d, activation, mode)
 
 
 def dense_width(topk_ids: torch.Tensor, widths) -> int:
     """f_bar: the width of a balanced dense MLP over T k rows doing the same useful work, a multiple of 8."""
     T, k = topk_ids.shape
-    # host-ok: sizing the dense stand-in, outside any timed region
-    counts = torch.bincount(topk_ids.reshape(-1).long().cpu(), minlength=len(widths))[:len(widths)]
-    mean = float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum()) / (T * k)
+    mean = _sum_nf(topk_ids, widths) / (T * k)
     return max(8, 8 * round(mean / 8))
 
 
