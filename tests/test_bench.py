@@ -155,6 +155,19 @@ def test_write_rows_replaces_the_same_measurement(tmp_path):
     assert str(df.ok.dtype) == "boolean" and df.set_index("provider").ok["naive"] == False  # noqa: E712
 
 
+def test_text_columns_stay_text(tmp_path):
+    # A short commit hash of digits and one "e" reads as a float (329e820 -> inf) unless kept as text.
+    cfg = bench.configs("tiny")[0]
+    env = {"gpu": "G", "torch": "2.10", "triton": "3.10", "vmoe_commit": "329e820", "dtype": "bfloat16"}
+    row = bench._base_row(cfg, "vmoe", "fwd", env)
+    row.update(ms_p50=2.0, ok=True)
+    path = tmp_path / "r.csv"
+    bench.write_rows(path, [row])
+    got = bench.load_results(path).iloc[0]
+    assert (got.vmoe_commit, got.torch, got.triton) == ("329e820", "2.10", "3.10")
+    assert got.ms_p50 == 2.0
+
+
 def _synthetic():
     """Two configs x one mode, with hand-picked times; stk fails its check on the second config and
     grouped_mm does not apply to it."""

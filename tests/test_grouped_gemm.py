@@ -143,6 +143,25 @@ def test_down_proj_bwd(case, activation, dtype):
 
 @pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
+def test_down_proj_bwd_weighted_h(case, activation, dtype):
+    # The epilogue also writes w * act(Z), the W2 gradient's operand; dZ must not change.
+    p = Problem(*case)
+    g = gate_factor(activation)
+    dy = torch.randn(p.T, p.d, device=DEVICE).to(dtype)
+    weights = (torch.rand(p.T, p.k, device=DEVICE) + 0.1).to(dtype)
+    w2 = _w2(p.d, p.widths, dtype)
+    z = p.ragged_random(g, dtype)
+    dz, hw = down_proj_bwd(dy, weights, w2, z, p.r, activation, weighted_h=True)
+    written = p.written(g)
+    assert torch.equal(dz[:written], down_proj_bwd(dy, weights, w2, z, p.r, activation)[:written])
+    for e, n, f, o, assign in p.experts():
+        w = weights.double().reshape(-1)[assign][:, None]
+        assert_close(f"w*H expert {e}", p.block(hw, e, 1),
+                     w * reference.act(p.block(z, e, g).double(), activation), dtype)
+
+
+@pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
 def test_up_proj_bwd(case, activation, dtype):
     p = Problem(*case)
     g = gate_factor(activation)
@@ -202,6 +221,12 @@ def test_w2_grad(case, dtype):
     for e in empty:
         o, f = p.woff[e], widths[e]
         assert bool((dw2[o:o + f] == 0).all()), f"dw2 of empty expert {e} is not zero"
+    # Without weights, h is taken as already weighted (w * H) and dy is only gathered.
+    dw2_pre = w2_grad(h, dy, None, w2, p.r)
+    ref_pre = torch.zeros_like(ref)
+    for e, n, f, o, assign in p.experts():
+        ref_pre[o:o + f] = p.block(h, e, 1).double().T @ dy.double()[assign // k]
+    assert_close("dw2 of a weighted h", dw2_pre, ref_pre, dtype)
 
 
 def test_zero_tokens():

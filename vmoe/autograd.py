@@ -1,9 +1,10 @@
 """The autograd.Function behind :func:`vmoe.expert_mlp`, and the public function itself.
 
-Saved for backward: x, topk_weights, w1, w2, the routing metadata, the pre-activation Z and the
-activation H (both ragged), and the unweighted down-projection rows ys (for the gradient of the
-routing weights). The weighted, sorted copy of dy is never written: the kernels gather dy by token
-and scale it by the routing weight on load. Derivation: notebooks/05_backward.ipynb.
+Saved for backward: x, topk_weights, w1, w2, the routing metadata, the pre-activation Z (ragged),
+and the unweighted down-projection rows ys (for the gradient of the routing weights). H is not
+saved: the backward's first GEMM recomputes it from Z in its epilogue and writes it weighted,
+w * H, the operand of the W2 gradient. The weighted, sorted copy of dy is never written: the
+kernels gather dy by token and scale it by the routing weight on load. Derivation: notebooks/05_backward.ipynb.
 """
 from __future__ import annotations
 
@@ -29,21 +30,25 @@ class ExpertMLPFunction(torch.autograd.Function):
         y = combine(ys, routing, topk_weights.reshape(-1))
         ctx.routing, ctx.activation = routing, activation
         if needs_grad:
-            ctx.save_for_backward(x, topk_weights, w1, w2, z, h, ys)
+            ctx.save_for_backward(x, topk_weights, w1, w2, z, ys)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, topk_weights, w1, w2, z, h, ys = ctx.saved_tensors
+        x, topk_weights, w1, w2, z, ys = ctx.saved_tensors
         routing, activation = ctx.routing, ctx.activation
         dy = dy.contiguous()
         d_x = d_w = d_w1 = d_w2 = None
         if ctx.needs_input_grad[1]:
             d_w = combine_weight_grad(dy, ys, routing)
-        if ctx.needs_input_grad[3]:
-            d_w2 = w2_grad(h, dy, topk_weights, w2, routing)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            dz = down_proj_bwd(dy, topk_weights, w2, z, routing, activation)
+        if any(ctx.needs_input_grad[i] for i in (0, 2, 3)):
+            if ctx.needs_input_grad[3]:
+                dz, hw = down_proj_bwd(dy, topk_weights, w2, z, routing, activation,
+                                       weighted_h=True)
+                d_w2 = w2_grad(hw, dy, None, w2, routing)
+                del hw
+            else:
+                dz = down_proj_bwd(dy, topk_weights, w2, z, routing, activation)
             if ctx.needs_input_grad[0]:
                 d_x = combine(up_proj_bwd(dz, w1, routing, activation), routing)
             if ctx.needs_input_grad[2]:

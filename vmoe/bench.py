@@ -64,6 +64,8 @@ STK_BLOCK = 128
 COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "ok",
            "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E", "widths",
            "activation", "dtype", "applicable", "reason", "timer"]
+TEXT_COLUMNS = ("config", "provider", "mode", "gpu", "torch", "triton", "vmoe_commit", "widths",
+                "activation", "dtype", "reason", "timer")
 # A row is replaced, not duplicated, when the same measurement is taken again.
 ROW_KEY = ("gpu", "dtype", "config", "provider", "mode")
 
@@ -809,7 +811,9 @@ def load_results(path):
     """The CSV as a DataFrame, with ``ok`` and ``applicable`` as nullable booleans."""
     import pandas as pd
 
-    df = pd.read_csv(path)
+    # Text columns stay text: a commit such as 329e820 or a version such as 3.10 would otherwise
+    # be read as a number (inf, 3.1).
+    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
     for c in ("ok", "applicable"):
         df[c] = df[c].map(_as_bool).astype("boolean")
     return df

@@ -72,14 +72,14 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 
 @triton.jit
 def _rows_kernel(
-    a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr,
+    a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr, hw_ptr,
     counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
     E, K_FIXED, N_FIXED, K_MAX, N_MAX, B_TILES, KIND,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     KTOP: tl.constexpr, A_MODE: tl.constexpr, C_MODE: tl.constexpr,
     K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, ROW_SCALE: tl.constexpr,
-    EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, G: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGNED: tl.constexpr,
+    EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, SAVE_HW: tl.constexpr,
+    G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGNED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     GATED: tl.constexpr = ACT == 3
@@ -144,7 +144,8 @@ def _rows_kernel(
                 acc_up = tl.dot(b_a, b_u, acc_up, input_precision=DOT_PREC)
 
         if ROW_SCALE:
-            acc = acc * tl.load(scale_ptr + b_assign, mask=m_m, other=0.0).to(tl.float32)[:, None]
+            b_w = tl.load(scale_ptr + b_assign, mask=m_m, other=0.0).to(tl.float32)
+            acc = acc * b_w[:, None]
         m_c = m_m[:, None] & m_n[None, :]
         if C_MODE == SORTED_C:
             p_c = c_ptr + o_p[:, None].to(tl.int64) * stride_cm + o_n[None, :]
@@ -178,10 +179,19 @@ def _rows_kernel(
                     d_g, d_u = swiglu_bwd(z_g, z_u, acc)
                     tl.store(c_ptr + o_z, d_g.to(c_ptr.dtype.element_ty), mask=m_c)
                     tl.store(c_ptr + o_z + f_e, d_u.to(c_ptr.dtype.element_ty), mask=m_c)
+                    if SAVE_HW:
+                        b_h = swiglu_fwd(z_g, z_u)
                 else:
                     z = tl.load(z_ptr + o_z, mask=m_c, other=0.0).to(tl.float32)
                     tl.store(c_ptr + o_z, act_bwd(z, acc, ACT).to(c_ptr.dtype.element_ty),
                              mask=m_c)
+                    if SAVE_HW:
+                        b_h = act_fwd(z, ACT)
+                if SAVE_HW:
+                    # w * H, recomputed from the Z already in registers: dW2 = (w H)^T dy then
+                    # streams both operands straight to shared memory, and H is never saved.
+                    p_hw = hw_ptr + rag0 + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
+                    tl.store(p_hw, (b_h * b_w[:, None]).to(hw_ptr.dtype.element_ty), mask=m_c)
 
 
 @triton.jit
@@ -345,7 +355,7 @@ def ragged_capacity(routing: Routing) -> int:
 
 def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed, k_per_width,
                  n_fixed, n_per_width, stride_am, stride_be, stride_bk, stride_bn, stride_cm, epi,
-                 act, save_z, g):
+                 act, save_z, g, hw=None):
     widths = routing.expert_widths
     E = len(widths)
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
@@ -358,13 +368,13 @@ def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed
 
     _rows_kernel[grid](
         a, b, c, z if z is not None else c, scale if scale is not None else c,
-        routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
+        hw if hw is not None else c, routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
         device_woffsets(widths, a.device), routing.sorted_to_assign,
         E, k_fixed, n_fixed, k_max, n_max, 2 if (epi == EPI_ACT and g == 2) else 1,
         (a_mode * 3 + c_mode) * 3 + epi, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
         KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
         N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
-        SAVE_Z=save_z, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
+        SAVE_Z=save_z, SAVE_HW=hw is not None, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
         E_PAD=next_pow2(E), ALIGNED=_aligned(widths))
 
 
@@ -401,21 +411,24 @@ def down_proj(h: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tens
 
 
 def down_proj_bwd(dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor, z: torch.Tensor,
-                  routing: Routing, activation: str) -> torch.Tensor:
+                  routing: Routing, activation: str, weighted_h: bool = False):
     """``dZ_e = act'(Z_e) * ((w * dy)[tokens of e] @ W2_e^T)``, ragged ``[n_e, g*f_e]``.
 
     The routing weight scales the rows of the product, and dy is gathered by token on load, so
-    the weighted, sorted copy of dy is never written.
+    the weighted, sorted copy of dy is never written. With ``weighted_h``, returns ``(dz, hw)``:
+    ``hw = w * act(Z)``, ragged ``[n_e, f_e]``, recomputed from Z in the epilogue, the left
+    operand of :func:`w2_grad` with ``topk_weights=None``.
     """
     g = gate_factor(activation)
     dz = new_empty((g * ragged_capacity(routing),), dy.dtype, dy.device)
+    hw = new_empty((ragged_capacity(routing),), dy.dtype, dy.device) if weighted_h else None
     if routing.num_assignments:
         _launch_rows(dy, w2, dz, z, topk_weights.reshape(-1), routing, a_mode=GATHERED,
                      c_mode=RAGGED, k_fixed=dy.shape[1], k_per_width=0, n_fixed=0, n_per_width=1,
                      stride_am=dy.stride(0), stride_be=w2.stride(0), stride_bk=w2.stride(1),
                      stride_bn=w2.stride(0), stride_cm=0, epi=EPI_ACT_BWD, act=activation,
-                     save_z=False, g=g)
-    return dz
+                     save_z=False, g=g, hw=hw)
+    return (dz, hw) if weighted_h else dz
 
 
 def up_proj_bwd(dz: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str) -> torch.Tensor:
@@ -460,11 +473,16 @@ def _launch_wgrad(l, r, out, scale, routing: Routing, *, l_mode, r_mode, m_fixed
         ALIGNED=_aligned(widths))
 
 
-def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor,
+def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor | None, w2: torch.Tensor,
             routing: Routing) -> torch.Tensor:
-    """``dW2_e = H_e^T @ (w * dy)[tokens of e]``, ``[F, d]``; zero for an expert with no rows."""
+    """``dW2_e = H_e^T @ (w * dy)[tokens of e]``, ``[F, d]``; zero for an expert with no rows.
+
+    With ``topk_weights=None``, h is already weighted (``w * H``, from
+    ``down_proj_bwd(..., weighted_h=True)``) and dy is only gathered.
+    """
     dw2 = new_empty(tuple(w2.shape), w2.dtype, w2.device)
-    _launch_wgrad(h, dy, dw2, topk_weights.reshape(-1), routing, l_mode=RAGGED, r_mode=GATHERED,
+    scale = None if topk_weights is None else topk_weights.reshape(-1)
+    _launch_wgrad(h, dy, dw2, scale, routing, l_mode=RAGGED, r_mode=GATHERED,
                   m_fixed=0, m_per_width=1, n_fixed=dy.shape[1], n_per_width=0, stride_lm=0,
                   stride_rm=dy.stride(0), stride_oe=dw2.stride(0), stride_om=dw2.stride(0), g=1)
     return dw2
