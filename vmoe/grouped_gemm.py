@@ -317,15 +317,16 @@ _WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4
 _rows_kernel = triton.autotune(
     configs=_configs(_ROW_SHAPES),
     # KIND and B_TILES separate the four GEMMs that share sizes (the up projection and dH both
-    # have K = d and N = f_e): each gets its own tuning, and a gated one never inherits a block
-    # shape whose two B tiles overflow shared memory.
+    # have K = d and N = f_e), and dH with or without its w*H output: each gets its own tuning,
+    # and a gated one never inherits a block shape whose two B tiles overflow shared memory.
     key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E", "B_TILES", "KIND"],
     prune_configs_by={"early_config_prune": _prune},
 )(_rows_kernel)
 
 _wgrad_kernel = triton.autotune(
     configs=_configs(_WGRAD_SHAPES),
-    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E"],
+    # R_SCALE: a scaled right operand goes through registers, an unscaled one does not.
+    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E", "R_SCALE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_wgrad_kernel)
 
@@ -371,7 +372,7 @@ def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed
         hw if hw is not None else c, routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
         device_woffsets(widths, a.device), routing.sorted_to_assign,
         E, k_fixed, n_fixed, k_max, n_max, 2 if (epi == EPI_ACT and g == 2) else 1,
-        (a_mode * 3 + c_mode) * 3 + epi, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+        ((a_mode * 3 + c_mode) * 3 + epi) * 2 + (hw is not None), stride_am, stride_be, stride_bk, stride_bn, stride_cm,
         KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
         N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
         SAVE_Z=save_z, SAVE_HW=hw is not None, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
