@@ -123,15 +123,19 @@ def test_down_proj(case, dtype):
         assert_close(f"ys expert {e}", ys[p.offsets[e]:p.offsets[e] + n], ref, dtype)
 
 
+def _dh_inputs(case, activation, dtype):
+    """A problem and the inputs of down_proj_bwd: dy, routing weights, w2 and a saved Z."""
+    p = Problem(*case)
+    dy = torch.randn(p.T, p.d, device=DEVICE).to(dtype)
+    weights = (torch.rand(p.T, p.k, device=DEVICE) + 0.1).to(dtype)
+    return p, dy, weights, _w2(p.d, p.widths, dtype), p.ragged_random(gate_factor(activation), dtype)
+
+
 @pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
 def test_down_proj_bwd(case, activation, dtype):
-    p = Problem(*case)
+    p, dy, weights, w2, z = _dh_inputs(case, activation, dtype)
     g = gate_factor(activation)
-    dy = torch.randn(p.T, p.d, device=DEVICE).to(dtype)
-    weights = (torch.rand(p.T, p.k, device=DEVICE) + 0.1).to(dtype)
-    w2 = _w2(p.d, p.widths, dtype)
-    z = p.ragged_random(g, dtype)
     dz = down_proj_bwd(dy, weights, w2, z, p.r, activation)
     for e, n, f, o, assign in p.experts():
         scaled = dy.double()[assign // p.k] * weights.double().reshape(-1)[assign][:, None]
@@ -145,12 +149,8 @@ def test_down_proj_bwd(case, activation, dtype):
 @pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
 def test_down_proj_bwd_weighted_h(case, activation, dtype):
     # The epilogue also writes w * act(Z), the W2 gradient's operand; dZ must not change.
-    p = Problem(*case)
+    p, dy, weights, w2, z = _dh_inputs(case, activation, dtype)
     g = gate_factor(activation)
-    dy = torch.randn(p.T, p.d, device=DEVICE).to(dtype)
-    weights = (torch.rand(p.T, p.k, device=DEVICE) + 0.1).to(dtype)
-    w2 = _w2(p.d, p.widths, dtype)
-    z = p.ragged_random(g, dtype)
     dz, hw = down_proj_bwd(dy, weights, w2, z, p.r, activation, weighted_h=True)
     written = p.written(g)
     assert torch.equal(dz[:written], down_proj_bwd(dy, weights, w2, z, p.r, activation)[:written])
