@@ -71,38 +71,6 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 
 
 @triton.jit
-def _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr, DIM1_FIXED, DIM2_FIXED,
-                     DIM1_PER_WIDTH: tl.constexpr, DIM2_PER_WIDTH: tl.constexpr,
-                     ALIGNED: tl.constexpr):
-    """Expert e's width f_e, its first column o_e (int64), its ragged base (in units of g), and two
-    GEMM sizes, each ``PER_WIDTH * f_e`` or, when PER_WIDTH is 0, the FIXED argument (d).
-
-    When every width is a multiple of 16 (ALIGNED), so are o_e and the ragged bases: saying so
-    lets the compiler issue 16-byte loads and pipeline them with cp.async instead of scalar,
-    synchronous ones. The hints sit on the loaded values themselves; on a product they would be
-    lost wherever a factor of 1 folds the product away. The sizes are built from these hinted
-    values or from arguments (whose divisibility the launcher specializes), never from a
-    reduction, about which the compiler knows nothing.
-    """
-    f_e = tl.load(widths_ptr + e)
-    o_col = tl.load(woffsets_ptr + e).to(tl.int64)
-    rag0 = tl.load(ragged_offsets_ptr + e)
-    if ALIGNED:
-        f_e = tl.multiple_of(f_e, 16)
-        o_col = tl.multiple_of(o_col, 16)
-        rag0 = tl.multiple_of(rag0, 16)
-    if DIM1_PER_WIDTH > 0:
-        dim1 = f_e * DIM1_PER_WIDTH
-    else:
-        dim1 = DIM1_FIXED
-    if DIM2_PER_WIDTH > 0:
-        dim2 = f_e * DIM2_PER_WIDTH
-    else:
-        dim2 = DIM2_FIXED
-    return f_e, o_col, rag0, dim1, dim2
-
-
-@triton.jit
 def _rows_kernel(
     a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr, hw_ptr,
     counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
@@ -121,9 +89,23 @@ def _rows_kernel(
         e, i_m, i_n = locate_tile(tile_id, b_cum, b_nt, E_PAD)
         n_rows = tl.load(counts_ptr + e)
         row0 = tl.load(offsets_ptr + e)
-        f_e, o_col, rag0, K, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
-                                                  K_FIXED, N_FIXED, K_PER_WIDTH, N_PER_WIDTH,
-                                                  ALIGNED)
+        f_e = tl.load(widths_ptr + e)
+        o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+        rag0 = tl.load(ragged_offsets_ptr + e)
+        if ALIGNED:
+            # Every width is a multiple of 16, so are the column offsets and the ragged bases:
+            # telling the compiler lets it issue 16-byte loads instead of scalar ones.
+            f_e = tl.multiple_of(f_e, 16)
+            o_col = tl.multiple_of(o_col, 16)
+            rag0 = tl.multiple_of(rag0, 16)
+        if K_PER_WIDTH > 0:
+            K = f_e * K_PER_WIDTH
+        else:
+            K = K_FIXED
+        if N_PER_WIDTH > 0:
+            N = f_e * N_PER_WIDTH
+        else:
+            N = N_FIXED
 
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < n_rows
@@ -240,12 +222,31 @@ def _wgrad_kernel(
     b_nt = tl.cdiv(b_n, BN)
     b_cum = tl.cumsum(tl.cdiv(b_m, BM) * b_nt, axis=0)
     e, i_m, i_n = locate_tile(tl.program_id(0), b_cum, b_nt, E_PAD)
-    # M and N from the arguments and f_e, not from b_m / b_n (a reduction): a load whose mask the
-    # compiler cannot prove aligned is not pipelined (this loop ran ~3x slower that way).
-    f_e, o_col, rag0, M, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
-                                              M_FIXED, N_FIXED, M_PER_WIDTH, N_PER_WIDTH, ALIGNED)
+    # M and N come from the arguments and the expert's width, not from b_m / b_n: the compiler
+    # can see the alignment of these (d's is specialized on the host, f_e's is hinted below),
+    # and a load whose mask it cannot prove aligned is too narrow for cp.async, which left this
+    # loop unpipelined (about 3x slower).
+    f_e = tl.load(widths_ptr + e)
+    if ALIGNED:
+        f_e = tl.multiple_of(f_e, 16)
+    if M_PER_WIDTH > 0:
+        M = f_e * M_PER_WIDTH
+    else:
+        M = M_FIXED
+    if N_PER_WIDTH > 0:
+        N = f_e * N_PER_WIDTH
+    else:
+        N = N_FIXED
     n_rows = tl.load(counts_ptr + e)
     row0 = tl.load(offsets_ptr + e)
+    rag0 = tl.load(ragged_offsets_ptr + e)
+    o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+    if ALIGNED:
+        # See _rows_kernel: widths that are multiples of 16 allow 16-byte loads. The hint goes on
+        # the loaded value itself: on ``load * G`` it would vanish when G = 1 folds the multiply
+        # away, and the ragged operand's loads would fall back to scalar, unpipelined ones.
+        rag0 = tl.multiple_of(rag0, 16)
+        o_col = tl.multiple_of(o_col, 16)
     rag0 = rag0 * G
 
     o_m = i_m * BM + tl.arange(0, BM)
