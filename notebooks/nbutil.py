@@ -29,6 +29,10 @@ import torch  # noqa: E402
 
 DEVICE = torch.device("cuda" if _HAS_CUDA else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+if not ON_GPU:
+    # A CPU BLAS may split a product over as many threads as the machine's load allows, and the
+    # split changes the last bits; one thread keeps a re-run's figures byte-identical.
+    torch.set_num_threads(1)
 FIGURES = Path(__file__).resolve().parent.parent / "figures"
 
 sns.set_theme(style="whitegrid", context="notebook")
