@@ -1,0 +1,104 @@
+"""Helpers that every check in the repo shares: the tests, ``python -m vmoe.validate``, the
+benchmark's check-before-timing, and the notebooks all import from here, so that "correct" means
+one thing everywhere.
+
+- :func:`rel_err`: ``||out - ref|| / ||ref||`` in float64.
+- :data:`TOL` and :func:`tolerance`: the bound on that error, per dtype, each with its reason.
+- :func:`assert_close`: the check with a message that prints the error and the max abs difference.
+- :func:`random_ids`, :func:`make_inputs`: fresh random routing and problems, scaled to O(1).
+- :func:`case_id`: readable test ids like ``T7-d40-w[7,33,100]-k2``.
+
+Shape letters: see :mod:`vmoe.config`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ACTIVATIONS, gate_factor
+
+# ||out - ref|| / ||ref|| against a float64 oracle, by the dtype the kernels compute in.
+TOL = {
+    # fp32 with IEEE dots (vmoe follows torch's allow_tf32, off by default): only summation order
+    # differs from float64, so errors land near 1e-7; 1e-5 leaves room for long K loops.
+    torch.float32: 1e-5,
+    # fp16 keeps 11 bits; the intermediates Z and H are stored in fp16 between the two GEMMs.
+    torch.float16: 5e-3,
+    # bf16 keeps 8 bits, and its rounding of Z, H and ys compounds over two GEMMs and a combine
+    # (measured: up to 6e-3 at d=2048); 4e-2 still fails any wrong index or missed tile, whose
+    # error is O(1).
+    torch.bfloat16: 4e-2,
+}
+# fp32 inputs whose dots run in TF32 (10-bit mantissa), when torch's allow_tf32 is on: the
+# benchmark's baselines (cuBLAS) then round their inputs as vmoe's kernels do.
+TOL_TF32 = 1e-3
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Every activation in fp32 and bf16: the case list most kernel tests sweep.
+ACT_DTYPES = ([(a, torch.float32) for a in ACTIVATIONS]
+              + [(a, torch.bfloat16) for a in ACTIVATIONS])
+ACT_DTYPE_IDS = [f"{a}-{DTYPE_IDS[t]}" for a, t in ACT_DTYPES]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The rel_err bound for results computed in ``dtype`` (see :data:`TOL`)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return TOL_TF32
+    return TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; NaN when out holds a NaN or an Inf."""
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
+    if not bool(torch.isfinite(out).all()):  # host-ok: checking, never on a hot path
+        return float("nan")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))  # host-ok: checking
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol=None):
+    """Relative-error check in float64, with a dtype-dependent tolerance; NaN anywhere fails.
+
+    When ref is exactly zero the relative error is meaningless, so out must be exactly zero too.
+    """
+    tol = tolerance(dtype) if tol is None else tol
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    n_nan = int(torch.isnan(out).sum())  # host-ok: checking
+    assert n_nan == 0, f"{name}: {n_nan} NaN element(s) of {out.numel()} (unwritten or overflowed)"
+    if out.numel() == 0:
+        return
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()  # host-ok: checking
+    max_abs = float((o - r).abs().max())
+    if float(r.norm()) == 0.0:
+        assert max_abs == 0.0, f"{name}: reference is all zero but max abs diff is {max_abs:.3e}"
+        return
+    err = rel_err(o, r)
+    assert err <= tol, (f"{name} ({DTYPE_IDS.get(dtype, dtype)}): rel err {err:.3e} > tol {tol:.0e}, "
+                        f"max abs diff {max_abs:.3e}")
+
+
+def case_id(T, d, widths, k, *extra) -> str:
+    """Readable ids like ``T7-d40-w[7,33,100]-k2``."""
+    parts = [f"T{T}", f"d{d}", "w[" + ",".join(str(w) for w in widths) + "]", f"k{k}"]
+    return "-".join(parts + [str(e) for e in extra])
+
+
+def random_ids(T: int, E: int, k: int, device="cpu", generator=None) -> torch.Tensor:
+    """``[T, k]`` int64 ids, each row k distinct experts (what a top-k router produces)."""
+    if T == 0:
+        return torch.zeros(0, k, dtype=torch.long, device=device)
+    return torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)]).to(device)
+
+
+def make_inputs(T, d, widths, k, activation="relu2", dtype=torch.float32, device="cpu", ids=None,
+                generator=None):
+    """``x [T, d], topk_ids [T, k], topk_weights [T, k], w1 [d, g*F], w2 [F, d]``, scaled so that
+    the output has O(1) entries whatever d and f_e are. Leaf tensors, not requiring grad."""
+    E, F, g = len(widths), sum(widths), gate_factor(activation)
+    x = torch.randn(T, d, generator=generator)
+    if ids is None:
+        ids = random_ids(T, E, k, "cpu", generator)
+    weights = torch.rand(ids.shape, generator=generator) + 0.1
+    w1 = torch.randn(d, g * F, generator=generator) / d ** 0.5
+    w2 = torch.cat([torch.randn(f, d, generator=generator) / max(f, 1) ** 0.5 for f in widths])
+    return (x.to(device, dtype), ids.to(device), weights.to(device, dtype), w1.to(device, dtype),
+            w2.to(device, dtype))
