@@ -67,7 +67,7 @@ def _row_bms() -> list:
     """The row blocks BM the grouped GEMMs may run with: every autotuning candidate (on a GPU the
     autotuner picks one per shape, so each is a block boundary worth testing; the interpreter pins
     one config)."""
-    return sorted({c.kwargs["BM"] for c in grouped_gemm._rows_kernel.configs})
+    return sorted({c.kwargs["BM"] for c in grouped_gemm.ROW_CONFIGS})
 
 
 def _ids_from_counts(counts, k=1):

@@ -6,8 +6,12 @@ The derivations are in notebooks/05_backward.ipynb. Every function works on fp32
 import triton
 import triton.language as tl
 
-# The constexpr codes the kernels dispatch on; order matches vmoe.config.ACTIVATIONS.
-ACT_CODES = {"relu2": 0, "gelu": 1, "silu": 2, "swiglu": 3}
+from .config import ACTIVATIONS
+
+# The constexpr codes the kernels dispatch on, one per name in vmoe.config.ACTIVATIONS.
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+RELU2_C = tl.constexpr(ACT_CODES["relu2"])
+GELU_C = tl.constexpr(ACT_CODES["gelu"])
 
 # Globals a kernel reads must be constexpr objects.
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -22,10 +26,12 @@ def _sigmoid(z):
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
     """h = act(z) for the ungated activations."""
-    if ACT == 0:
-        r = tl.maximum(z, 0.0)
+    if ACT == RELU2_C:
+        # where(z < 0, 0, z), not maximum(z, 0): maximum drops a NaN, and a diverging run must
+        # show its NaN, as torch.relu does.
+        r = tl.where(z < 0.0, 0.0, z)
         h = r * r
-    elif ACT == 1:
+    elif ACT == GELU_C:
         h = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
     else:
         h = z * _sigmoid(z)
@@ -35,9 +41,9 @@ def act_fwd(z, ACT: tl.constexpr):
 @triton.jit
 def act_bwd(z, dh, ACT: tl.constexpr):
     """dz = dh * act'(z) for the ungated activations."""
-    if ACT == 0:
-        dz = dh * 2.0 * tl.maximum(z, 0.0)
-    elif ACT == 1:
+    if ACT == RELU2_C:
+        dz = dh * 2.0 * tl.where(z < 0.0, 0.0, z)  # NaN in z stays NaN (see act_fwd)
+    elif ACT == GELU_C:
         cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2))
         pdf = _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
         dz = dh * (cdf + z * pdf)

@@ -32,7 +32,7 @@ import triton.language as tl
 from ._utils import device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
 from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
 from .config import gate_factor
-from .routing import Routing, locate_tile, max_row_tiles, schedule_prologue
+from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue
 
 # Operand modes of the row kernel and the weight-gradient kernel.
 SORTED = 0    # dense [A, *], row p is sorted position p
@@ -47,7 +47,6 @@ EPI_ACT_BWD = 2   # dZ = acc * act'(Z)
 # The same codes, as constants the kernels can read.
 SORTED_C = tl.constexpr(SORTED)
 GATHERED_C = tl.constexpr(GATHERED)
-RAGGED_C = tl.constexpr(RAGGED)
 EPI_STORE_C = tl.constexpr(EPI_STORE)
 EPI_ACT_C = tl.constexpr(EPI_ACT)
 
@@ -71,46 +70,75 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 
 
 @triton.jit
+def _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr, DIM1_FIXED, DIM2_FIXED,
+                     DIM1_PER_WIDTH: tl.constexpr, DIM2_PER_WIDTH: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """Expert e's width f_e, its first column o_e (int64), its ragged base (in units of g), and two
+    GEMM sizes, each ``PER_WIDTH * f_e`` or, when PER_WIDTH is 0, the FIXED argument (d).
+
+    When every width is a multiple of 16 (ALIGNED), so are o_e and the ragged bases: saying so
+    lets the compiler issue 16-byte loads and pipeline them with cp.async instead of scalar,
+    synchronous ones. The hints sit on the loaded values themselves; on a product they would be
+    lost wherever a factor of 1 folds the product away. The sizes are built from these hinted
+    values or from arguments (whose divisibility the launcher specializes), never from a
+    reduction, about which the compiler knows nothing (the weight-gradient loop ran ~3x slower
+    unpipelined that way).
+    """
+    f_e = tl.load(widths_ptr + e)
+    o_col = tl.load(woffsets_ptr + e).to(tl.int64)
+    rag0 = tl.load(ragged_offsets_ptr + e)
+    if ALIGNED:
+        f_e = tl.multiple_of(f_e, 16)
+        o_col = tl.multiple_of(o_col, 16)
+        rag0 = tl.multiple_of(rag0, 16)
+    if DIM1_PER_WIDTH > 0:
+        dim1 = f_e * DIM1_PER_WIDTH
+    else:
+        dim1 = DIM1_FIXED
+    if DIM2_PER_WIDTH > 0:
+        dim2 = f_e * DIM2_PER_WIDTH
+    else:
+        dim2 = DIM2_FIXED
+    return f_e, o_col, rag0, dim1, dim2
+
+
+@triton.jit
 def _rows_kernel(
-    a_ptr, b_ptr, c_ptr, z_ptr, scale_ptr, hw_ptr,
-    counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
-    E, K_FIXED, N_FIXED, K_MAX, N_MAX, B_TILES, KIND,
+    a_ptr,              # SORTED [A, K] | GATHERED [T, K] | RAGGED [n_e, K_e] blocks
+    b_ptr,              # the weight: expert e's [K_e, N_e] block, strided (w1, w2 or their transposes)
+    c_ptr,              # SORTED [A, N] | RAGGED [n_e, N_e] blocks (H, dZ)
+    z_ptr,              # RAGGED [n_e, g*f_e] pre-activation: written (EPI_ACT) or read (EPI_ACT_BWD); or None
+    scale_ptr,          # [A] routing weight per assignment, scaling the product's rows; or None
+    hw_ptr,             # RAGGED [n_e, f_e] w * act(Z), written by EPI_ACT_BWD; or None
+    counts_ptr,         # [E] n_e
+    offsets_ptr,        # [E+1] first sorted position of expert e
+    ragged_offsets_ptr,  # [E+1] int64, sum_{j<e} n_j f_j
+    widths_ptr,         # [E] f_e
+    woffsets_ptr,       # [E] o_e
+    sorted_to_assign_ptr,  # [A] assignment of each sorted position
+    E, K_FIXED, N_FIXED, K_MAX, N_MAX,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     KTOP: tl.constexpr, A_MODE: tl.constexpr, C_MODE: tl.constexpr,
-    K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, ROW_SCALE: tl.constexpr,
-    EPI: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, SAVE_HW: tl.constexpr,
-    G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGNED: tl.constexpr,
+    K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr,
+    EPI: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, G: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_HW: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGNED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    GATED: tl.constexpr = ACT == 3
     b_cum, b_nt, total = schedule_prologue(counts_ptr, widths_ptr, E, N_FIXED, N_PER_WIDTH,
                                            BM, BN, E_PAD)
     for tile_id in range(tl.program_id(0), total, tl.num_programs(0)):
         e, i_m, i_n = locate_tile(tile_id, b_cum, b_nt, E_PAD)
         n_rows = tl.load(counts_ptr + e)
         row0 = tl.load(offsets_ptr + e)
-        f_e = tl.load(widths_ptr + e)
-        o_col = tl.load(woffsets_ptr + e).to(tl.int64)
-        rag0 = tl.load(ragged_offsets_ptr + e)
-        if ALIGNED:
-            # Every width is a multiple of 16, so are the column offsets and the ragged bases:
-            # telling the compiler lets it issue 16-byte loads instead of scalar ones.
-            f_e = tl.multiple_of(f_e, 16)
-            o_col = tl.multiple_of(o_col, 16)
-            rag0 = tl.multiple_of(rag0, 16)
-        if K_PER_WIDTH > 0:
-            K = f_e * K_PER_WIDTH
-        else:
-            K = K_FIXED
-        if N_PER_WIDTH > 0:
-            N = f_e * N_PER_WIDTH
-        else:
-            N = N_FIXED
+        f_e, o_col, rag0, K, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
+                                                  K_FIXED, N_FIXED, K_PER_WIDTH, N_PER_WIDTH,
+                                                  ALIGNED)
 
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < n_rows
         o_p = row0 + o_m                                             # sorted positions [BM]
-        if A_MODE == GATHERED_C or ROW_SCALE:
+        if A_MODE == GATHERED_C or HAS_SCALE:
             b_assign = tl.load(sorted_to_assign_ptr + o_p, mask=m_m, other=0)
         if A_MODE == GATHERED_C:
             p_a_row = a_ptr + (b_assign // KTOP).to(tl.int64) * stride_am
@@ -138,13 +166,13 @@ def _rows_kernel(
             acc = tl.dot(b_a, b_b, acc, input_precision=DOT_PREC)
             if EPI == EPI_ACT_C and GATED:
                 b_u = tl.load(p_bk + f_e * stride_bn, mask=m_k[:, None] & m_n[None, :],
-                              other=0.0)
+                              other=0.0)                                               # [BK, BN]
                 if UPCAST:
                     b_u = b_u.to(tl.float32)
                 acc_up = tl.dot(b_a, b_u, acc_up, input_precision=DOT_PREC)
 
-        if ROW_SCALE:
-            b_w = tl.load(scale_ptr + b_assign, mask=m_m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            b_w = tl.load(scale_ptr + b_assign, mask=m_m, other=0.0).to(tl.float32)  # [BM]
             acc = acc * b_w[:, None]
         m_c = m_m[:, None] & m_n[None, :]
         if C_MODE == SORTED_C:
@@ -158,17 +186,18 @@ def _rows_kernel(
             o_z = rag0 * G + o_m[:, None].to(tl.int64) * (G * f_e) + o_n[None, :]
             if EPI == EPI_ACT_C:
                 p_h = c_ptr + rag0 + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
+                # Round Z to the storage dtype (H's, which is Z's) first, so that H and the saved
+                # Z agree exactly and the backward's recomputation of H matches the forward.
                 if GATED:
-                    # Round Z to the storage dtype first, so H and the saved Z agree exactly.
-                    z_g = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
-                    z_u = acc_up.to(z_ptr.dtype.element_ty).to(tl.float32)
-                    if SAVE_Z:
+                    z_g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+                    z_u = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
+                    if HAS_Z:
                         tl.store(z_ptr + o_z, z_g.to(z_ptr.dtype.element_ty), mask=m_c)
                         tl.store(z_ptr + o_z + f_e, z_u.to(z_ptr.dtype.element_ty), mask=m_c)
                     b_h = swiglu_fwd(z_g, z_u)
                 else:
-                    z = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
-                    if SAVE_Z:
+                    z = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+                    if HAS_Z:
                         tl.store(z_ptr + o_z, z.to(z_ptr.dtype.element_ty), mask=m_c)
                     b_h = act_fwd(z, ACT)
                 tl.store(p_h, b_h.to(c_ptr.dtype.element_ty), mask=m_c)
@@ -179,15 +208,15 @@ def _rows_kernel(
                     d_g, d_u = swiglu_bwd(z_g, z_u, acc)
                     tl.store(c_ptr + o_z, d_g.to(c_ptr.dtype.element_ty), mask=m_c)
                     tl.store(c_ptr + o_z + f_e, d_u.to(c_ptr.dtype.element_ty), mask=m_c)
-                    if SAVE_HW:
+                    if HAS_HW:
                         b_h = swiglu_fwd(z_g, z_u)
                 else:
                     z = tl.load(z_ptr + o_z, mask=m_c, other=0.0).to(tl.float32)
                     tl.store(c_ptr + o_z, act_bwd(z, acc, ACT).to(c_ptr.dtype.element_ty),
                              mask=m_c)
-                    if SAVE_HW:
+                    if HAS_HW:
                         b_h = act_fwd(z, ACT)
-                if SAVE_HW:
+                if HAS_HW:
                     # w * H, recomputed from the Z already in registers: dW2 = (w H)^T dy then
                     # streams both operands straight to shared memory, and H is never saved.
                     p_hw = hw_ptr + rag0 + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
@@ -195,58 +224,34 @@ def _rows_kernel(
 
 
 @triton.jit
-def _expert_dims(widths_ptr, E, FIXED, PER_WIDTH: tl.constexpr, E_PAD: tl.constexpr):
-    """[E_PAD] sizes of one weight-gradient dimension: PER_WIDTH * f_e, or FIXED (d) when 0."""
-    o_e = tl.arange(0, E_PAD)
-    m_e = o_e < E
-    if PER_WIDTH > 0:
-        dims = tl.load(widths_ptr + o_e, mask=m_e, other=0) * PER_WIDTH
-    else:
-        dims = tl.where(m_e, FIXED, 0)
-    return dims
-
-
-@triton.jit
 def _wgrad_kernel(
-    l_ptr, r_ptr, out_ptr, scale_ptr,
-    counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
+    l_ptr,              # GATHERED [T, M] (x) | RAGGED [n_e, M_e] blocks (w*H)
+    r_ptr,              # GATHERED [T, N] (dy) | RAGGED [n_e, N_e] blocks (dZ)
+    out_ptr,            # expert e's [M_e, N_e] block of dW1 [d, g*F] or dW2 [F, d], strided
+    scale_ptr,          # [A] routing weight per assignment, scaling R's rows; or None
+    counts_ptr,         # [E] n_e
+    offsets_ptr,        # [E+1] first sorted position of expert e
+    ragged_offsets_ptr,  # [E+1] int64, sum_{j<e} n_j f_j
+    widths_ptr,         # [E] f_e
+    woffsets_ptr,       # [E] o_e
+    sorted_to_assign_ptr,  # [A] assignment of each sorted position
     E, M_FIXED, N_FIXED, M_MAX, N_MAX, stride_lm, stride_rm, stride_oe, stride_om,
     KTOP: tl.constexpr, L_MODE: tl.constexpr, R_MODE: tl.constexpr,
-    M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, R_SCALE: tl.constexpr,
+    M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, HAS_SCALE: tl.constexpr,
     G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
     ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """out_e[M_e, N_e] = L_e^T @ R_e, summed over expert e's rows; out_e starts at o_e*stride_oe."""
-    b_m = _expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
-    b_n = _expert_dims(widths_ptr, E, N_FIXED, N_PER_WIDTH, E_PAD)
+    b_m = expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
+    b_n = expert_dims(widths_ptr, E, N_FIXED, N_PER_WIDTH, E_PAD)
     b_nt = tl.cdiv(b_n, BN)
     b_cum = tl.cumsum(tl.cdiv(b_m, BM) * b_nt, axis=0)
     e, i_m, i_n = locate_tile(tl.program_id(0), b_cum, b_nt, E_PAD)
-    # M and N come from the arguments and the expert's width, not from b_m / b_n: the compiler
-    # can see the alignment of these (d's is specialized on the host, f_e's is hinted below),
-    # and a load whose mask it cannot prove aligned is too narrow for cp.async, which left this
-    # loop unpipelined (about 3x slower).
-    f_e = tl.load(widths_ptr + e)
-    if ALIGNED:
-        f_e = tl.multiple_of(f_e, 16)
-    if M_PER_WIDTH > 0:
-        M = f_e * M_PER_WIDTH
-    else:
-        M = M_FIXED
-    if N_PER_WIDTH > 0:
-        N = f_e * N_PER_WIDTH
-    else:
-        N = N_FIXED
+    # M and N from the arguments and f_e (see _expert_geometry), not from b_m / b_n.
+    f_e, o_col, rag0, M, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
+                                              M_FIXED, N_FIXED, M_PER_WIDTH, N_PER_WIDTH, ALIGNED)
     n_rows = tl.load(counts_ptr + e)
     row0 = tl.load(offsets_ptr + e)
-    rag0 = tl.load(ragged_offsets_ptr + e)
-    o_col = tl.load(woffsets_ptr + e).to(tl.int64)
-    if ALIGNED:
-        # See _rows_kernel: widths that are multiples of 16 allow 16-byte loads. The hint goes on
-        # the loaded value itself: on ``load * G`` it would vanish when G = 1 folds the multiply
-        # away, and the ragged operand's loads would fall back to scalar, unpipelined ones.
-        rag0 = tl.multiple_of(rag0, 16)
-        o_col = tl.multiple_of(o_col, 16)
     rag0 = rag0 * G
 
     o_m = i_m * BM + tl.arange(0, BM)
@@ -271,7 +276,7 @@ def _wgrad_kernel(
         else:
             p_r = r_ptr + rag0 + o_r[:, None].to(tl.int64) * N + o_n[None, :]
         b_r = tl.load(p_r, mask=m_r[:, None] & m_n[None, :], other=0.0)               # [BK, BN]
-        if R_SCALE:
+        if HAS_SCALE:
             b_s = tl.load(scale_ptr + b_assign, mask=m_r, other=0.0)
             b_r = (b_r.to(tl.float32) * b_s.to(tl.float32)[:, None]).to(r_ptr.dtype.element_ty)
         if UPCAST:
@@ -296,13 +301,14 @@ def _configs(shapes):
 def _prune(configs, named_args, **kwargs):
     """Drop blocks much wider than the widest expert (masked work only) and pipelines whose
     shared memory would not fit (the gated up projection streams two B tiles)."""
-    n_max = named_args["N_MAX"]
-    gated = named_args.get("B_TILES", 1) == 2
-    elem = named_args["a_ptr" if "a_ptr" in named_args else "l_ptr"].element_size()
+    args = {**named_args, **kwargs}  # the launches pass everything by keyword
+    n_max = args["N_MAX"]
+    b_tiles = 2 if (args.get("EPI") == EPI_ACT and args.get("GATED")) else 1
+    elem = args["a_ptr" if "a_ptr" in args else "l_ptr"].element_size()
     keep = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
-        smem = c.num_stages * (bm * bk + (2 if gated else 1) * bk * bn) * elem
+        smem = c.num_stages * (bm * bk + b_tiles * bk * bn) * elem
         if bn <= max(16, next_pow2(n_max)) and smem <= 200 * 1024:
             keep.append(c)
     return keep or configs[-1:]
@@ -313,22 +319,34 @@ _ROW_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
 _WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
                  (128, 128, 64, 8, 4), (128, 128, 32, 4, 4),
                  (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 64, 4, 3)]
+ROW_CONFIGS = _configs(_ROW_SHAPES)
+WGRAD_CONFIGS = _configs(_WGRAD_SHAPES)
 
-_rows_kernel = triton.autotune(
-    configs=_configs(_ROW_SHAPES),
-    # KIND and B_TILES separate the four GEMMs that share sizes (the up projection and dH both
-    # have K = d and N = f_e), and dH with or without its w*H output: each gets its own tuning,
-    # and a gated one never inherits a block shape whose two B tiles overflow shared memory.
-    key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E", "B_TILES", "KIND"],
+# Absent operands are passed as None; these flags say which are present. The heuristics wrap the
+# autotuner (as in flash-linear-attention), so the tuning key can name them.
+_rows_kernel = triton.heuristics({
+    "HAS_Z": lambda a: a["z_ptr"] is not None,
+    "HAS_SCALE": lambda a: a["scale_ptr"] is not None,
+    "HAS_HW": lambda a: a["hw_ptr"] is not None,
+})(triton.autotune(
+    configs=ROW_CONFIGS,
+    # The sizes, and what tells the six GEMMs apart where sizes coincide (the up projection and
+    # dH both have K = d and N = f_e): operand layouts, epilogue, gating and the w*H output. Each
+    # gets its own tuning, and a gated one never inherits a block shape whose two B tiles
+    # overflow shared memory.
+    key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E", "A_MODE", "C_MODE", "EPI", "GATED",
+         "HAS_HW"],
     prune_configs_by={"early_config_prune": _prune},
-)(_rows_kernel)
+)(_rows_kernel))
 
-_wgrad_kernel = triton.autotune(
-    configs=_configs(_WGRAD_SHAPES),
-    # R_SCALE: a scaled right operand goes through registers, an unscaled one does not.
-    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E", "R_SCALE"],
+_wgrad_kernel = triton.heuristics({
+    "HAS_SCALE": lambda a: a["scale_ptr"] is not None,
+})(triton.autotune(
+    configs=WGRAD_CONFIGS,
+    # HAS_SCALE: a scaled right operand goes through registers, an unscaled one does not.
+    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E", "L_MODE", "R_MODE", "HAS_SCALE"],
     prune_configs_by={"early_config_prune": _prune},
-)(_wgrad_kernel)
+)(_wgrad_kernel))
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,29 +372,41 @@ def ragged_capacity(routing: Routing) -> int:
     return routing.num_assignments * max(routing.expert_widths)
 
 
-def _launch_rows(a, b, c, z, scale, routing: Routing, *, a_mode, c_mode, k_fixed, k_per_width,
-                 n_fixed, n_per_width, stride_am, stride_be, stride_bk, stride_bn, stride_cm, epi,
-                 act, save_z, g, hw=None):
+def _routing_args(routing: Routing, device) -> dict:
+    """The routing metadata, as the kernels' keyword arguments."""
     widths = routing.expert_widths
-    E = len(widths)
+    return dict(counts_ptr=routing.counts, offsets_ptr=routing.offsets,
+                ragged_offsets_ptr=routing.ragged_offsets, widths_ptr=routing.widths,
+                woffsets_ptr=device_woffsets(widths, device),
+                sorted_to_assign_ptr=routing.sorted_to_assign, E=len(widths), KTOP=routing.k,
+                E_PAD=next_pow2(len(widths)), ALIGNED=_aligned(widths))
+
+
+def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mode, c_mode,
+                 k_fixed=0, k_per_width=0, n_fixed=0, n_per_width=0, stride_am=0, stride_be,
+                 stride_bk, stride_bn, stride_cm=0, epi=EPI_STORE, activation=None, g=1):
+    """One row-kernel GEMM. K and N are either fixed (d) or a multiple of each expert's width."""
+    widths = routing.expert_widths
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
     k_max = k_fixed if k_per_width == 0 else max(widths) * k_per_width
+
     # A persistent grid, sized from what the host knows: the tile count's upper bound for this
     # block shape, capped at two programs per multiprocessor.
     def grid(meta):
-        bound = max_row_tiles(routing.num_assignments, E, meta["BM"]) * triton.cdiv(n_max, meta["BN"])
+        bound = (max_row_tiles(routing.num_assignments, len(widths), meta["BM"])
+                 * triton.cdiv(n_max, meta["BN"]))
         return (_persistent_programs(a.device, bound),)
 
     _rows_kernel[grid](
-        a, b, c, z if z is not None else c, scale if scale is not None else c,
-        hw if hw is not None else c, routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
-        device_woffsets(widths, a.device), routing.sorted_to_assign,
-        E, k_fixed, n_fixed, k_max, n_max, 2 if (epi == EPI_ACT and g == 2) else 1,
-        ((a_mode * 3 + c_mode) * 3 + epi) * 2 + (hw is not None), stride_am, stride_be, stride_bk, stride_bn, stride_cm,
-        KTOP=routing.k, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
-        N_PER_WIDTH=n_per_width, ROW_SCALE=scale is not None, EPI=epi, ACT=ACT_CODES[act],
-        SAVE_Z=save_z, SAVE_HW=hw is not None, G=g, UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
-        E_PAD=next_pow2(E), ALIGNED=_aligned(widths))
+        a_ptr=a, b_ptr=b, c_ptr=c, z_ptr=z, scale_ptr=scale, hw_ptr=hw,
+        **_routing_args(routing, a.device),
+        K_FIXED=k_fixed, N_FIXED=n_fixed, K_MAX=k_max, N_MAX=n_max,
+        stride_am=stride_am, stride_be=stride_be, stride_bk=stride_bk, stride_bn=stride_bn,
+        stride_cm=stride_cm, A_MODE=a_mode, C_MODE=c_mode, K_PER_WIDTH=k_per_width,
+        N_PER_WIDTH=n_per_width, EPI=epi,
+        ACT=None if activation is None else ACT_CODES[activation],
+        GATED=activation is not None and gate_factor(activation) == 2, G=g,
+        UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype))
 
 
 def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str,
@@ -391,10 +421,10 @@ def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str
     h = new_empty((cap,), x.dtype, x.device)
     z = new_empty((g * cap,), x.dtype, x.device) if save_z else None
     if routing.num_assignments:
-        _launch_rows(x, w1, h, z, None, routing, a_mode=GATHERED, c_mode=RAGGED,
-                     k_fixed=x.shape[1], k_per_width=0, n_fixed=0, n_per_width=1,
-                     stride_am=x.stride(0), stride_be=g * w1.stride(1), stride_bk=w1.stride(0),
-                     stride_bn=w1.stride(1), stride_cm=0, epi=EPI_ACT, act=activation, save_z=save_z, g=g)
+        _launch_rows(x, w1, h, routing, z=z, a_mode=GATHERED, c_mode=RAGGED,
+                     k_fixed=x.shape[1], n_per_width=1, stride_am=x.stride(0),
+                     stride_be=g * w1.stride(1), stride_bk=w1.stride(0), stride_bn=w1.stride(1),
+                     epi=EPI_ACT, activation=activation, g=g)
     return h, z
 
 
@@ -403,11 +433,9 @@ def down_proj(h: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tens
     d = w2.shape[1]
     ys = new_empty((routing.num_assignments, d), h.dtype, h.device)
     if routing.num_assignments:
-        _launch_rows(h, w2, ys, None, None, routing, a_mode=RAGGED, c_mode=SORTED,
-                     k_fixed=0, k_per_width=1, n_fixed=d, n_per_width=0, stride_am=0,
-                     stride_be=w2.stride(0), stride_bk=w2.stride(0), stride_bn=w2.stride(1),
-                     stride_cm=ys.stride(0), epi=EPI_STORE, act="relu2",
-                     save_z=False, g=1)
+        _launch_rows(h, w2, ys, routing, a_mode=RAGGED, c_mode=SORTED, k_per_width=1,
+                     n_fixed=d, stride_be=w2.stride(0), stride_bk=w2.stride(0),
+                     stride_bn=w2.stride(1), stride_cm=ys.stride(0))
     return ys
 
 
@@ -424,11 +452,10 @@ def down_proj_bwd(dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor
     dz = new_empty((g * ragged_capacity(routing),), dy.dtype, dy.device)
     hw = new_empty((ragged_capacity(routing),), dy.dtype, dy.device) if weighted_h else None
     if routing.num_assignments:
-        _launch_rows(dy, w2, dz, z, topk_weights.reshape(-1), routing, a_mode=GATHERED,
-                     c_mode=RAGGED, k_fixed=dy.shape[1], k_per_width=0, n_fixed=0, n_per_width=1,
+        _launch_rows(dy, w2, dz, routing, z=z, scale=topk_weights.reshape(-1), hw=hw,
+                     a_mode=GATHERED, c_mode=RAGGED, k_fixed=dy.shape[1], n_per_width=1,
                      stride_am=dy.stride(0), stride_be=w2.stride(0), stride_bk=w2.stride(1),
-                     stride_bn=w2.stride(0), stride_cm=0, epi=EPI_ACT_BWD, act=activation,
-                     save_z=False, g=g, hw=hw)
+                     stride_bn=w2.stride(0), epi=EPI_ACT_BWD, activation=activation, g=g)
     return (dz, hw) if weighted_h else dz
 
 
@@ -438,10 +465,9 @@ def up_proj_bwd(dz: torch.Tensor, w1: torch.Tensor, routing: Routing, activation
     d = w1.shape[0]
     dxs = new_empty((routing.num_assignments, d), dz.dtype, dz.device)
     if routing.num_assignments:
-        _launch_rows(dz, w1, dxs, None, None, routing, a_mode=RAGGED, c_mode=SORTED,
-                     k_fixed=0, k_per_width=g, n_fixed=d, n_per_width=0, stride_am=0,
-                     stride_be=g * w1.stride(1), stride_bk=w1.stride(1), stride_bn=w1.stride(0),
-                     stride_cm=dxs.stride(0), epi=EPI_STORE, act=activation, save_z=False, g=g)
+        _launch_rows(dz, w1, dxs, routing, a_mode=RAGGED, c_mode=SORTED, k_per_width=g,
+                     n_fixed=d, stride_be=g * w1.stride(1), stride_bk=w1.stride(1),
+                     stride_bn=w1.stride(0), stride_cm=dxs.stride(0), g=g)
     return dxs
 
 
@@ -452,10 +478,11 @@ def _wgrad_tiles(widths: tuple, m_fixed, m_per_width, n_fixed, n_per_width, bm, 
                for f in widths)
 
 
-def _launch_wgrad(l, r, out, scale, routing: Routing, *, l_mode, r_mode, m_fixed, m_per_width,
-                  n_fixed, n_per_width, stride_lm, stride_rm, stride_oe, stride_om, g):
+def _launch_wgrad(l, r, out, routing: Routing, *, scale=None, l_mode, r_mode, m_fixed=0,
+                  m_per_width=0, n_fixed=0, n_per_width=0, stride_lm=0, stride_rm=0, stride_oe,
+                  stride_om, g=1):
+    """One weight-gradient GEMM. M and N are either fixed (d) or a multiple of each expert's width."""
     widths = routing.expert_widths
-    E = len(widths)
     m_max = m_fixed if m_per_width == 0 else max(widths) * m_per_width
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
 
@@ -464,14 +491,11 @@ def _launch_wgrad(l, r, out, scale, routing: Routing, *, l_mode, r_mode, m_fixed
                              meta["BM"], meta["BN"]),)
 
     _wgrad_kernel[grid](
-        l, r, out, scale if scale is not None else r,
-        routing.counts, routing.offsets, routing.ragged_offsets, routing.widths,
-        device_woffsets(widths, l.device), routing.sorted_to_assign,
-        E, m_fixed, n_fixed, m_max, n_max, stride_lm, stride_rm, stride_oe, stride_om,
-        KTOP=routing.k, L_MODE=l_mode, R_MODE=r_mode, M_PER_WIDTH=m_per_width,
-        N_PER_WIDTH=n_per_width, R_SCALE=scale is not None, G=g,
-        UPCAST=dot_dtype_flag(l.dtype), DOT_PREC=_dot_precision(l.dtype), E_PAD=next_pow2(E),
-        ALIGNED=_aligned(widths))
+        l_ptr=l, r_ptr=r, out_ptr=out, scale_ptr=scale, **_routing_args(routing, l.device),
+        M_FIXED=m_fixed, N_FIXED=n_fixed, M_MAX=m_max, N_MAX=n_max, stride_lm=stride_lm,
+        stride_rm=stride_rm, stride_oe=stride_oe, stride_om=stride_om, L_MODE=l_mode,
+        R_MODE=r_mode, M_PER_WIDTH=m_per_width, N_PER_WIDTH=n_per_width, G=g,
+        UPCAST=dot_dtype_flag(l.dtype), DOT_PREC=_dot_precision(l.dtype))
 
 
 def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor | None, w2: torch.Tensor,
@@ -483,9 +507,9 @@ def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor | None
     """
     dw2 = new_empty(tuple(w2.shape), w2.dtype, w2.device)
     scale = None if topk_weights is None else topk_weights.reshape(-1)
-    _launch_wgrad(h, dy, dw2, scale, routing, l_mode=RAGGED, r_mode=GATHERED,
-                  m_fixed=0, m_per_width=1, n_fixed=dy.shape[1], n_per_width=0, stride_lm=0,
-                  stride_rm=dy.stride(0), stride_oe=dw2.stride(0), stride_om=dw2.stride(0), g=1)
+    _launch_wgrad(h, dy, dw2, routing, scale=scale, l_mode=RAGGED, r_mode=GATHERED,
+                  m_per_width=1, n_fixed=dy.shape[1], stride_rm=dy.stride(0),
+                  stride_oe=dw2.stride(0), stride_om=dw2.stride(0))
     return dw2
 
 
@@ -494,9 +518,7 @@ def w1_grad(x: torch.Tensor, dz: torch.Tensor, w1: torch.Tensor, routing: Routin
     """``dW1_e = x[tokens of e]^T @ dZ_e``, ``[d, g*F]``; zero for an expert with no rows."""
     g = gate_factor(activation)
     dw1 = new_empty(tuple(w1.shape), w1.dtype, w1.device)
-    _launch_wgrad(x, dz, dw1, None, routing, l_mode=GATHERED, r_mode=RAGGED,
-                  m_fixed=x.shape[1], m_per_width=0, n_fixed=0, n_per_width=g,
-                  stride_lm=x.stride(0), stride_rm=0, stride_oe=g * dw1.stride(1),
+    _launch_wgrad(x, dz, dw1, routing, l_mode=GATHERED, r_mode=RAGGED, m_fixed=x.shape[1],
+                  n_per_width=g, stride_lm=x.stride(0), stride_oe=g * dw1.stride(1),
                   stride_om=dw1.stride(0), g=g)
     return dw1
-
