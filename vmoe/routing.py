@@ -57,6 +57,22 @@ class Routing:
     k: int
     num_tokens: int
 
+    @classmethod
+    def from_tensors(cls, tensors, expert_widths: tuple, k: int, num_tokens: int) -> "Routing":
+        """The inverse of :meth:`tensors`: rebuild the metadata from its five arrays."""
+        counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets = tensors
+        return cls(counts=counts, offsets=offsets, sorted_to_assign=sorted_to_assign,
+                   assign_to_sorted=assign_to_sorted, ragged_offsets=ragged_offsets,
+                   widths=device_ints(expert_widths, counts.device),
+                   expert_widths=tuple(expert_widths), k=k, num_tokens=num_tokens)
+
+    def tensors(self) -> tuple:
+        """``(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets)``: the arrays
+        that cross an operator boundary (:mod:`vmoe.ops`); the rest follows from the widths, k
+        and T."""
+        return (self.counts, self.offsets, self.sorted_to_assign, self.assign_to_sorted,
+                self.ragged_offsets)
+
     @property
     def num_experts(self) -> int:
         return len(self.expert_widths)
@@ -67,14 +83,21 @@ class Routing:
 
 
 @triton.jit
+def _load_ids(ids_ptr, o_a, m_a, E):
+    """Expert ids in int32, with every id outside [0, E) sent to the drop bin E (which sorts after
+    every expert). The range test runs in the ids' own dtype, before narrowing: narrowing first
+    would turn 2**32 + 1 into 1, a valid id."""
+    b_id = tl.load(ids_ptr + o_a, mask=m_a, other=0)
+    return tl.where((b_id >= 0) & (b_id < E), b_id, E).to(tl.int32)
+
+
+@triton.jit
 def _block_histogram_kernel(ids_ptr, block_counts_ptr, A, E,
                             BLOCK: tl.constexpr, E1_PAD: tl.constexpr):
     i_b = tl.program_id(0)
     o_a = i_b * BLOCK + tl.arange(0, BLOCK)
     m_a = o_a < A
-    b_id = tl.load(ids_ptr + o_a, mask=m_a, other=0).to(tl.int32)
-    # ids outside [0, E) go to the drop bin E, which sorts after every expert.
-    b_id = tl.where((b_id >= 0) & (b_id < E), b_id, E)
+    b_id = _load_ids(ids_ptr, o_a, m_a, E)
     o_e = tl.arange(0, E1_PAD)
     b_hit = (b_id[:, None] == o_e[None, :]) & m_a[:, None]      # [BLOCK, E1_PAD]
     b_cnt = tl.sum(b_hit.to(tl.int32), axis=0)                  # [E1_PAD]
@@ -94,7 +117,8 @@ def _block_scan_kernel(block_counts_ptr, counts_ptr, NB, E, SCAN: tl.constexpr):
         b_inc = tl.cumsum(b_c, axis=0)
         tl.store(p_c, carry + b_inc - b_c, mask=m_b)
         carry += tl.sum(b_c, axis=0)
-    tl.store(counts_ptr + i_e, carry)
+    # Column E (the dropped ids) is scanned, for their sorted positions, but its total is unused.
+    tl.store(counts_ptr + i_e, carry, mask=i_e < E)
 
 
 @triton.jit
@@ -104,8 +128,8 @@ def _scatter_kernel(ids_ptr, block_prefix_ptr, counts_ptr, widths_ptr,
     i_b = tl.program_id(0)
     o_e = tl.arange(0, E1_PAD)
     m_e = o_e < E + 1
-    b_cnt = tl.load(counts_ptr + o_e, mask=m_e, other=0)          # [E1_PAD], bin E = dropped
-    b_off = tl.cumsum(b_cnt, axis=0) - b_cnt                      # exclusive: offsets[e]
+    b_cnt = tl.load(counts_ptr + o_e, mask=o_e < E, other=0)      # [E1_PAD]
+    b_off = tl.cumsum(b_cnt, axis=0) - b_cnt       # exclusive: offsets[e]; offsets[E] = valid
     if i_b == 0:
         tl.store(offsets_ptr + o_e, b_off, mask=m_e)
         b_w = tl.load(widths_ptr + o_e, mask=o_e < E, other=0).to(tl.int64)
@@ -114,8 +138,7 @@ def _scatter_kernel(ids_ptr, block_prefix_ptr, counts_ptr, widths_ptr,
 
     o_a = i_b * BLOCK + tl.arange(0, BLOCK)
     m_a = o_a < A
-    b_id = tl.load(ids_ptr + o_a, mask=m_a, other=0).to(tl.int32)
-    b_id = tl.where((b_id >= 0) & (b_id < E), b_id, E)
+    b_id = _load_ids(ids_ptr, o_a, m_a, E)
     # Stable rank inside the block: earlier lanes with the same expert.
     o_j = tl.arange(0, BLOCK)
     b_same = (b_id[:, None] == b_id[None, :]) & (o_j[None, :] < o_j[:, None]) & m_a[None, :]
@@ -155,7 +178,7 @@ def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     E1_PAD = next_pow2(E + 1)
     BLOCK = _block_size(E1_PAD)
     NB = triton.cdiv(A, BLOCK)
-    counts_all = new_empty((E + 1,), torch.int32, device)
+    counts = new_empty((E,), torch.int32, device)
     offsets = new_empty((E + 1,), torch.int32, device)
     ragged_offsets = new_empty((E + 1,), torch.int64, device)
     sorted_to_assign = new_empty((A,), torch.int32, device)
@@ -167,11 +190,11 @@ def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     else:
         _block_histogram_kernel[(NB,)](ids, block_counts, A, E, BLOCK=BLOCK, E1_PAD=E1_PAD)
     SCAN = min(1024, next_pow2(NB)) if not interpreting() else 16
-    _block_scan_kernel[(E + 1,)](block_counts, counts_all, max(NB, 1), E, SCAN=SCAN)
-    _scatter_kernel[(max(NB, 1),)](ids, block_counts, counts_all, widths, offsets, ragged_offsets,
+    _block_scan_kernel[(E + 1,)](block_counts, counts, max(NB, 1), E, SCAN=SCAN)
+    _scatter_kernel[(max(NB, 1),)](ids, block_counts, counts, widths, offsets, ragged_offsets,
                                    sorted_to_assign, assign_to_sorted, A, E,
                                    BLOCK=BLOCK, E1_PAD=E1_PAD)
-    return Routing(counts=counts_all[:E], offsets=offsets, sorted_to_assign=sorted_to_assign,
+    return Routing(counts=counts, offsets=offsets, sorted_to_assign=sorted_to_assign,
                    assign_to_sorted=assign_to_sorted, ragged_offsets=ragged_offsets,
                    widths=widths, expert_widths=tuple(expert_widths), k=k, num_tokens=T)
 
@@ -186,15 +209,23 @@ def schedule_prologue(counts_ptr, widths_ptr, E, N, N_PER_WIDTH: tl.constexpr,
     total tiles): the whole schedule, from E numbers, in registers.
     """
     o_e = tl.arange(0, E_PAD)
-    m_e = o_e < E
-    b_n_rows = tl.load(counts_ptr + o_e, mask=m_e, other=0)
-    if N_PER_WIDTH > 0:
-        b_n_cols = tl.load(widths_ptr + o_e, mask=m_e, other=0) * N_PER_WIDTH
-    else:
-        b_n_cols = tl.where(m_e, N, 0)
+    b_n_rows = tl.load(counts_ptr + o_e, mask=o_e < E, other=0)
+    b_n_cols = expert_dims(widths_ptr, E, N, N_PER_WIDTH, E_PAD)
     b_nt = tl.cdiv(b_n_cols, BN)
     b_tiles = tl.cdiv(b_n_rows, BM) * b_nt
     return tl.cumsum(b_tiles, axis=0), b_nt, tl.sum(b_tiles, axis=0)
+
+
+@triton.jit
+def expert_dims(widths_ptr, E, FIXED, PER_WIDTH: tl.constexpr, E_PAD: tl.constexpr):
+    """[E_PAD] sizes of one GEMM dimension per expert: PER_WIDTH * f_e, or FIXED (d) when 0."""
+    o_e = tl.arange(0, E_PAD)
+    m_e = o_e < E
+    if PER_WIDTH > 0:
+        dims = tl.load(widths_ptr + o_e, mask=m_e, other=0) * PER_WIDTH
+    else:
+        dims = tl.where(m_e, FIXED, 0)
+    return dims
 
 
 @triton.jit
