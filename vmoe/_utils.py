@@ -9,9 +9,14 @@ import triton
 INT32_MAX = 2**31 - 1
 
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when vmoe is imported, so the value
+# at import is the one that holds. A constant also keeps torch.compile from tracing os.environ.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
 
 
 def poisoning() -> bool:
@@ -71,6 +76,9 @@ def device_ints(values: tuple, device, dtype=torch.int32) -> torch.Tensor:
     key = (tuple(values), str(device), dtype)
     t = _DEVICE_INTS.get(key)
     if t is None:
-        t = torch.tensor(key[0], dtype=dtype, device=device)
+        # Outside any torch.func transform: under one, a new tensor would be a wrapper tied to
+        # that transform's level, and the cache would hand it to every later call.
+        with torch._C._DisableFuncTorch():
+            t = torch.tensor(key[0], dtype=dtype, device=device)
         _DEVICE_INTS[key] = t
     return t

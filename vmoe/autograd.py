@@ -1,59 +1,53 @@
 """The autograd.Function behind :func:`vmoe.expert_mlp`, and the public function itself.
 
-Saved for backward: x, topk_weights, w1, w2, the routing metadata, the pre-activation Z (ragged),
+Saved for backward: x, topk_weights, w1, w2, the routing arrays, the pre-activation Z (ragged),
 and the unweighted down-projection rows ys (for the gradient of the routing weights). H is not
 saved: the backward's first GEMM recomputes it from Z in its epilogue and writes it weighted,
 w * H, the operand of the W2 gradient. The weighted, sorted copy of dy is never written: the
 kernels gather dy by token and scale it by the routing weight on load. Derivation: notebooks/05_backward.ipynb.
+
+Nothing is saved when no gradient can be asked for (grad mode off, as under ``torch.no_grad()``
+or ``torch.inference_mode()``, or no input requiring grad): Z and ys are then never kept.
+
+The Function calls :mod:`vmoe.ops`, which are PyTorch operators under ``torch.compile`` and plain
+calls in eager mode; ``setup_context`` is separate from ``forward`` so that ``torch.func.grad``
+can run it too. The backward is differentiable once: a second derivative raises.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import ops, reference
 from ._utils import check_triton_device, interpreting
 from .config import IMPLS, check_expert_mlp_args
-from .gather_scatter import combine, combine_weight_grad
-from .grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_grad, w2_grad
-from .routing import Routing, build_routing
-
+from .routing import Routing
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weights, w1, w2, routing: Routing, activation: str):
-        needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3))
-        h, z = up_proj(x, w1, routing, activation, save_z=needs_grad)
-        ys = down_proj(h, w2, routing)
-        y = combine(ys, routing, topk_weights.reshape(-1))
-        ctx.routing, ctx.activation = routing, activation
-        if needs_grad:
-            ctx.save_for_backward(x, topk_weights, w1, w2, z, ys)
-        return y
+    def forward(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign, assign_to_sorted,
+                ragged_offsets, expert_widths, activation, save):
+        return ops.expert_mlp_fwd(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign,
+                                  assign_to_sorted, ragged_offsets, expert_widths, activation, save)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, topk_weights, w1, w2, z, ys = ctx.saved_tensors
-        routing, activation = ctx.routing, ctx.activation
-        dy = dy.contiguous()
-        d_x = d_w = d_w1 = d_w2 = None
-        if ctx.needs_input_grad[1]:
-            d_w = combine_weight_grad(dy, ys, routing)
-        if any(ctx.needs_input_grad[i] for i in (0, 2, 3)):
-            if ctx.needs_input_grad[3]:
-                dz, hw = down_proj_bwd(dy, topk_weights, w2, z, routing, activation,
-                                       weighted_h=True)
-                d_w2 = w2_grad(hw, dy, None, w2, routing)
-                del hw
-            else:
-                dz = down_proj_bwd(dy, topk_weights, w2, z, routing, activation)
-            if ctx.needs_input_grad[0]:
-                d_x = combine(up_proj_bwd(dz, w1, routing, activation), routing)
-            if ctx.needs_input_grad[2]:
-                d_w1 = w1_grad(x, dz, w1, routing, activation)
-        return d_x, d_w, d_w1, d_w2, None, None
+    def setup_context(ctx, inputs, output):
+        x, topk_weights, w1, w2, *routing, expert_widths, activation, _ = inputs
+        _, z, ys = output
+        ctx.mark_non_differentiable(z, ys)
+        ctx.save_for_backward(x, topk_weights, w1, w2, z, ys, *routing)
+        ctx.expert_widths, ctx.activation = expert_widths, activation
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dz, _dys):
+        needs = tuple(ctx.needs_input_grad[:4])
+        grads = ops.expert_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.expert_widths,
+                                        ctx.activation, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
 def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:
@@ -68,6 +62,49 @@ def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:
     return x.device.type == "cuda" or interpreting()
 
 
+def autocast_inputs(x, topk_weights, w1, w2):
+    """Under ``torch.autocast``, the floating inputs in the autocast dtype, as ``nn.Linear`` takes
+    them: the GEMMs run in that dtype, and float32 parameters get float32 gradients through the
+    cast. Outside autocast, the inputs unchanged."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, topk_weights, w1, w2  # (a non-tensor x gets its error from the argument checks)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (x, topk_weights, w1, w2))
+
+
+def check_routing(routing, topk_ids: torch.Tensor, expert_widths: tuple) -> None:
+    """A ``routing=`` argument must have been built for these ids and widths (host facts only:
+    checking the ids themselves would be a host synchronization)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a vmoe.routing.Routing from build_routing, "
+                        f"got {type(routing).__name__}")
+    T, k = topk_ids.shape
+    if (routing.num_tokens, routing.k) != (T, k):
+        raise ValueError(f"routing was built for topk_ids of shape [{routing.num_tokens}, "
+                         f"{routing.k}], but topk_ids has shape [{T}, {k}]")
+    if tuple(routing.expert_widths) != tuple(expert_widths):
+        raise ValueError(f"routing was built for expert_widths {list(routing.expert_widths)}, "
+                         f"got {list(expert_widths)}")
+    if routing.counts.device != topk_ids.device:
+        raise ValueError(f"routing is on {routing.counts.device} but topk_ids is on "
+                         f"{topk_ids.device}; they must match")
+
+
+def apply_experts(x, topk_weights, w1, w2, routing_tensors, expert_widths: tuple,
+                  activation: str) -> torch.Tensor:
+    """The kernel path of :func:`expert_mlp`, from checked, contiguous inputs and the routing
+    arrays (:func:`vmoe.ops.routing`)."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take {KERNEL_DTYPES} "
+                        "(use impl='reference' for others)")
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2))
+    y, _, _ = ExpertMLPFunction.apply(x.contiguous(), topk_weights.contiguous(), w1.contiguous(),
+                                      w2.contiguous(), *routing_tensors, tuple(expert_widths),
+                                      activation, save)
+    return y
+
+
 def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="relu2", *,
                impl="auto", routing: Routing | None = None):
     """The expert computation of a variable-width MoE layer, differentiable w.r.t. x,
@@ -80,28 +117,34 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
     Args:
         x: ``[T, d]`` float32, float16 or bfloat16.
         topk_ids: ``[T, k]`` any integer dtype; a repeated id in a row contributes twice. Ids
-            outside ``[0, E)`` are dropped, or raise under VMOE_CHECK=1 (a host sync).
+            outside ``[0, E)``, whatever their width, are dropped, or raise under VMOE_CHECK=1
+            (a host sync).
         topk_weights: ``[T, k]``, x's dtype.
         w1: ``[d, g*F]`` with g = 2 for swiglu, else 1.  w2: ``[F, d]``.
         expert_widths: f_e for each expert, a sequence of ints or an int tensor.
         activation: ``"relu2"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         impl: ``"auto"`` (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else the reference
             loop), ``"triton"`` or ``"reference"``.
-        routing: metadata already built by :func:`vmoe.routing.build_routing` for these ids.
+        routing: metadata already built by :func:`vmoe.routing.build_routing` for these ids and
+            widths (checked against their shapes).
+
+    Under ``torch.autocast``, x, topk_weights, w1 and w2 are cast to the autocast dtype first, as
+    ``nn.Linear`` does. Works under ``torch.compile`` (fullgraph), CUDA graphs and
+    ``torch.func.grad``; a second derivative raises.
 
     Returns:
-        y ``[T, d]`` in x's dtype.
+        y ``[T, d]`` in x's dtype (the autocast dtype under autocast).
 
     Example:
         >>> y = expert_mlp(x, ids, weights, w1, w2, [512] * 4 + [256] * 8)
     """
+    x, topk_weights, w1, w2 = autocast_inputs(x, topk_weights, w1, w2)
     widths = check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation)
     if not use_triton(x, impl):
-        return reference.expert_mlp(x, topk_ids, topk_weights, w1, w2, widths, activation)
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take {KERNEL_DTYPES} "
-                        "(use impl='reference' for others)")
+        return reference.expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, widths, activation)
     if routing is None:
-        routing = build_routing(topk_ids, widths)
-    return ExpertMLPFunction.apply(x.contiguous(), topk_weights.contiguous(), w1.contiguous(),
-                                   w2.contiguous(), routing, activation)
+        routing_tensors = ops.routing(topk_ids, widths)
+    else:
+        check_routing(routing, topk_ids, widths)
+        routing_tensors = routing.tensors()
+    return apply_experts(x, topk_weights, w1, w2, routing_tensors, widths, activation)

@@ -8,7 +8,7 @@ Shape letters used across vmoe (see notebooks/01_naive_moe.ipynb):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ACTIVATIONS = ("relu2", "gelu", "silu", "swiglu")
 ROUTERS = ("sigmoid", "softmax")
@@ -58,14 +58,16 @@ def check_expert_widths(expert_widths) -> tuple[int, ...]:
     return widths
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
-    """Static configuration of an :class:`vmoe.MoEMLP`.
+    """Static configuration of an :class:`vmoe.MoEMLP`, validated on construction and frozen after
+    (a layer's parameters are shaped by it; ``dataclasses.replace`` makes a new, checked one).
 
     Args:
         n_embd: model width d.
         expert_sizes: ``[(count, width), ...]``; experts are numbered in the order this expands,
             so ``[(4, 512), (8, 256)]`` is experts 0-3 of width 512 then 4-11 of width 256.
+            Stored as a tuple of pairs.
         num_active_experts: k, experts per token (top-k), 1 <= k <= E.
         activation: ``"relu2"`` (relu(z)**2), ``"gelu"`` (exact, erf), ``"silu"`` or ``"swiglu"``
             (gated: silu(gate) * up, so w1 has two columns per unit of width).
@@ -76,7 +78,7 @@ class MoEConfig:
     """
 
     n_embd: int = 768
-    expert_sizes: list = field(default_factory=lambda: [(4, 512), (8, 256), (4, 128)])
+    expert_sizes: tuple = ((4, 512), (8, 256), (4, 128))
     num_active_experts: int = 2
     activation: str = "relu2"
     router: str = "sigmoid"
@@ -100,13 +102,15 @@ class MoEConfig:
                 raise ValueError(f"expert_sizes count must be >= 1, got {s[0]} in {s}")
             if s[1] < 1:
                 raise ValueError(f"expert_sizes width must be >= 1, got {s[1]} in {s}")
-        self.expert_sizes = sizes
+        object.__setattr__(self, "expert_sizes", tuple(sizes))  # frozen: normalise once, here
         E = self.num_experts
         if (isinstance(self.num_active_experts, bool) or not isinstance(self.num_active_experts, int)
                 or not 1 <= self.num_active_experts <= E):
             raise ValueError(f"num_active_experts must be an int in [1, {E}] (the number of experts), "
                              f"got {self.num_active_experts!r}")
         check_activation(self.activation)
+        if not isinstance(self.norm_topk_prob, bool):
+            raise TypeError(f"norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.impl not in IMPLS:

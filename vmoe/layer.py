@@ -7,10 +7,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .autograd import expert_mlp, use_triton
+from . import ops, reference
+from .autograd import apply_experts, autocast_inputs, use_triton
 from .config import MoEConfig, gate_factor
-from .reference import router_probs
-from .routing import build_routing
+
+
+def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
+    """P ``[T, E]`` from the router logits: sigmoid, or softmax over the experts."""
+    return torch.sigmoid(logits) if router == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
 class MoEMLP(nn.Module):
@@ -72,24 +76,25 @@ class MoEMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, cfg.n_embd)
         T, E, k = x2.shape[0], cfg.num_experts, cfg.num_active_experts
+        # The router's math (probabilities, top-k, weights, aux losses) stays in float32, also
+        # under autocast, where the router GEMM itself runs in the autocast dtype.
         logits = self.router(x2).float()                                   # [T, E]
         probs = router_probs(logits, cfg.router)
         topk_probs, topk_ids = probs.topk(k, dim=-1)
         if cfg.norm_topk_prob:
             topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
-        topk_weights = topk_probs.to(x.dtype)
+        x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_probs.to(x.dtype), self.w1, self.w2)
 
         widths = cfg.expert_widths
-        if use_triton(x2, "triton" if cfg.impl == "triton" else cfg.impl):
-            routing = build_routing(topk_ids, widths)
-            counts = routing.counts.float()
-            out = expert_mlp(x2, topk_ids, topk_weights, self.w1, self.w2, widths,
-                             cfg.activation, impl="triton", routing=routing)
+        if use_triton(x2, cfg.impl):
+            routing = ops.routing(topk_ids, widths)
+            counts = routing[0].float()
+            out = apply_experts(x2, topk_weights, w1, w2, routing, widths, cfg.activation)
         else:
             counts = torch.zeros(E, device=x.device).scatter_add_(
                 0, topk_ids.reshape(-1), torch.ones(T * k, device=x.device))
-            out = expert_mlp(x2, topk_ids, topk_weights, self.w1, self.w2, widths,
-                             cfg.activation, impl="reference")
+            out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights, w1, w2, widths,
+                                                 cfg.activation)
         f_i = counts / max(T * k, 1)
         aux = self.aux_losses(logits, probs, counts)
         return out.reshape(shape), aux, f_i

@@ -50,17 +50,27 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
     contract; this function computes in the dtype of its inputs (pass float64 for an oracle).
     """
     widths = check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation)
+    return expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, widths, activation)
+
+
+def expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple, activation: str):
+    """:func:`expert_mlp` for arguments already checked (``vmoe.expert_mlp`` checks them once)."""
     g = gate_factor(activation)
     y = torch.zeros_like(x)
     ids = topk_ids.long()
     offset = 0
-    for e, f in enumerate(widths):
+    for e, f in enumerate(expert_widths):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel():
             h = act(x[tok] @ w1[:, g * offset: g * (offset + f)], activation)
             out = h @ w2[offset: offset + f]
             y.index_add_(0, tok, out * topk_weights[tok, slot].unsqueeze(-1))
         offset += f
+    if not y.requires_grad:
+        # No expert received a token: the output is still a function of the inputs, with zero
+        # gradients. Sums of empty slices are exact zeros that carry the graph (and, unlike
+        # 0 * x, no NaN of x).
+        y = y + sum(t[:0].sum() for t in (x, topk_weights, w1, w2))
     return y
 
 
