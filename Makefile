@@ -1,9 +1,9 @@
-# The two commands of the README. Both create .venv with the project installed on first use.
+# The commands of the README. Each creates .venv with the project installed on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: reproduce test clean
+.PHONY: reproduce test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ reproduce: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests/
 	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/
+
+## lint: ruff, configured in pyproject.toml
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV)
