@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "Installing vmoe and its dev tools into $(VENV): the CUDA build of torch, about 6 GB, a few minutes."
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 ## reproduce: validate every kernel against the naive loop, then regenerate the tables and figures:
