@@ -1,14 +1,15 @@
-# The two commands of the README. Both create .venv with the project installed on first use.
+# The commands of the README. Each creates .venv with the project installed on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: reproduce test clean
+.PHONY: reproduce test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "Installing vmoe and its dev tools into $(VENV): the CUDA build of torch, about 6 GB, a few minutes."
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 ## reproduce: validate every kernel against the naive loop, then regenerate the tables and figures:
@@ -23,6 +24,10 @@ reproduce: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests/
 	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/
+
+## lint: ruff, configured in pyproject.toml
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV)

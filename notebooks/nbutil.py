@@ -1,7 +1,8 @@
-"""Set-up shared by the notebooks: the device, problem sizes, and deterministic figures.
+"""Set-up shared by the notebooks: the device, problem sizes, checks, and deterministic figures.
 
 Imported by every notebook (nbval runs them with notebooks/ as the working directory). Package
-code lives in vmoe; this file holds only notebook plumbing.
+code lives in vmoe, and the device, sizes and rel_err come from vmoe.testing, as the tests' do;
+this file holds only notebook plumbing and the plot helpers several notebooks share.
 """
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-DEVICE = torch.device("cuda" if _HAS_CUDA else "cpu")
-ON_GPU = DEVICE.type == "cuda"
+from vmoe import testing  # noqa: E402  (after TRITON_INTERPRET above)
+from vmoe.testing import ON_GPU, rel_err, sizes  # noqa: E402, F401  (re-exported for the notebooks)
+
+DEVICE = torch.device(testing.DEVICE)
 if not ON_GPU:
     # A CPU BLAS may split a product over as many threads as the machine's load allows, and the
     # split changes the last bits; one thread keeps a re-run's figures byte-identical.
@@ -38,17 +42,6 @@ FIGURES = Path(__file__).resolve().parent.parent / "figures"
 sns.set_theme(style="whitegrid", context="notebook")
 plt.rcParams["svg.hashsalt"] = "vmoe"  # stable element ids, so a re-run leaves git clean
 plt.rcParams["figure.dpi"] = 100
-
-
-def sizes(cpu, gpu):
-    """The CPU (interpreter, CI) size or the GPU size of a problem."""
-    return gpu if ON_GPU else cpu
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64."""
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -85,3 +78,21 @@ def exact(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
     ok = out.shape == ref.shape and torch.equal(out, ref)
     print(f"{name}: {'PASS' if ok else 'FAIL'} (exact)")
     assert ok, name
+
+
+GROUP_PALETTES = ("Blues", "Greens", "Oranges", "Purples", "Reds")
+
+
+def expert_colors(expert_sizes) -> list:
+    """One color per expert of ``expert_sizes`` ``[(count, width), ...]``: one hue per width group,
+    one shade per expert, so the groups read at a glance."""
+    colors = []
+    for (count, _), name in zip(expert_sizes, GROUP_PALETTES):
+        colors += sns.color_palette(name, count + 3)[2:2 + count]
+    return colors
+
+
+def group_edges(widths) -> list:
+    """Column offsets where the width changes: the boundaries of the (count, width) groups."""
+    o = np.concatenate([[0], np.cumsum(widths)])
+    return [0] + [int(o[e]) for e in range(1, len(widths)) if widths[e] != widths[e - 1]] + [int(o[-1])]

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE_IDS, assert_close, case_id, make_inputs, sizes
 
-from vmoe import expert_mlp, reference
-from vmoe.config import ACTIVATIONS, gate_factor
-from vmoe import grouped_gemm
+from vmoe import expert_mlp, grouped_gemm, reference
+from vmoe.config import gate_factor
+from vmoe.testing import (
+    ACT_DTYPE_IDS,
+    ACT_DTYPES,
+    DEVICE,
+    DTYPE_IDS,
+    assert_close,
+    case_id,
+    make_inputs,
+    sizes,
+)
 
 NAMES = ("y", "dx", "dtopk_weights", "dw1", "dw2")
 
@@ -32,7 +40,7 @@ def run_reference(x, ids, w, w1, w2, widths, activation, dy):
 
 
 def check_case(T, d, widths, k, activation, dtype, ids=None):
-    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, activation, dtype, ids=ids)
+    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, activation, dtype, ids=ids, device=DEVICE)
     dy = torch.randn(T, d, device=DEVICE).to(dtype)
     out = run_vmoe(x, ids, w, w1, w2, widths, activation, dy)
     ref = run_reference(x, ids, w, w1, w2, widths, activation, dy)
@@ -43,12 +51,7 @@ def check_case(T, d, widths, k, activation, dtype, ids=None):
     return out
 
 
-ACT_DTYPES = ([(a, torch.float32) for a in ACTIVATIONS] + [(a, torch.bfloat16) for a in ACTIVATIONS]
-              + [("relu2", torch.float16), ("swiglu", torch.float16)])
-
-
-@pytest.mark.parametrize("activation,dtype", ACT_DTYPES,
-                         ids=[f"{a}-{DTYPE_IDS[t]}" for a, t in ACT_DTYPES])
+@pytest.mark.parametrize("activation,dtype", ACT_DTYPES, ids=ACT_DTYPE_IDS)
 @pytest.mark.parametrize("T,d,widths,k", [(13, 24, (7, 33, 1, 20), 2)],
                          ids=[case_id(13, 24, (7, 33, 1, 20), 2)])
 def test_expert_mlp(T, d, widths, k, activation, dtype):
@@ -142,7 +145,7 @@ def test_interpreter_row_block_is_16():
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
 def test_zero_tokens(activation):
     widths, d, k = (7, 33, 1), 16, 2
-    x, ids, w, w1, w2 = make_inputs(0, d, widths, k, activation)
+    x, ids, w, w1, w2 = make_inputs(0, d, widths, k, activation, device=DEVICE)
     y, dx, dw, dw1, dw2 = run_vmoe(x, ids, w, w1, w2, widths, activation,
                                    torch.zeros(0, d, device=DEVICE))
     assert y.shape == (0, d) and dx.shape == (0, d) and dw.shape == (0, k)
@@ -154,7 +157,7 @@ def test_zero_tokens(activation):
 def test_repeated_id_contributes_twice():
     """[e, e] with weights (a, b) is the same as [e] with weight a + b."""
     widths, d = (7, 33, 1, 20), 16
-    x, _, _, w1, w2 = make_inputs(6, d, widths, 2)
+    x, _, _, w1, w2 = make_inputs(6, d, widths, 2, device=DEVICE)
     ids2 = torch.tensor([[1, 1], [0, 0], [3, 3], [2, 2], [1, 1], [3, 3]], device=DEVICE)
     w = torch.rand(6, 2, device=DEVICE) + 0.1
     y2 = expert_mlp(x, ids2, w, w1, w2, widths)
@@ -166,7 +169,7 @@ def test_repeated_id_contributes_twice():
                          ids=["relu2-fp32", "swiglu-bf16"])
 def test_deterministic(activation, dtype):
     T, d, widths, k = sizes(17, 512), sizes(24, 256), (7, 33, 1, 20), 2
-    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, activation, dtype)
+    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, activation, dtype, device=DEVICE)
     dy = torch.randn(T, d, device=DEVICE).to(dtype)
     first = run_vmoe(x, ids, w, w1, w2, widths, activation, dy)
     second = run_vmoe(x, ids, w, w1, w2, widths, activation, dy)
@@ -176,7 +179,7 @@ def test_deterministic(activation, dtype):
 
 def test_noncontiguous_inputs():
     widths, T, d, k = (7, 33, 1, 20), 9, 16, 2
-    x, ids, w, w1, w2 = make_inputs(T, d, widths, k)
+    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, device=DEVICE)
     dy = torch.randn(T, d, device=DEVICE)
     ref = run_vmoe(x, ids, w, w1, w2, widths, "relu2", dy)
     out = run_vmoe(x.t().contiguous().t(), ids.t().contiguous().t(), w.t().contiguous().t(),
@@ -187,7 +190,7 @@ def test_noncontiguous_inputs():
 
 def test_expert_widths_as_tensor():
     widths, T, d, k = (7, 33, 1, 20), 9, 16, 2
-    x, ids, w, w1, w2 = make_inputs(T, d, widths, k)
+    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, device=DEVICE)
     a = expert_mlp(x, ids, w, w1, w2, widths)
     b = expert_mlp(x, ids, w, w1, w2, torch.tensor(widths, device=DEVICE))
     assert torch.equal(a, b)
@@ -195,7 +198,7 @@ def test_expert_widths_as_tensor():
 
 def test_impl_reference_is_the_loop():
     widths, T, d, k = (7, 33, 1, 20), 9, 16, 2
-    x, ids, w, w1, w2 = make_inputs(T, d, widths, k)
+    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, device=DEVICE)
     y = expert_mlp(x, ids, w, w1, w2, widths, impl="reference")
     assert torch.equal(y, reference.expert_mlp(x, ids, w, w1, w2, widths))
     assert_close("impl=triton vs reference", expert_mlp(x, ids, w, w1, w2, widths, impl="triton"),

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, make_inputs
 
 from vmoe import MoEConfig, MoEMLP, expert_mlp, reference
+from vmoe.testing import DEVICE, make_inputs
 
 WIDTHS = (7, 33, 1)
 
@@ -52,7 +52,7 @@ def test_layer_rejects_wrong_last_dim():
 
 
 def _inputs(activation="relu2"):
-    return list(make_inputs(5, 16, WIDTHS, 2, activation))
+    return list(make_inputs(5, 16, WIDTHS, 2, activation, device=DEVICE))
 
 
 # Each case: (argument index to replace, how to build the bad value, exception, message pattern).

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import vmoe
+from vmoe.testing import random_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
 def _inputs(T, d, k, widths, dtype, gen):
-    E = len(widths)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    ids = random_ids(T, len(widths), k, "cuda", gen)
     w = torch.rand(T, k, generator=gen)
-    return ids.cuda(), w.to("cuda", dtype)
+    return ids, w.to("cuda", dtype)
 
 
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE_IDS, assert_close, case_id, sizes
 
 from vmoe import reference
 from vmoe.gather_scatter import combine, combine_weight_grad, gather
 from vmoe.routing import build_routing
+from vmoe.testing import DEVICE, DTYPE_IDS, assert_close, case_id, sizes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -120,4 +120,5 @@ def test_zero_tokens():
     r = build_routing(torch.zeros(0, 2, dtype=torch.long, device=DEVICE), (7, 33))
     assert gather(torch.randn(0, 8, device=DEVICE), r).shape == (0, 8)
     assert combine(torch.randn(0, 8, device=DEVICE), r).shape == (0, 8)
-    assert combine_weight_grad(torch.randn(0, 8, device=DEVICE), torch.randn(0, 8, device=DEVICE), r).shape == (0, 2)
+    dy, ys = torch.randn(0, 8, device=DEVICE), torch.randn(0, 8, device=DEVICE)
+    assert combine_weight_grad(dy, ys, r).shape == (0, 2)

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPE_IDS, assert_close, case_id, sizes
 
 from vmoe import reference
-from vmoe.config import ACTIVATIONS, gate_factor
-from vmoe.grouped_gemm import (down_proj, down_proj_bwd, ragged_capacity, up_proj, up_proj_bwd,
-                               w1_grad, w2_grad)
+from vmoe.config import gate_factor
+from vmoe.grouped_gemm import (
+    down_proj,
+    down_proj_bwd,
+    ragged_capacity,
+    up_proj,
+    up_proj_bwd,
+    w1_grad,
+    w2_grad,
+)
 from vmoe.routing import build_routing
+from vmoe.testing import ACT_DTYPE_IDS, ACT_DTYPES, DEVICE, DTYPE_IDS, assert_close, case_id, sizes
 
 # (T, d, widths, k): widths off the block sizes, a width-1 expert, and more experts than rows.
 CASES = [
@@ -25,10 +32,6 @@ CASES = [
     (sizes(5, 200), sizes(16, 256), (3, 5, 8, 13, 21, 34), 1),
 ]
 CASE_IDS = [case_id(*c) for c in CASES]
-# Activation x dtype: every activation in fp32 and bf16, fp16 for two of them.
-ACT_DTYPES = ([(a, torch.float32) for a in ACTIVATIONS] + [(a, torch.bfloat16) for a in ACTIVATIONS]
-              + [("relu2", torch.float16), ("swiglu", torch.float16)])
-ACT_DTYPE_IDS = [f"{a}-{DTYPE_IDS[t]}" for a, t in ACT_DTYPES]
 
 
 class Problem:

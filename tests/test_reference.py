@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close, case_id, make_inputs
 
 from vmoe import reference
 from vmoe.config import ACTIVATIONS, gate_factor
+from vmoe.testing import DEVICE, assert_close, case_id, make_inputs
 
 F64 = torch.float64
 
@@ -53,7 +53,7 @@ CASES = [(9, 16, (7, 33, 1, 20), 2), (5, 8, (3,), 1), (6, 12, (4, 5, 6), 3)]
 @pytest.mark.parametrize("case", CASES, ids=[case_id(*c) for c in CASES])
 def test_expert_mlp_matches_per_token_loop(case, activation):
     T, d, widths, k = case
-    args = make_inputs(T, d, widths, k, activation, F64)
+    args = make_inputs(T, d, widths, k, activation, F64, device=DEVICE)
     y = reference.expert_mlp(*args, widths, activation)
     assert_close("reference.expert_mlp", y, _expert_mlp_per_token(*args, widths, activation), F64,
                  tol=1e-12)
@@ -61,13 +61,13 @@ def test_expert_mlp_matches_per_token_loop(case, activation):
 
 def test_expert_mlp_repeated_ids_and_zero_tokens():
     widths, d = (4, 6), 8
-    x, _, _, w1, w2 = make_inputs(3, d, widths, 2, dtype=F64)
+    x, _, _, w1, w2 = make_inputs(3, d, widths, 2, dtype=F64, device=DEVICE)
     ids = torch.tensor([[1, 1], [0, 1], [0, 0]], device=DEVICE)
     w = torch.rand(3, 2, dtype=F64, device=DEVICE)
     y = reference.expert_mlp(x, ids, w, w1, w2, widths)
     assert_close("repeated ids", y, _expert_mlp_per_token(x, ids, w, w1, w2, widths, "relu2"), F64,
                  tol=1e-12)
-    x0, ids0, w0, _, _ = make_inputs(0, d, widths, 2, dtype=F64)
+    x0, ids0, w0, _, _ = make_inputs(0, d, widths, 2, dtype=F64, device=DEVICE)
     assert reference.expert_mlp(x0, ids0, w0, w1, w2, widths).shape == (0, d)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from conftest import DEVICE, assert_close, make_inputs, random_ids
 
 from vmoe import expert_mlp, reference
 from vmoe.routing import build_routing, tile_schedule
+from vmoe.testing import DEVICE, assert_close, make_inputs, random_ids
 
 # (T, k, widths): several interpreter blocks of 16 assignments, ragged widths, more experts than
 # tokens, and k = E.
@@ -74,7 +74,7 @@ def test_build_routing_matches_reference(case):
 @pytest.mark.parametrize("case", CASES[1:3], ids=_id)
 def test_build_routing_top_k_distinct(case):
     T, k, widths = case
-    ids = random_ids(T, len(widths), k)
+    ids = random_ids(T, len(widths), k, device=DEVICE)
     r = build_routing(ids, widths)
     check_against_reference(r, ids, len(widths))
     check_invariants(r, ids, widths)
@@ -135,7 +135,7 @@ def test_out_of_range_ids_dropped_in_expert_mlp():
     and its routing-weight gradient is zero."""
     widths, k = (7, 33, 1), 2
     E = len(widths)
-    x, ids, w, w1, w2 = make_inputs(11, 16, widths, k)
+    x, ids, w, w1, w2 = make_inputs(11, 16, widths, k, device=DEVICE)
     ids[1, 0], ids[4, 1], ids[10, 0] = -1, E, 50
     valid = (ids >= 0) & (ids < E)
     leaves = [t.clone().requires_grad_() for t in (x, w, w1, w2)]
@@ -161,7 +161,7 @@ def test_out_of_range_ids_dropped_in_expert_mlp():
 def test_check_mode_raises_on_out_of_range(monkeypatch, bad):
     monkeypatch.setenv("VMOE_CHECK", "1")
     widths = (7, 33, 1)
-    x, ids, w, w1, w2 = make_inputs(5, 16, widths, 2)
+    x, ids, w, w1, w2 = make_inputs(5, 16, widths, 2, device=DEVICE)
     ids[2, 1] = bad
     with pytest.raises(ValueError, match="topk_ids"):
         build_routing(ids, widths)

@@ -7,6 +7,11 @@ one thing everywhere.
 - :func:`assert_close`: the check with a message that prints the error and the max abs difference.
 - :func:`random_ids`, :func:`make_inputs`: fresh random routing and problems, scaled to O(1).
 - :func:`case_id`: readable test ids like ``T7-d40-w[7,33,100]-k2``.
+- :data:`DEVICE`, :data:`ON_GPU`, :func:`sizes`: where the kernels run, and a problem size for it.
+
+Without a GPU the kernels run in the Triton interpreter, which must be selected
+(``TRITON_INTERPRET=1``) before vmoe is imported: tests/conftest.py and notebooks/nbutil.py do that
+before importing this module.
 
 Shape letters: see :mod:`vmoe.config`.
 """
@@ -34,10 +39,22 @@ TOL_TF32 = 1e-3
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# Every activation in fp32 and bf16: the case list most kernel tests sweep.
+# Every activation in fp32 and bf16, and fp16 for one plain and one gated activation: the case
+# list the kernel tests sweep. fp16 takes bf16's code paths with other rounding, so two suffice.
 ACT_DTYPES = ([(a, torch.float32) for a in ACTIVATIONS]
-              + [(a, torch.bfloat16) for a in ACTIVATIONS])
+              + [(a, torch.bfloat16) for a in ACTIVATIONS]
+              + [("relu2", torch.float16), ("swiglu", torch.float16)])
 ACT_DTYPE_IDS = [f"{a}-{DTYPE_IDS[t]}" for a, t in ACT_DTYPES]
+
+# Where the tests and notebooks run the kernels: the GPU if there is one, else the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+def sizes(cpu, gpu, on_gpu: bool | None = None):
+    """The interpreter (CPU, CI) size or the GPU size of a problem; ``on_gpu`` defaults to
+    :data:`ON_GPU`."""
+    return gpu if (ON_GPU if on_gpu is None else on_gpu) else cpu
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -17,15 +17,7 @@ from .config import ACTIVATIONS, gate_factor
 from .gather_scatter import combine, gather
 from .grouped_gemm import down_proj, up_proj
 from .routing import build_routing
-
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    if torch.isnan(out).any():
-        return float("nan")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+from .testing import make_inputs, rel_err, tolerance
 
 
 def _ragged_to_dense(flat, routing, cols_per_width):
@@ -45,12 +37,8 @@ def _ragged_to_dense(flat, routing, cols_per_width):
 
 def validate_case(T, d, k, widths, activation, dtype, device, gen):
     """Rows (kernel, rel_err, tol) for one problem."""
-    E, F, g = len(widths), sum(widths), gate_factor(activation)
-    x = torch.randn(T, d, generator=gen).to(device, dtype)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(device)
-    w = torch.rand(T, k, generator=gen).to(device, dtype)
-    w1 = (torch.randn(d, g * F, generator=gen) * d ** -0.5).to(device, dtype)
-    w2 = (torch.randn(F, d, generator=gen) * (F / E) ** -0.5).to(device, dtype)
+    E, g, tol = len(widths), gate_factor(activation), tolerance(dtype)
+    x, ids, w, w1, w2 = make_inputs(T, d, widths, k, activation, dtype, device, generator=gen)
     rows = []
     r = build_routing(ids, tuple(widths))
     counts, offsets, s2a, a2s = reference.routing(ids, E)
@@ -74,12 +62,12 @@ def validate_case(T, d, k, widths, activation, dtype, device, gen):
         ys_ref.append(h_e @ w2_64[o:o + f])
         o += f
     h, z = up_proj(x, w1, r, activation)
-    rows.append(("up_proj z", rel_err(_ragged_to_dense(z, r, g), torch.cat(z_ref)), TOL[dtype]))
-    rows.append(("up_proj h", rel_err(_ragged_to_dense(h, r, 1), torch.cat(h_ref)), TOL[dtype]))
+    rows.append(("up_proj z", rel_err(_ragged_to_dense(z, r, g), torch.cat(z_ref)), tol))
+    rows.append(("up_proj h", rel_err(_ragged_to_dense(h, r, 1), torch.cat(h_ref)), tol))
     ys = down_proj(h, w2, r)
-    rows.append(("down_proj", rel_err(ys, torch.cat(ys_ref)), TOL[dtype]))
+    rows.append(("down_proj", rel_err(ys, torch.cat(ys_ref)), tol))
     rows.append(("combine", rel_err(combine(ys, r, w.reshape(-1)),
-                                    reference.combine(ys.double(), a2s, w64, k)), TOL[dtype]))
+                                    reference.combine(ys.double(), a2s, w64, k)), tol))
     leaves = [t.clone().requires_grad_() for t in (x, w, w1, w2)]
     y = expert_mlp(leaves[0], ids, leaves[1], leaves[2], leaves[3], widths, activation)
     dy = torch.randn(y.shape, generator=gen).to(device, dtype)
@@ -88,9 +76,9 @@ def validate_case(T, d, k, widths, activation, dtype, device, gen):
     y64 = reference.expert_mlp(leaves64[0], ids, leaves64[1], leaves64[2], leaves64[3], widths,
                                activation)
     y64.backward(dy.double())
-    rows.append(("expert_mlp y", rel_err(y, y64), TOL[dtype]))
+    rows.append(("expert_mlp y", rel_err(y, y64), tol))
     for name, a, b in zip(("dx", "dw", "dw1", "dw2"), leaves, leaves64):
-        rows.append((f"expert_mlp {name}", rel_err(a.grad, b.grad), TOL[dtype]))
+        rows.append((f"expert_mlp {name}", rel_err(a.grad, b.grad), tol))
     return rows
 
 
