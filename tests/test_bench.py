@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vmoe import bench
+from vmoe import baselines, bench
 from vmoe.config import gate_factor
 
 from conftest import DEVICE, ON_GPU
@@ -71,7 +71,7 @@ def _cfg(widths, d=256, activation="relu2"):
     ((128, 256), 96, False),
 ], ids=["w512-256-128", "w768-384", "w100", "w64", "d96"])
 def test_stk_applicability(widths, d, ok):
-    applicable, reason = bench.applicability("stk", _cfg(widths, d), torch.bfloat16)
+    applicable, reason = baselines.applicability("stk", _cfg(widths, d), torch.bfloat16)
     assert applicable is ok
     assert (reason == "") is ok
     if not ok:
@@ -79,18 +79,18 @@ def test_stk_applicability(widths, d, ok):
 
 
 def test_grouped_mm_applicability():
-    assert bench.applicability("grouped_mm", _cfg((16, 32), d=40), torch.bfloat16)[0]
-    applicable, reason = bench.applicability("grouped_mm", _cfg((16, 12), d=40), torch.bfloat16)
+    assert baselines.applicability("grouped_mm", _cfg((16, 32), d=40), torch.bfloat16)[0]
+    applicable, reason = baselines.applicability("grouped_mm", _cfg((16, 12), d=40), torch.bfloat16)
     assert not applicable and "12" in reason
-    assert not bench.applicability("grouped_mm", _cfg((16,), d=36), torch.bfloat16)[0]
+    assert not baselines.applicability("grouped_mm", _cfg((16,), d=36), torch.bfloat16)[0]
     # 16 bytes is 4 fp32 elements.
-    assert bench.applicability("grouped_mm", _cfg((12,), d=36), torch.float32)[0]
+    assert baselines.applicability("grouped_mm", _cfg((12,), d=36), torch.float32)[0]
 
 
 def test_every_seed_and_large_config_runs_on_every_provider():
     for cfg in bench.configs("all"):
         for p in bench.PROVIDERS:
-            assert bench.applicability(p, cfg, torch.bfloat16) == (True, ""), (p, cfg.name)
+            assert baselines.applicability(p, cfg, torch.bfloat16) == (True, ""), (p, cfg.name)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def _ids_leaving_expert_empty(T, k, E, empty):
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
 def test_grouped_mm_provider(activation):
     dtype = torch.bfloat16
-    reason = bench._grouped_mm_unavailable(torch.device(DEVICE), dtype)
+    reason = baselines.grouped_mm_unavailable(torch.device(DEVICE), dtype)
     if reason:
         pytest.skip(reason)
     # Equal widths that are not neighbours (16 at experts 0 and 2) and an empty expert (3).
@@ -295,11 +295,11 @@ def test_grouped_mm_provider(activation):
 
 def test_stk_topology_is_the_block_diagonal_of_each_expert():
     stk = pytest.importorskip("stk")
-    B = bench.STK_BLOCK
+    B = baselines.STK_BLOCK
     widths, padded = (256, 128, 384), torch.tensor([2 * B, 0, B])
     R = int(padded.sum()) // B
     nnz = 2 * 2 + 0 * 1 + 1 * 3
-    topo, _, _, _ = bench._stk_topology(padded, R, nnz, widths, 1, "cpu")
+    topo, _, _, _ = baselines.stk_topology(padded, R, nnz, widths, 1, "cpu")
     dense = stk.ops.to_dense(stk.Matrix(topo.size(), torch.ones(nnz, B, B), topo.row_indices,
                                         topo.column_indices, topo.offsets))
     expected = torch.zeros(R * B, sum(widths))
@@ -320,15 +320,15 @@ def test_stk_provider(activation):
     # The interpreter's bf16 dot is not exact, so on the CPU stk is checked in fp32.
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     cfg = bench.BenchConfig("s", 48, 128, 2, ((1, 128), (1, 256), (1, 128), (1, 128)), activation)
-    assert gate_factor(activation) * sum(cfg.widths) % bench.STK_BLOCK == 0
+    assert gate_factor(activation) * sum(cfg.widths) % baselines.STK_BLOCK == 0
     _check_provider("stk", cfg, dtype, _ids_leaving_expert_empty(48, 2, 4, empty=2))
 
 
 def test_stk_block_indices_past_256():
     """A block at row 300 and column 260: with int16 indices stk's sdd wraps (Triton >= 3.2)."""
     stk = pytest.importorskip("stk")
-    B = bench.STK_BLOCK
-    topo, rows, _, _ = bench._stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
+    B = baselines.STK_BLOCK
+    topo, rows, _, _ = baselines.stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
     assert topo.row_indices.dtype == topo.column_indices.dtype == torch.int32
     assert topo.column_indices_t.dtype == torch.int32
     r, c = 300, 260
