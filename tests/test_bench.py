@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vmoe import baselines, bench
+from vmoe import baselines, bench, report
 from vmoe.config import gate_factor
 
 from conftest import DEVICE, ON_GPU
@@ -116,7 +116,7 @@ def test_csv_has_exactly_the_columns(tiny_sweep):
 
 def test_tiny_sweep_checks_and_counts(tiny_sweep):
     cfgs, _, out = tiny_sweep
-    df = bench.load_results(out)
+    df = report.load_results(out)
     for provider in ("vmoe", "naive"):
         sub = df[df.provider == provider]
         assert len(sub) == 2 and sub.ok.all() and sub.applicable.all(), sub[["mode", "rel_err", "reason"]]
@@ -146,10 +146,10 @@ def test_write_rows_replaces_the_same_measurement(tmp_path):
     other = bench._base_row(cfg, "naive", "fwd", env)
     other.update(ms_p50=5.0, ok=False)
     path = tmp_path / "r.csv"
-    bench.write_rows(path, [first, other])
+    report.write_rows(path, [first, other])
     again = dict(first, ms_p50=1.0)
-    bench.write_rows(path, [again])
-    df = bench.load_results(path)
+    report.write_rows(path, [again])
+    df = report.load_results(path)
     assert sorted(df.provider) == ["naive", "vmoe"]
     assert df.set_index("provider").ms_p50["vmoe"] == 1.0
     assert str(df.ok.dtype) == "boolean" and df.set_index("provider").ok["naive"] == False  # noqa: E712
@@ -162,8 +162,8 @@ def test_text_columns_stay_text(tmp_path):
     row = bench._base_row(cfg, "vmoe", "fwd", env)
     row.update(ms_p50=2.0, ok=True)
     path = tmp_path / "r.csv"
-    bench.write_rows(path, [row])
-    got = bench.load_results(path).iloc[0]
+    report.write_rows(path, [row])
+    got = report.load_results(path).iloc[0]
     assert (got.vmoe_commit, got.torch, got.triton) == ("329e820", "2.10", "3.10")
     assert got.ms_p50 == 2.0
 
@@ -193,7 +193,7 @@ def _synthetic():
 
 def test_speedup_table_ratios():
     df, ms = _synthetic()
-    table = bench.speedup_table(df).set_index("config")
+    table = report.speedup_table(df).set_index("config")
     a = ms["cfg-a"]
     assert table.loc["cfg-a", "vmoe_ms"] == a["vmoe"]
     assert table.loc["cfg-a", "vmoe_tflops"] == 100.0 / a["vmoe"]
@@ -210,7 +210,7 @@ def test_speedup_table_ratios():
 
 def test_markdown_table_names_the_gpu_and_the_ratios():
     df, ms = _synthetic()
-    md = bench.markdown_table(df)
+    md = report.markdown_table(df)
     assert "Test GPU 9000" in md and "abc1234" in md
     rows = [line for line in md.splitlines() if line.startswith("| cfg-")]
     assert len(rows) == 2
@@ -232,7 +232,7 @@ def test_readme_block_is_regenerated(tmp_path):
     path = tmp_path / "results.csv"
     df.to_csv(path, index=False)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# vmoe\n\nintro\n\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+    readme.write_text(f"# vmoe\n\nintro\n\n{report.README_START}\nold table\n{report.README_END}\n\nafter\n")
     assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old table" not in text and "Test GPU 9000" in text
@@ -241,8 +241,8 @@ def test_readme_block_is_regenerated(tmp_path):
     assert readme.read_text() == text
     bare = tmp_path / "BARE.md"
     bare.write_text("# x\n")
-    bench.rewrite_readme(bare, "table")
-    assert bare.read_text() == f"# x\n\n## Results\n\n{bench.README_START}\ntable\n{bench.README_END}\n"
+    report.rewrite_readme(bare, "table")
+    assert bare.read_text() == f"# x\n\n## Results\n\n{report.README_START}\ntable\n{report.README_END}\n"
 
 
 def test_bench_quantiles_with_either_do_bench_signature():
@@ -351,7 +351,7 @@ def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypa
     df.to_csv(tmp_path / "results" / "test.csv", index=False)
     other = df.assign(gpu="Other GPU 1")
     other.to_csv(tmp_path / "results" / "other.csv", index=False)
-    (tmp_path / "README.md").write_text(f"# r\n{bench.README_START}\n{bench.README_END}\n")
+    (tmp_path / "README.md").write_text(f"# r\n{report.README_START}\n{report.README_END}\n")
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--reproduce"]) == 0
     text = (tmp_path / "README.md").read_text()
@@ -362,7 +362,15 @@ def test_markdown_table_shows_the_graph_replay_time():
     df, ms = _synthetic()
     row = df[(df["provider"] == "vmoe") & (df["config"] == "cfg-a")].iloc[[0]].copy()
     row["provider"], row["ms_p50"], row["ok"] = "vmoe_graph", ms["cfg-a"]["vmoe"] / 4, True
-    md = bench.markdown_table(pd.concat([df, row], ignore_index=True))
+    md = report.markdown_table(pd.concat([df, row], ignore_index=True))
     line = next(x for x in md.splitlines() if x.startswith("| cfg-a"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert float(cells[3]) == pytest.approx(ms["cfg-a"]["vmoe"] / 4, abs=5e-4)
+
+
+def test_bench_keeps_the_names_the_notebook_uses():
+    # notebooks/07_benchmarks.ipynb reads the results through vmoe.bench.
+    for name in ("load_results", "speedup_table", "markdown_table", "README_START", "README_END"):
+        assert getattr(bench, name) is getattr(report, name), name
+    assert callable(bench.gpu_slug) and callable(bench.gpu_name) and callable(bench.main)
+    assert bench.MODES == ("fwd", "fwdbwd")

@@ -33,7 +33,6 @@ Providers that cannot run a config get a row with ``applicable=False`` and the r
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import math
 import os
@@ -52,6 +51,8 @@ from ._utils import interpreting
 from .baselines import (EXPERT_FNS, applicability, available_providers, dense_mlp, from_buckets,
                         grouped_mm_moe, to_buckets)
 from .config import gate_factor
+from .report import (COLUMNS, README_END, README_START, load_results, markdown_table,  # noqa: F401
+                     regenerate, rewrite_readme, speedup_table, write_rows)
 
 PROVIDERS = ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense")
 MODES = ("fwd", "fwdbwd")
@@ -59,17 +60,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rel_err bound in float64 terms; bf16 storage of the intermediates compounds over two GEMMs.
 TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 QUANTILES = [0.5, 0.2, 0.8]
-
-COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "ok",
-           "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E", "widths",
-           "activation", "dtype", "applicable", "reason", "timer"]
-TEXT_COLUMNS = ("config", "provider", "mode", "gpu", "torch", "triton", "vmoe_commit", "widths",
-                "activation", "dtype", "reason", "timer")
-# A row is replaced, not duplicated, when the same measurement is taken again.
-ROW_KEY = ("gpu", "dtype", "config", "provider", "mode")
-
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
 
 
 @dataclass(frozen=True)
@@ -471,36 +461,6 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict |
     return row
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
-
-
-def write_rows(path, rows: list[dict]) -> None:
-    """Write ``rows`` into the CSV at ``path``, replacing rows with the same key and keeping the rest."""
-    path = Path(path)
-    kept = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            new_keys = {tuple(str(r[c]) for c in ROW_KEY) for r in rows}
-            for r in csv.DictReader(fh):
-                if tuple(r.get(c, "") for c in ROW_KEY) not in new_keys:
-                    kept.append(r)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in kept:
-            writer.writerow({c: r.get(c, "") for c in COLUMNS})
-        for r in rows:
-            writer.writerow({c: _fmt(r[c]) for c in COLUMNS})
-    os.replace(tmp, path)
-
-
 def _progress(total: int):
     disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -557,144 +517,6 @@ def _summary(row: dict) -> str:
             f"{row['rel_err']:.1e} {ok}")
 
 
-def load_results(path):
-    """The CSV as a DataFrame, with ``ok`` and ``applicable`` as nullable booleans."""
-    import pandas as pd
-
-    # Text columns stay text: a commit such as 329e820 or a version such as 3.10 would otherwise
-    # be read as a number (inf, 3.1).
-    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
-    for c in ("ok", "applicable"):
-        df[c] = df[c].map(_as_bool).astype("boolean")
-    return df
-
-
-def _as_bool(v):
-    if isinstance(v, str):
-        return {"true": True, "false": False}.get(v.strip().lower())
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    try:
-        import pandas as pd
-        if v is pd.NA:
-            return None
-    except ImportError:
-        pass
-    return bool(v)
-
-
-SPEEDUP_COLUMNS = ["vmoe_ms", "vmoe_tflops", "vmoe_over_dense", "stk_over_vmoe",
-                   "grouped_mm_over_vmoe", "naive_over_vmoe"]
-
-
-def speedup_table(df):
-    """Per (gpu, dtype, config, mode): vmoe's p50 ms and TFLOP/s, vmoe time / dense time (1 is the
-    ceiling), and each other provider's time / vmoe time (above 1: vmoe is faster).
-
-    Only rows that ran and passed their check count; a missing or failed provider gives NaN.
-    """
-    import pandas as pd
-
-    keys = ["gpu", "dtype", "config", "mode"]
-    ok = df["ok"].map(_as_bool).map(lambda v: v is not False)
-    ran = df["applicable"].map(_as_bool).map(lambda v: v is not False) & df["ms_p50"].notna()
-    good = df[ok & ran]
-    order = df[keys].drop_duplicates()
-    ms = good.pivot_table(index=keys, columns="provider", values="ms_p50", aggfunc="min")
-    tf = good.pivot_table(index=keys, columns="provider", values="tflops", aggfunc="max")
-    ms = ms.reindex(pd.MultiIndex.from_frame(order))
-    tf = tf.reindex(ms.index)
-
-    def col(frame, name):
-        return frame[name] if name in frame.columns else pd.Series(float("nan"), index=frame.index)
-
-    vmoe = col(ms, "vmoe")
-    out = pd.DataFrame(index=ms.index)
-    out["vmoe_ms"] = vmoe
-    out["vmoe_tflops"] = col(tf, "vmoe")
-    out["vmoe_over_dense"] = vmoe / col(ms, "dense")
-    for p in ("stk", "grouped_mm", "naive"):
-        out[f"{p}_over_vmoe"] = col(ms, p) / vmoe
-    return out.reset_index()[keys + SPEEDUP_COLUMNS]
-
-
-def markdown_table(df) -> str:
-    """The README's results: one markdown table per GPU, naming the GPU and versions, from the CSV."""
-    import pandas as pd
-
-    table = speedup_table(df)
-    # The CUDA-graph replay of vmoe, where it was measured: the launch-free time.
-    passed = df[df["provider"].eq("vmoe_graph") & df["ok"].map(_as_bool).map(lambda v: v is True)]
-    graph_ms = {(r.gpu, r.dtype, r.config, r.mode): r.ms_p50 for r in passed.itertuples(index=False)}
-    parts = []
-    for gpu, sub in table.groupby("gpu", sort=False):
-        rows = df[df["gpu"] == gpu]
-        versions = ", ".join(f"{c} {'/'.join(str(v) for v in pd.unique(rows[c]))}"
-                             for c in ("torch", "triton", "vmoe_commit"))
-        dtypes = "/".join(str(v) for v in pd.unique(rows["dtype"]))
-        timers = "/".join(str(v) for v in pd.unique(rows["timer"].dropna()))
-        lines = [f"Measured on **{gpu}** ({dtypes}; {versions}; timer: {timers}, median). "
-                 "`fwd` is the forward, `fwdbwd` forward + backward. vmoe ÷ dense is vmoe's time over "
-                 "a dense MLP with the same useful FLOPs (1.00× is the ceiling); X ÷ vmoe is X's time "
-                 "over vmoe's (above 1: vmoe is faster).", "",
-                 "vmoe graph ms is the same computation captured in a CUDA graph and replayed "
-                 "(no launch overhead); – where not measured.", "",
-                 "| config | mode | vmoe ms | vmoe graph ms | vmoe TFLOP/s | vmoe ÷ dense | "
-                 "stk ÷ vmoe | grouped_mm ÷ vmoe | naive ÷ vmoe |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sub.itertuples(index=False):
-            g = graph_ms.get((r.gpu, r.dtype, r.config, r.mode), float("nan"))
-            cells = [r.config, r.mode, _num(r.vmoe_ms, "{:.3f}"), _num(float(g), "{:.3f}"),
-                     _num(r.vmoe_tflops, "{:.1f}"),
-                     _num(r.vmoe_over_dense, "{:.2f}×"), _num(r.stk_over_vmoe, "{:.2f}×"),
-                     _num(r.grouped_mm_over_vmoe, "{:.2f}×"), _num(r.naive_over_vmoe, "{:.2f}×")]
-            lines.append("| " + " | ".join(cells) + " |")
-        notes = []
-        failed = rows[rows["ok"].map(_as_bool).map(lambda v: v is False)
-                      & rows["applicable"].map(_as_bool).map(lambda v: v is not False)]
-        for r in failed.itertuples(index=False):
-            notes.append(f"{r.provider} on {r.config} ({r.mode}) is left out: {r.reason}")
-        na = rows[rows["applicable"].map(_as_bool).map(lambda v: v is False)]
-        for provider, reasons in na.groupby("provider", sort=False)["reason"]:
-            notes.append(f"{provider} n/a on {len(reasons)} row(s): {reasons.iloc[0]}")
-        if notes:
-            lines += [""] + [f"- {n}" for n in notes]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
-
-
-def _num(v, fmt: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-
-
-def rewrite_readme(path, block: str) -> None:
-    """Replace what lies between the results markers in ``path`` (appending the markers if absent)."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    fenced = f"{README_START}\n{block.strip()}\n{README_END}"
-    start, end = text.find(README_START), text.find(README_END)
-    if start >= 0 and end > start:
-        text = text[:start] + fenced + text[end + len(README_END):]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + fenced + "\n"
-    path.write_text(text)
-
-
-def _regenerate(csv_paths, readme) -> None:
-    try:
-        import pandas as pd
-    except ImportError:
-        print("pandas is not installed: the tables cannot be regenerated here (run "
-              "`python -m vmoe.bench --from-csv CSV` where it is)")
-        return
-    df = pd.concat([load_results(p) for p in csv_paths], ignore_index=True)
-    md = markdown_table(df)
-    print(md)
-    if readme:
-        rewrite_readme(readme, md)
-        print(f"rewrote the results block of {readme}")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m vmoe.bench",
@@ -721,14 +543,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        _regenerate([args.from_csv], args.readme)
+        regenerate([args.from_csv], args.readme)
         return 0
     if args.reproduce:
         csvs = sorted(Path("results").glob("*.csv"))
         if not csvs:
             print("no results/*.csv yet: run `python -m vmoe.bench` on a GPU first")
             return 0
-        _regenerate(csvs, args.readme or "README.md")
+        regenerate(csvs, args.readme or "README.md")
         return 0
     device = torch.device(args.device)
     if device.type == "cpu" and not interpreting():
@@ -750,7 +572,7 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["ok"] is False]
     print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
     if args.readme:
-        _regenerate([out], args.readme)
+        regenerate([out], args.readme)
     return 1 if bad else 0
 
 
