@@ -11,6 +11,7 @@ import torch
 
 from vmoe import baselines, bench, report
 from vmoe.config import gate_factor
+from vmoe.testing import rel_err, tolerance
 
 from conftest import DEVICE, ON_GPU
 
@@ -237,12 +238,38 @@ def test_readme_block_is_regenerated(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and "Test GPU 9000" in text
     assert text.startswith("# vmoe\n\nintro\n\n") and text.endswith("\n\nafter\n")
-    bench.main(["--from-csv", str(path), "--readme", str(readme)])
-    assert readme.read_text() == text
     bare = tmp_path / "BARE.md"
     bare.write_text("# x\n")
     report.rewrite_readme(bare, "table")
     assert bare.read_text() == f"# x\n\n## Results\n\n{report.README_START}\ntable\n{report.README_END}\n"
+
+
+def test_an_unchanged_readme_says_so(tmp_path, capsys):
+    df, _ = _synthetic()
+    path = tmp_path / "results.csv"
+    df.to_csv(path, index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# vmoe\n\n{report.README_START}\nold table\n{report.README_END}\n")
+    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    assert "rewrote the results block" in capsys.readouterr().out
+    text, mtime = readme.read_text(), readme.stat().st_mtime_ns
+    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "unchanged" in printed and "rewrote" not in printed
+    assert readme.read_text() == text and readme.stat().st_mtime_ns == mtime
+
+
+def test_reproduce_says_unchanged_on_a_second_run(tmp_path, monkeypatch, capsys):
+    df, _ = _synthetic()
+    (tmp_path / "results").mkdir()
+    df.to_csv(tmp_path / "results" / "test.csv", index=False)
+    (tmp_path / "README.md").write_text(f"# r\n{report.README_START}\n{report.README_END}\n")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--reproduce"]) == 0
+    assert "rewrote the results block of README.md" in capsys.readouterr().out
+    assert bench.main(["--reproduce"]) == 0
+    printed = capsys.readouterr().out
+    assert "unchanged" in printed and "rewrote" not in printed
 
 
 def test_bench_quantiles_with_either_do_bench_signature():
@@ -272,7 +299,7 @@ def _check_provider(provider, cfg, dtype, ids=None, tol=None):
     ref = bench.reference_outputs(cfg, inp, grads=True)
     errs = bench._Case(provider, cfg, inp, "fwdbwd").errors(ref)
     assert set(errs) == {"out", "x", "w", "w1", "w2"}
-    tol = bench.TOL[dtype] if tol is None else tol
+    tol = tolerance(dtype) if tol is None else tol
     assert all(v <= tol for v in errs.values()), errs
 
 
@@ -342,7 +369,7 @@ def test_stk_block_indices_past_256():
     w = torch.randn(32, (c + 1) * B)
     out = stk.ops.sdd(x, w, block).data[0]
     ref = x[r * B:(r + 1) * B].double() @ w[:, c * B:(c + 1) * B].double()
-    assert bench.rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ not useful work and are not counted.
 
 Every provider's output (and, for fwdbwd, its gradients of x, topk_weights, w1 and w2) is compared
 with the float64 reference before it is timed. ``rel_err`` is the largest ``||out - ref|| / ||ref||``
-over those tensors; a provider above the dtype's tolerance keeps its row with ``ok=False``.
+over those tensors (:func:`vmoe.testing.rel_err`; NaN if any output is not finite); a provider above
+:func:`vmoe.testing.tolerance` for the dtype keeps its row with ``ok=False``.
 Providers that cannot run a config get a row with ``applicable=False`` and the reason.
 """
 from __future__ import annotations
@@ -47,18 +48,17 @@ import torch
 import triton
 
 from . import reference
-from ._utils import interpreting
+from ._utils import interpreting, reexec_with_interpreter
 from .baselines import (EXPERT_FNS, applicability, available_providers, dense_mlp, from_buckets,
                         grouped_mm_moe, to_buckets)
 from .config import gate_factor
 from .report import (COLUMNS, README_END, README_START, load_results, markdown_table,  # noqa: F401
                      regenerate, rewrite_readme, speedup_table, write_rows)
+from .testing import rel_err, tolerance
 
 PROVIDERS = ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# rel_err bound in float64 terms; bf16 storage of the intermediates compounds over two GEMMs.
-TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 QUANTILES = [0.5, 0.2, 0.8]
 
 
@@ -217,14 +217,6 @@ def reference_outputs(cfg: BenchConfig, inp: Inputs, grads: bool) -> dict:
         out.backward(inp.dy.double())
         ref.update({n: t.grad for n, t in leaves.items()})
     return ref
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; NaN when out holds a NaN."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not bool(torch.isfinite(out).all()):
-        return float("nan")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 class _Case:
@@ -444,10 +436,10 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict |
             if any(math.isnan(v) for v in errs.values()):
                 err = float("nan")
             row["rel_err"] = err
-            row["ok"] = err <= TOL[dtype]
+            row["ok"] = err <= tolerance(dtype)
             if not row["ok"]:
                 detail = ", ".join(f"{n} {v:.2e}" for n, v in errs.items())
-                row["reason"] = f"rel err above {TOL[dtype]:g}: {detail}"
+                row["reason"] = f"rel err above {tolerance(dtype):g}: {detail}"
                 log(f"CHECK FAILED {cfg.name} {provider} {mode}: {detail}")
         ms, peak, timer = _time_case(case, device, timing)
         row.update(ms_p50=ms[0], ms_p20=ms[1], ms_p80=ms[2], peak_mem_mb=peak, timer=timer,
@@ -554,16 +546,17 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device)
     if device.type == "cpu" and not interpreting():
-        # Triton picks the interpreter when a kernel is decorated, i.e. when vmoe was imported, so
-        # the variable only takes effect in a fresh process.
-        print("no GPU: re-running under TRITON_INTERPRET=1 (the timings measure the interpreter)")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "vmoe.bench", *argv], env)
+        if not torch.cuda.is_available():
+            print("no GPU: re-running under TRITON_INTERPRET=1 (the timings measure the interpreter)")
+        reexec_with_interpreter("vmoe.bench", argv)
+        parser.error("--device cpu on a machine with a GPU: set TRITON_INTERPRET=1 for this run (Triton "
+                     "chooses the interpreter when vmoe is imported)")
     dtype = DTYPES[args.dtype]
     out = Path(args.out) if args.out else Path("results") / f"{gpu_slug(gpu_name(device))}.csv"
     cfgs = configs(args.configs, quick=args.quick, match=args.match)
     if not cfgs:
-        parser.error(f"no config of {args.configs!r} matches {args.match!r}" + (" in --quick" if args.quick else ""))
+        parser.error(f"no config of {args.configs!r} matches {args.match!r}"
+                     + (" in --quick" if args.quick else ""))
     providers = available_providers(args.providers, device, dtype)
     timing = Timing.quick() if args.quick else Timing()
     print(f"device {gpu_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "

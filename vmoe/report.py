@@ -162,20 +162,27 @@ def _num(v, fmt: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
-def rewrite_readme(path, block: str) -> None:
-    """Replace what lies between the results markers in ``path`` (appending the markers if absent)."""
+def rewrite_readme(path, block: str) -> bool:
+    """Replace what lies between the results markers in ``path`` (appending the markers if absent).
+
+    Returns whether the file changed; an unchanged file is not written.
+    """
     path = Path(path)
     text = path.read_text() if path.exists() else ""
     fenced = f"{README_START}\n{block.strip()}\n{README_END}"
     start, end = text.find(README_START), text.find(README_END)
     if start >= 0 and end > start:
-        text = text[:start] + fenced + text[end + len(README_END):]
+        new = text[:start] + fenced + text[end + len(README_END):]
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + fenced + "\n"
-    path.write_text(text)
+        new = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + fenced + "\n"
+    if new == text:
+        return False
+    path.write_text(new)
+    return True
 
 
 def regenerate(csv_paths, readme) -> None:
+    """Print the markdown tables of ``csv_paths`` and, if ``readme`` is given, put them in its results block."""
     try:
         import pandas as pd
     except ImportError:
@@ -186,5 +193,7 @@ def regenerate(csv_paths, readme) -> None:
     md = markdown_table(df)
     print(md)
     if readme:
-        rewrite_readme(readme, md)
-        print(f"rewrote the results block of {readme}")
+        if rewrite_readme(readme, md):
+            print(f"rewrote the results block of {readme}")
+        else:
+            print(f"unchanged: the results block of {readme} already matches the CSV")
