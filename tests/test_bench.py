@@ -15,7 +15,7 @@ from vmoe.testing import rel_err, tolerance
 
 from conftest import DEVICE, ON_GPU
 
-EXPECTED_COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
+EXPECTED_COLUMNS = ["config", "provider", "mode", "scope", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
                     "ok", "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E",
                     "widths", "activation", "dtype", "applicable", "reason", "timer"]
 
@@ -33,15 +33,15 @@ HAND_IDS = [[0, 2], [0, 1], [0, 2], [2, 1]]
 ])
 def test_useful_flops_by_hand(activation, mode, expected):
     ids = torch.tensor(HAND_IDS)
-    assert bench.useful_flops(ids, (4, 2, 6), 3, activation, mode) == expected
+    assert baselines.useful_flops(ids, (4, 2, 6), 3, activation, mode) == expected
 
 
 def test_dense_width_matches_the_useful_work():
     # n = (2, 2): (2*104 + 2*20) / 4 = 62 -> the nearest multiple of 8 is 64.
     ids = torch.tensor([[0], [0], [1], [1]])
-    assert bench.dense_width(ids, (104, 20)) == 64
+    assert baselines.dense_width(ids, (104, 20)) == 64
     # Never below 8, so the dense GEMMs keep aligned shapes.
-    assert bench.dense_width(torch.tensor(HAND_IDS), (4, 2, 6)) == 8
+    assert baselines.dense_width(torch.tensor(HAND_IDS), (4, 2, 6)) == 8
 
 
 def test_config_sets():
@@ -128,7 +128,7 @@ def test_tiny_sweep_checks_and_counts(tiny_sweep):
     cfg = cfgs[0]
     ids = bench.make_inputs(cfg, torch.device(DEVICE), torch.bfloat16, dense=False).ids
     for r in vmoe.itertuples():
-        flops = bench.useful_flops(ids, cfg.widths, cfg.d, cfg.activation, r.mode)
+        flops = baselines.useful_flops(ids, cfg.widths, cfg.d, cfg.activation, r.mode)
         assert math.isclose(r.tflops * 1e12 * r.ms_p50 * 1e-3, flops, rel_tol=1e-4)
     dense = df[df.provider == "dense"]
     assert dense.applicable.all() and dense.rel_err.isna().all() and (dense.ms_p50 > 0).all()
@@ -401,3 +401,117 @@ def test_bench_keeps_the_names_the_notebook_uses():
         assert getattr(bench, name) is getattr(report, name), name
     assert callable(bench.gpu_slug) and callable(bench.gpu_name) and callable(bench.main)
     assert bench.MODES == ("fwd", "fwdbwd")
+
+
+def test_scope_column_round_trips(tmp_path):
+    cfg = bench.configs("tiny")[0]
+    env = {"gpu": "G", "torch": "t", "triton": "tr", "vmoe_commit": "c", "dtype": "bfloat16"}
+    expert = dict(bench._base_row(cfg, "vmoe", "fwd", env), ms_p50=1.0, ok=True)
+    layer = dict(bench._base_row(cfg, "vmoe", "fwd", env, scope="layer"), ms_p50=3.0, ok=True)
+    path = tmp_path / "r.csv"
+    report.write_rows(path, [expert, layer])
+    # The same measurement at the other scope is another row, not a replacement.
+    report.write_rows(path, [dict(layer, ms_p50=2.0)])
+    df = report.load_results(path).set_index("scope")
+    assert sorted(df.index) == ["expert", "layer"]
+    assert df.ms_p50["expert"] == 1.0 and df.ms_p50["layer"] == 2.0
+
+
+def test_an_old_csv_without_the_scope_column_loads_as_expert(tmp_path):
+    old_columns = [c for c in report.COLUMNS if c != "scope"]
+    path = tmp_path / "old.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old_columns)
+        writer.writeheader()
+        for provider, ms in (("vmoe", 1.0), ("naive", 9.0)):
+            writer.writerow({c: "" for c in old_columns} | {
+                "config": "c", "provider": provider, "mode": "fwd", "ms_p50": ms, "ok": "True",
+                "applicable": "True", "gpu": "G", "dtype": "bfloat16"})
+    df = report.load_results(path)
+    assert list(df.scope) == ["expert", "expert"]
+    assert report.speedup_table(df).naive_over_vmoe.tolist() == [9.0]
+    # Rewriting the file keeps the old rows as expert rows, and a new expert row replaces its twin.
+    row = {c: "" for c in report.COLUMNS} | {"config": "c", "provider": "vmoe", "mode": "fwd",
+                                            "scope": "expert", "ms_p50": 2.0, "ok": True,
+                                            "applicable": True, "gpu": "G", "dtype": "bfloat16"}
+    report.write_rows(path, [row])
+    df = report.load_results(path).set_index("provider")
+    assert list(df.scope) == ["expert", "expert"] and df.ms_p50["vmoe"] == 2.0
+
+
+def test_markdown_table_adds_a_layer_table_and_keeps_the_expert_one():
+    df, ms = _synthetic()
+    layer = df[df["provider"].isin(["vmoe", "grouped_mm", "dense"])].assign(scope="layer")
+    layer["ms_p50"] = layer["ms_p50"] * 2
+    both = pd.concat([df.assign(scope="expert"), layer], ignore_index=True)
+    md, expert_only = report.markdown_table(both), report.markdown_table(df)
+    head, _, tail = md.partition("Layer scope:")
+    assert tail, md
+    for line in expert_only.splitlines():
+        if line.startswith("| cfg-"):
+            assert line in head
+    line = next(x for x in tail.splitlines() if x.startswith("| cfg-a"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[2]) == 2 * ms["cfg-a"]["vmoe"]
+    assert float(cells[-1].rstrip("×")) == pytest.approx(ms["cfg-a"]["grouped_mm"] / ms["cfg-a"]["vmoe"])
+
+
+LAYER_CFG = [bench.BenchConfig("layer", 24, 32, 2, ((1, 16), (1, 32), (1, 16), (1, 8)), act)
+             for act in ("relu2", "swiglu")]
+
+
+@pytest.mark.parametrize("provider", ["vmoe", "grouped_mm"])
+@pytest.mark.parametrize("cfg", LAYER_CFG, ids=lambda c: c.activation)
+def test_layer_scope_provider_passes_its_check(cfg, provider):
+    dtype = torch.bfloat16
+    if provider == "grouped_mm":
+        reason = baselines.grouped_mm_unavailable(torch.device(DEVICE), dtype)
+        if reason:
+            pytest.skip(reason)
+    inp = bench.make_layer_inputs(cfg, torch.device(DEVICE), dtype, dense=False)
+    ref = bench.layer_reference_outputs(cfg, inp, grads=True)
+    errs = bench._LayerCase(provider, cfg, inp, "fwdbwd").errors(ref)
+    assert set(errs) == {"out", "aux", "f_i", "x", "router", "w1", "w2"}
+    assert all(v <= tolerance(dtype) for v in errs.values()), errs
+    fwd = bench._LayerCase(provider, cfg, inp, "fwd").errors(ref)
+    assert set(fwd) == {"out", "aux", "f_i"} and all(v <= tolerance(dtype) for v in fwd.values()), fwd
+
+
+def test_layer_oracle_is_the_reference_layer_on_its_own_routing():
+    """With the float64 layer's own top-k, the oracle is MoEMLP(impl="reference").forward."""
+    import dataclasses
+
+    from vmoe.reference import router_probs
+
+    cfg = LAYER_CFG[1]
+    inp = bench.make_layer_inputs(cfg, torch.device(DEVICE), torch.float64, dense=False)
+    moe = inp.moe
+    moe.config = dataclasses.replace(moe.config, impl="reference")
+    with torch.no_grad():
+        out, aux, f_i = moe(inp.x)
+        inp.ids = router_probs(moe.router(inp.x).float(), "softmax").topk(cfg.k, dim=-1).indices
+    ref = bench.layer_reference_outputs(cfg, inp, grads=False)
+    # MoEMLP routes in float32 (logits.float()), the oracle in float64: equal to ~1e-7.
+    assert rel_err(out, ref["out"]) < 1e-5
+    assert rel_err(torch.stack([aux[n] for n in sorted(aux)]), ref["aux"]) < 1e-5
+    assert rel_err(f_i, ref["f_i"]) < 1e-6
+
+
+def test_scope_layer_cli_writes_layer_rows(tmp_path):
+    out = tmp_path / "layer.csv"
+    # fwd only, to keep the interpreter's time down: the fwdbwd check is tested above.
+    status = bench.main(["--configs", "tiny", "--quick", "--scope", "layer", "--modes", "fwd",
+                         "--device", DEVICE, "--out", str(out)])
+    df = report.load_results(out)
+    assert status == 0 and len(df) > 0, df[["provider", "mode", "reason"]]
+    assert (df.scope == "layer").all()
+    assert set(df.provider) >= {"vmoe", "dense"} and set(df["mode"]) == {"fwd"}
+    vmoe = df[df.provider == "vmoe"]
+    assert vmoe.ok.all() and (vmoe.rel_err < tolerance(torch.bfloat16)).all()
+    # Layer FLOPs: the experts' and the router's 2 T d E.
+    cfg = bench.configs("tiny", quick=True)[0]
+    inp = bench.make_layer_inputs(cfg, torch.device(DEVICE), torch.bfloat16, dense=False)
+    for r in vmoe.itertuples():
+        flops = (baselines.useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, r.mode)
+                 + 2 * cfg.T * cfg.d * cfg.E)
+        assert math.isclose(r.tflops * 1e12 * r.ms_p50 * 1e-3, flops, rel_tol=1e-4)

@@ -1,12 +1,28 @@
-"""The baselines that vmoe is timed against, each a function of the same inputs as vmoe's.
+"""The providers that vmoe is timed against, and the layer-scope providers, all fed the same inputs.
 
-Used by :mod:`vmoe.bench` (which describes each provider in its docstring) and its tests.
+Expert scope (``y = sum_j w[t, j] * MLP_e(x[t])`` for a given routing):
+    vmoe        :func:`vmoe.expert_mlp`, routing metadata (build_routing) included.
+    naive       :func:`vmoe.reference.expert_mlp`, the per-expert Python loop, in the bench dtype.
+    stk         the block-sparse baseline of the original work (MegaBlocks' dMoE, rebuilt): tokens
+                sorted and padded to 128 rows per expert, the variable-width block-sparse topology
+                built every call, ``stk.ops.sdd(x, w1) -> act -> stk.ops.dsd(h, w2)``, un-permuted
+                and weighted. Torch ops do the routing (MegaBlocks' CUDA extension does not build on
+                CUDA 13). Needs d and every f_e to be multiples of 128. Optional (``pip install
+                .[bench]``).
+    grouped_mm  ``torch._grouped_mm``: tokens sorted by expert, one grouped GEMM per group of
+                equal-width experts for each projection, weighted sum back to tokens. It keeps its
+                weights as one [n, d, g f] / [n, f, d] pair per width (copied from w1, w2 once).
+                Needs 16-byte aligned strides (d and f_e multiples of 8 in bf16).
+    dense       the ceiling: one balanced ``[T k, d] x [d, f_bar]`` MLP with the same useful FLOPs
+                (f_bar = sum_e n_e f_e / (T k), rounded to a multiple of 8) and no routing at all.
 
-    naive       :func:`vmoe.reference.expert_mlp` in the bench dtype.
-    stk         the block-sparse dMoE of MegaBlocks, rebuilt on ``stk.ops.sdd``/``dsd``.
-    grouped_mm  ``torch._grouped_mm``, one grouped GEMM per group of equal-width experts
-                (:func:`to_buckets` gives its weight layout, :func:`from_buckets` the inverse).
-    dense       one balanced MLP with the same useful FLOPs, no routing.
+Layer scope (:func:`layer_provider`: ``out, aux, f_i = layer(x)``, as :class:`vmoe.MoEMLP` returns):
+    vmoe           the MoEMLP itself, eager.
+    vmoe_graph     the same, captured in a CUDA graph by :mod:`vmoe.bench` and replayed.
+    vmoe_compiled  ``torch.compile(MoEMLP)``, default mode.
+    grouped_mm     :func:`grouped_mm_layer`: the same layer in torch ops (router, top-k, the three
+                   aux losses), the experts through grouped_mm above.
+    dense          dense above, plus the router GEMM.
 
 Shape letters: see :mod:`vmoe.config`.
 """
@@ -19,9 +35,48 @@ import torch
 from . import reference
 from ._utils import device_ints, interpreting
 from .autograd import expert_mlp
-from .config import gate_factor
+from .config import MoEConfig, gate_factor
 
 STK_BLOCK = 128
+
+
+# Useful work: what every provider is credited with, whatever it computes on the way (see
+# vmoe.bench); and the dense stand-in that does the same amount in one balanced MLP.
+
+
+def _mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
+    flops = 4.0 * sum_nf * d * (1.5 if activation == "swiglu" else 1.0)
+    return flops * (3.0 if mode == "fwdbwd" else 1.0)
+
+
+def _sum_nf(topk_ids: torch.Tensor, widths) -> float:
+    """sum_e n_e f_e for this routing, on the host (for the report, outside any timed region)."""
+    ids = topk_ids.reshape(-1).long().cpu()  # host-ok: FLOP counting, not timed
+    counts = torch.bincount(ids, minlength=len(widths))[:len(widths)]
+    return float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum())
+
+
+def useful_flops(topk_ids: torch.Tensor, widths, d: int, activation: str, mode: str = "fwd") -> float:
+    """Useful FLOPs of one call for this routing: ``4 d sum_e n_e f_e`` for the forward (x1.5 for
+    swiglu), x3 for forward+backward."""
+    return _mlp_flops(_sum_nf(topk_ids, widths), d, activation, mode)
+
+
+def dense_width(topk_ids: torch.Tensor, widths) -> int:
+    """f_bar: the width of a balanced dense MLP over T k rows doing the same useful work, a multiple of 8."""
+    T, k = topk_ids.shape
+    mean = _sum_nf(topk_ids, widths) / (T * k)
+    return max(8, 8 * round(mean / 8))
+
+
+def add_dense_inputs(inp, cfg, ids, randn, dtype) -> None:
+    """Give ``inp`` the dense stand-in's inputs (``dense``: x [T k, d], w1, w2, dy through an
+    f_bar-wide MLP) and its useful forward FLOPs (``dense_flops``); ``randn(*shape)`` draws them."""
+    T, d, k, g = cfg.T, cfg.d, cfg.k, gate_factor(cfg.activation)
+    fbar = dense_width(ids, cfg.widths)
+    inp.dense = {"x": randn(T * k, d).to(dtype), "w1": (randn(d, g * fbar) * d ** -0.5).to(dtype),
+                 "w2": (randn(fbar, d) * fbar ** -0.5).to(dtype), "dy": randn(T * k, d).to(dtype)}
+    inp.dense_flops = _mlp_flops(float(T * k * fbar), d, cfg.activation, "fwd")
 
 
 def applicability(provider: str, cfg, dtype: torch.dtype) -> tuple[bool, str]:
@@ -234,6 +289,43 @@ def stk_moe(x, ids, w, w1, w2, widths, activation):
 EXPERT_FNS = {"vmoe": vmoe_moe, "vmoe_graph": vmoe_moe, "naive": naive_moe, "stk": stk_moe}
 
 
+def expert_provider(provider: str, inp, grad: bool, widths, activation):
+    """``(leaves, forward, dy)`` of one expert-scope provider on the shared inputs ``inp``
+    (:class:`vmoe.bench.Inputs`): ``forward()`` returns y; its leaves require grad if ``grad``."""
+
+    def leaf(t):
+        return t.detach().requires_grad_(grad)
+
+    ids = inp.ids
+    if provider == "dense":
+        lv = {n: leaf(inp.dense[n]) for n in ("x", "w1", "w2")}
+        return lv, lambda: dense_mlp(lv["x"], lv["w1"], lv["w2"], activation), inp.dense["dy"]
+    if provider == "grouped_mm":
+        buckets = to_buckets(inp.w1, inp.w2, widths, activation)
+        lv = {"x": leaf(inp.x), "w": leaf(inp.w)}
+        for i, (b1, b2) in enumerate(buckets):
+            lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
+        b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
+        b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
+        return lv, lambda: grouped_mm_moe(lv["x"], ids, lv["w"], b1s, b2s, widths, activation), inp.dy
+    lv = {n: leaf(getattr(inp, n)) for n in ("x", "w", "w1", "w2")}
+    fn = EXPERT_FNS[provider]
+    return lv, lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, activation), inp.dy
+
+
+def provider_grads(leaves: dict, widths, activation) -> dict:
+    """The gradients in ``leaves`` by name, grouped_mm's per-bucket weights (``b1_i``, ``b2_i``) laid
+    back out as w1 and w2, for comparing with the reference."""
+    out = {n: t.grad for n, t in leaves.items() if t.grad is not None and n[:2] not in ("b1", "b2")}
+    n = sum(1 for name in leaves if name.startswith("b1_"))
+    if n:
+        # A bucket that no token reached takes no part in the graph: its gradient is zero.
+        b1s, b2s = ([leaves[f"{b}_{i}"].grad if leaves[f"{b}_{i}"].grad is not None
+                     else torch.zeros_like(leaves[f"{b}_{i}"]) for i in range(n)] for b in ("b1", "b2"))
+        out["w1"], out["w2"] = from_buckets(b1s, b2s, widths, activation)
+    return out
+
+
 def available_providers(requested, device, dtype, log=print) -> list[str]:
     """The requested providers that can run here; each one left out is announced through ``log``."""
     out = []
@@ -249,6 +341,9 @@ def available_providers(requested, device, dtype, log=print) -> list[str]:
             if device.type != "cuda" and not interpreting():
                 log("skipping stk: its Triton kernels need CUDA or TRITON_INTERPRET=1")
                 continue
+        if p == "vmoe_compiled" and device.type != "cuda":
+            log("skipping vmoe_compiled: torch.compile(MoEMLP) is measured on a GPU only")
+            continue
         if p == "vmoe_graph" and device.type != "cuda":
             log("skipping vmoe_graph: CUDA graphs need a GPU")
             continue
@@ -272,3 +367,74 @@ def grouped_mm_unavailable(device, dtype) -> str:
     except (RuntimeError, NotImplementedError) as exc:
         return f"torch._grouped_mm fails on {device.type} in {str(dtype)[6:]}: {str(exc).splitlines()[0]}"
     return ""
+
+
+def layer_provider(provider: str, moe, x: torch.Tensor, dense: dict | None = None):
+    """``(leaves, forward)`` of one layer-scope provider of the layer ``moe`` on the input leaf ``x``.
+
+    ``forward()`` returns ``(out, aux, f_i)`` as :class:`vmoe.MoEMLP` does (dense: ``f_i`` None and
+    the router logits' mean as its only "aux"); ``leaves`` are the tensors a backward writes
+    gradients into. Every provider has its own copy of the weights, so none shares state.
+    """
+    import copy
+
+    cfg = moe.config
+
+    def leaf(t):
+        return t.detach().requires_grad_(x.requires_grad)
+
+    if provider in ("vmoe", "vmoe_graph", "vmoe_compiled"):
+        layer = copy.deepcopy(moe)
+        fn = layer
+        if provider == "vmoe_compiled":
+            # A fresh cache per layer: across many configs dynamo would otherwise reach its
+            # recompile limit and silently fall back to eager.
+            torch._dynamo.reset()
+            fn = torch.compile(layer)
+        return {"x": x, "router": layer.router.weight, "w1": layer.w1, "w2": layer.w2}, lambda: fn(x)
+    lv = {"x": x, "router": leaf(moe.router.weight)}
+    if provider == "dense":
+        lv.update({"xd": leaf(dense["x"]), "w1": leaf(dense["w1"]), "w2": leaf(dense["w2"])})
+
+        def forward():
+            logits = torch.nn.functional.linear(lv["x"], lv["router"]).float()
+            return dense_mlp(lv["xd"], lv["w1"], lv["w2"], cfg.activation), {"router": logits.mean()}, None
+
+        return lv, forward
+    if provider != "grouped_mm":
+        raise ValueError(f"no layer-scope provider {provider!r}")
+    buckets = to_buckets(moe.w1.detach(), moe.w2.detach(), cfg.expert_widths, cfg.activation)
+    for i, (b1, b2) in enumerate(buckets):
+        lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
+    b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
+    b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
+    return lv, lambda: grouped_mm_layer(x, lv["router"], b1s, b2s, cfg)
+
+
+def grouped_mm_layer(x, router_w, b1s, b2s, cfg: MoEConfig):
+    """:class:`vmoe.MoEMLP`'s forward written in torch ops, its experts through :func:`grouped_mm_moe`
+    (``b1s``, ``b2s`` from :func:`to_buckets`). Returns ``(out, aux, f_i)``."""
+    T, E, k = x.shape[0], cfg.num_experts, cfg.num_active_experts
+    logits = torch.nn.functional.linear(x, router_w).float()                 # [T, E]
+    probs = torch.softmax(logits, dim=-1) if cfg.router == "softmax" else torch.sigmoid(logits)
+    top, ids = probs.topk(k, dim=-1)
+    if cfg.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    out = grouped_mm_moe(x, ids, top.to(x.dtype), b1s, b2s, cfg.expert_widths, cfg.activation)
+    counts = torch.bincount(ids.reshape(-1), minlength=E).float()
+    return out, _aux_losses(logits, probs, counts, cfg), counts / max(T * k, 1)
+
+
+def _aux_losses(logits, probs, counts, cfg: MoEConfig) -> dict:
+    """:meth:`vmoe.MoEMLP.aux_losses` written out: router z-loss, load balance within each group of
+    equal-width experts (averaged over the groups), and the expected width over the mean width."""
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    p_mean = probs.mean(0)                                                  # [E]
+    group_losses, lo = [], 0
+    for count, _ in cfg.expert_sizes:
+        n, p = counts[lo:lo + count], p_mean[lo:lo + count]
+        group_losses.append(count * (n / n.sum().clamp_min(1.0) * p / p.sum().clamp_min(1e-20)).sum())
+        lo += count
+    w = device_ints(cfg.expert_widths, logits.device, torch.float32)
+    return {"router_z_loss": z_loss, "load_balance_loss": torch.stack(group_losses).mean(),
+            "compute_loss": (probs @ w).mean() / w.mean()}

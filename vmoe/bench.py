@@ -1,44 +1,42 @@
 """Benchmark harness: vmoe against the other ways of computing a variable-width MoE, one CSV per GPU.
 
 Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_benchmarks.ipynb`` and the
-README's results table read what it writes, through :func:`load_results`, :func:`speedup_table` and
-:func:`markdown_table`. Shape letters: see :mod:`vmoe.config`.
+README's results table read what it writes (:mod:`vmoe.report`, re-exported here). The providers are
+described in :mod:`vmoe.baselines`. Shape letters: see :mod:`vmoe.config`.
 
-Providers, all fed the same x, routing and weights:
-    vmoe        :func:`vmoe.expert_mlp`, routing metadata (build_routing) included.
-    naive       :func:`vmoe.reference.expert_mlp`, the per-expert Python loop, in the bench dtype.
-    stk         the block-sparse baseline of the original work (MegaBlocks' dMoE, rebuilt): tokens
-                sorted and padded to 128 rows per expert, the variable-width block-sparse topology
-                built every call, ``stk.ops.sdd(x, w1) -> act -> stk.ops.dsd(h, w2)``, un-permuted
-                and weighted. Torch ops do the routing (MegaBlocks' CUDA extension does not build on
-                CUDA 13). Needs d and every f_e to be multiples of 128. Optional (``pip install
-                .[bench]``).
-    grouped_mm  ``torch._grouped_mm``: tokens sorted by expert, one grouped GEMM per group of
-                equal-width experts for each projection, weighted sum back to tokens. It keeps its
-                weights as one [n, d, g f] / [n, f, d] pair per width (copied from w1, w2 once).
-                Needs 16-byte aligned strides (d and f_e multiples of 8 in bf16).
-    dense       the ceiling: one balanced ``[T k, d] x [d, f_bar]`` MLP with the same useful FLOPs
-                (f_bar = sum_e n_e f_e / (T k), rounded to a multiple of 8) and no routing at all.
+Two scopes (``--scope``; a CSV row's ``scope`` column):
+    expert  the expert computation alone, for a given routing and given weights (the default).
+    layer   the whole :class:`vmoe.MoEMLP` as a training loop calls it: ``out, aux, f_i = moe(x)``,
+            and for fwdbwd the backward of ``(out * dy).sum() + sum(aux.values())``. softmax router,
+            top-k renormalised, in the bench dtype.
 
 Useful FLOPs, from the routing actually used (n_e assignments to expert e): the forward does two
 GEMMs of ``2 n_e f_e d`` each, so ``4 d sum_e n_e f_e``; swiglu's up projection is twice as wide,
-so 1.5 times that; forward+backward counts 3 times the forward. Padding (stk) and recomputation are
-not useful work and are not counted.
+so 1.5 times that; the layer adds the router's ``2 T d E``; forward+backward counts 3 times the
+forward. Padding (stk) and recomputation are not useful work and are not counted.
 
-Every provider's output (and, for fwdbwd, its gradients of x, topk_weights, w1 and w2) is compared
-with the float64 reference before it is timed. ``rel_err`` is the largest ``||out - ref|| / ||ref||``
-over those tensors (:func:`vmoe.testing.rel_err`; NaN if any output is not finite); a provider above
-:func:`vmoe.testing.tolerance` for the dtype keeps its row with ``ok=False``.
-Providers that cannot run a config get a row with ``applicable=False`` and the reason.
+The check before timing compares, with :func:`vmoe.testing.rel_err` (NaN if any output is not
+finite), against a float64 oracle:
+    expert  ``out`` and, for fwdbwd, the gradients of x, topk_weights, w1 and w2, against
+            :func:`vmoe.reference.expert_mlp` on the same routing.
+    layer   ``out``, the three aux losses, ``f_i`` and, for fwdbwd, the gradients of x, the router
+            weight, w1 and w2, against a float64 copy of the layer on the reference loop
+            (impl="reference") that takes the top-k experts the layer's own router picks in the bench
+            dtype: a near-tie may legitimately flip in bf16, which is no error of the kernels. The
+            weights are recomputed in float64, the aux losses in float32 (as MoEMLP computes them).
+            A provider whose router picks otherwise (torch.compile may round the logits differently)
+            shows it in ``f_i`` and ``out``: ``ok=False`` with each error named, not a crash.
+``rel_err`` is the largest error over those tensors; above :func:`vmoe.testing.tolerance` for the
+dtype the row keeps ``ok=False`` and names each error. dense computes another function and is not
+checked. Providers that cannot run a config get a row with ``applicable=False`` and the reason.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import math
-import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,14 +47,20 @@ import triton
 
 from . import reference
 from ._utils import interpreting, reexec_with_interpreter
-from .baselines import (EXPERT_FNS, applicability, available_providers, dense_mlp, from_buckets,
-                        grouped_mm_moe, to_buckets)
-from .config import gate_factor
-from .report import (COLUMNS, README_END, README_START, load_results, markdown_table,  # noqa: F401
-                     regenerate, rewrite_readme, speedup_table, write_rows)
+from .baselines import (add_dense_inputs, applicability, available_providers,
+                        expert_provider, layer_provider, provider_grads, useful_flops)
+from .config import MoEConfig, gate_factor
+from .layer import MoEMLP
+from .reference import router_probs
+from .report import (COLUMNS, README_END, README_START, gpu_slug, load_results,  # noqa: F401
+                     markdown_table, progress, regenerate, rewrite_readme, speedup_table, summary,
+                     vmoe_commit, write_rows)
 from .testing import rel_err, tolerance
 
-PROVIDERS = ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense")
+PROVIDERS = ("vmoe", "vmoe_graph", "vmoe_compiled", "naive", "stk", "grouped_mm", "dense")
+SCOPES = ("expert", "layer")
+SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense"),
+                   "layer": ("vmoe", "vmoe_graph", "vmoe_compiled", "grouped_mm", "dense")}
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
@@ -137,32 +141,6 @@ def configs(selection: str = "all", quick: bool = False, match: str | None = Non
     return [c for c in out if c.quick] if quick else out
 
 
-def _mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
-    flops = 4.0 * sum_nf * d * (1.5 if activation == "swiglu" else 1.0)
-    return flops * (3.0 if mode == "fwdbwd" else 1.0)
-
-
-def _sum_nf(topk_ids: torch.Tensor, widths) -> float:
-    """sum_e n_e f_e for this routing, on the host (for the report, outside any timed region)."""
-    ids = topk_ids.reshape(-1).long().cpu()  # host-ok: FLOP counting, not timed
-    counts = torch.bincount(ids, minlength=len(widths))[:len(widths)]
-    return float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum())
-
-
-def useful_flops(topk_ids: torch.Tensor, widths, d: int, activation: str, mode: str = "fwd") -> float:
-    """Useful FLOPs of one call for this routing: ``4 d sum_e n_e f_e`` for the forward (x1.5 for
-    swiglu), x3 for forward+backward."""
-    return _mlp_flops(_sum_nf(topk_ids, widths), d, activation, mode)
-
-
-def dense_width(topk_ids: torch.Tensor, widths) -> int:
-    """f_bar: the width of a balanced dense MLP over T k rows doing the same useful work, a multiple of 8."""
-    T, k = topk_ids.shape
-    mean = _sum_nf(topk_ids, widths) / (T * k)
-    return max(8, 8 * round(mean / 8))
-
-
-
 @dataclass
 class Inputs:
     """One config's inputs, shared by every provider: x, routing, weights, and dy for the backward."""
@@ -199,10 +177,7 @@ def make_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = Tr
     dy = randn(T, d).to(dtype)
     inp = Inputs(x, ids, w, w1, w2, dy)
     if dense:
-        fbar = dense_width(ids, widths)
-        inp.dense = {"x": randn(T * k, d).to(dtype), "w1": (randn(d, g * fbar) * d ** -0.5).to(dtype),
-                     "w2": (randn(fbar, d) * fbar ** -0.5).to(dtype), "dy": randn(T * k, d).to(dtype)}
-        inp.dense_flops = _mlp_flops(float(T * k * fbar), d, cfg.activation, "fwd")
+        add_dense_inputs(inp, cfg, ids, randn, dtype)
     return inp
 
 
@@ -219,37 +194,89 @@ def reference_outputs(cfg: BenchConfig, inp: Inputs, grads: bool) -> dict:
     return ref
 
 
+@dataclass
+class LayerInputs:
+    """One config's layer (in the bench dtype), its input and dy, and the top-k experts its router
+    picks for x (the routing every layer-scope provider computes, and the oracle takes)."""
+
+    moe: MoEMLP
+    x: torch.Tensor
+    dy: torch.Tensor
+    ids: torch.Tensor
+    flops: float                   # useful forward FLOPs: the experts' and the router's
+    dense: dict | None = None
+    dense_flops: float = 0.0       # the dense MLP's and the router's
+
+
+def make_layer_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = True) -> LayerInputs:
+    """A seeded :class:`vmoe.MoEMLP` (softmax router, renormalised top-k, its own initialisation),
+    x and dy ~ N(0, 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moe = MoEMLP(MoEConfig(n_embd=cfg.d, expert_sizes=list(cfg.expert_sizes), num_active_experts=cfg.k,
+                               activation=cfg.activation, router="softmax", norm_topk_prob=True))
+    moe = moe.to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    x, dy = randn(cfg.T, cfg.d).to(dtype), randn(cfg.T, cfg.d).to(dtype)
+    with torch.no_grad():  # as MoEMLP.forward selects
+        probs = router_probs(moe.router(x).float(), moe.config.router)
+        ids = probs.topk(cfg.k, dim=-1).indices
+    router = 2.0 * cfg.T * cfg.d * cfg.E
+    inp = LayerInputs(moe, x, dy, ids, useful_flops(ids, cfg.widths, cfg.d, cfg.activation) + router)
+    if dense:
+        add_dense_inputs(inp, cfg, ids, randn, dtype)
+        inp.dense_flops += router
+    return inp
+
+
+def layer_reference_outputs(cfg: BenchConfig, inp: LayerInputs, grads: bool) -> dict:
+    """The float64 oracle at layer scope (see the module docstring): ``out``, ``aux`` (the three
+    losses, by name), ``f_i`` and, if asked, the gradients of x, router, w1, w2."""
+    moe = copy.deepcopy(inp.moe).double()
+    x = inp.x.detach().double().requires_grad_(grads)
+    with torch.set_grad_enabled(grads):
+        # MoEMLP.forward on the reference path, with its top-k taken from inp.ids.
+        logits = moe.router(x)
+        probs = router_probs(logits, moe.config.router)
+        w = probs.gather(1, inp.ids)
+        if moe.config.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        out = reference.expert_mlp(x, inp.ids, w, moe.w1, moe.w2, cfg.widths, cfg.activation)
+        counts = torch.bincount(inp.ids.reshape(-1), minlength=cfg.E).double()
+        # aux_losses computes in float32 whatever the layer's dtype (its widths buffer is cast).
+        aux = moe.aux_losses(logits.float(), probs.float(), counts.float())
+    ref = {"out": out.detach(), "aux": _stack(aux).detach(), "f_i": counts / (cfg.T * cfg.k)}
+    if grads:
+        ((out * inp.dy.double()).sum() + sum(aux.values())).backward()
+        ref.update(x=x.grad, router=moe.router.weight.grad, w1=moe.w1.grad, w2=moe.w2.grad)
+    return ref
+
+
+def _stack(aux: dict) -> torch.Tensor:
+    return torch.stack([aux[n] for n in sorted(aux)])
+
+
 class _Case:
-    """One provider on one config in one mode: its leaves, and a zero-argument call to time."""
+    """One provider on one config in one mode at expert scope: its leaves, a forward, the backward a
+    training step runs on its output, and a zero-argument call to time."""
 
     def __init__(self, provider: str, cfg: BenchConfig, inp: Inputs, mode: str):
         grad = mode == "fwdbwd"
-        self.mode, self.provider, self.cfg = mode, provider, cfg
+        self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
+        self.flops = (inp.dense_flops * (3 if grad else 1) if provider == "dense"
+                      else useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode))
+        self.leaves, self.forward, self.dy = expert_provider(provider, inp, grad, cfg.widths, cfg.activation)
 
-        def leaf(t):
-            return t.detach().requires_grad_(grad)
+    def backward(self, out):
+        out.backward(self.dy)
 
-        ids, widths, act = inp.ids, cfg.widths, cfg.activation
-        self.dy = inp.dy
-        self.flops = useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode)
-        if provider == "dense":
-            src = inp.dense
-            lv = self.leaves = {n: leaf(src[n]) for n in ("x", "w1", "w2")}
-            self.dy = src["dy"]
-            self.forward = lambda: dense_mlp(lv["x"], lv["w1"], lv["w2"], act)
-            self.flops = inp.dense_flops * (3 if grad else 1)
-        elif provider == "grouped_mm":
-            buckets = to_buckets(inp.w1, inp.w2, widths, act)
-            lv = self.leaves = {"x": leaf(inp.x), "w": leaf(inp.w)}
-            for i, (b1, b2) in enumerate(buckets):
-                lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
-            b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
-            b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
-            self.forward = lambda: grouped_mm_moe(lv["x"], ids, lv["w"], b1s, b2s, widths, act)
-        else:
-            lv = self.leaves = {n: leaf(getattr(inp, n)) for n in ("x", "w", "w1", "w2")}
-            fn = EXPERT_FNS[provider]
-            self.forward = lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, act)
+    def checked(self, out) -> dict:
+        """The forward's outputs that the check compares, by the oracle's names."""
+        return {"out": out}
 
     def clear_grads(self):
         for t in self.leaves.values():
@@ -259,36 +286,50 @@ class _Case:
         if self.mode == "fwd":
             with torch.no_grad():
                 return self.forward()
-        self.forward().backward(self.dy)
+        self.backward(self.forward())
 
     def grads(self) -> dict:
         """The gradients this provider produced, named and laid out as the reference's."""
-        out = {n: t.grad for n, t in self.leaves.items() if t.grad is not None and n[:2] not in ("b1", "b2")}
-        if self.provider == "grouped_mm":
-            n = sum(1 for name in self.leaves if name.startswith("b1_"))
-            # A bucket that no token reached takes no part in the graph: its gradient is zero.
-            b1s, b2s = ([self.leaves[f"{b}_{i}"].grad if self.leaves[f"{b}_{i}"].grad is not None
-                         else torch.zeros_like(self.leaves[f"{b}_{i}"]) for i in range(n)]
-                        for b in ("b1", "b2"))
-            out["w1"], out["w2"] = from_buckets(b1s, b2s, self.cfg.widths, self.cfg.activation)
-        return out
+        return provider_grads(self.leaves, self.widths, self.activation)
 
     def errors(self, ref: dict) -> dict:
-        """Relative errors of the output and of every gradient this provider produced."""
+        """Relative errors of the checked outputs and of every gradient this provider produced."""
         self.clear_grads()
         with torch.set_grad_enabled(self.mode == "fwdbwd"):
             out = self.forward()
-        errs = {"out": rel_err(out, ref["out"])}
+        errs = {n: rel_err(t, ref[n]) for n, t in self.checked(out).items()}
         if self.mode == "fwdbwd":
-            out.backward(self.dy)
+            self.backward(out)
             errs.update({n: rel_err(g, ref[n]) for n, g in self.grads().items()})
         self.clear_grads()
         return errs
 
 
+class _LayerCase(_Case):
+    """One provider at layer scope: ``out, aux, f_i = layer(x)``; fwdbwd backpropagates
+    ``(out * dy).sum() + sum(aux.values())``, as a training step does."""
+
+    def __init__(self, provider: str, cfg: BenchConfig, inp: LayerInputs, mode: str):
+        grad = mode == "fwdbwd"
+        self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
+        x = inp.x.detach().requires_grad_(grad)
+        self.leaves, self.forward = layer_provider(provider, inp.moe, x, inp.dense)
+        dense = provider == "dense"
+        self.dy = inp.dense["dy"] if dense else inp.dy
+        self.flops = (inp.dense_flops if dense else inp.flops) * (3 if grad else 1)
+
+    def backward(self, out):
+        y, aux, _ = out
+        ((y * self.dy).sum() + sum(aux.values())).backward()
+
+    def checked(self, out) -> dict:
+        y, aux, f_i = out
+        return {"out": y, "aux": _stack(aux), "f_i": f_i}
+
+
 class _GraphCase:
-    """The vmoe case captured once in a CUDA graph and replayed: the launch-free time, and proof
-    that the layer needs no host synchronization (capture fails on one)."""
+    """A vmoe case captured once in a CUDA graph and replayed: the launch-free time, and proof
+    that it needs no host synchronization (capture fails on one)."""
 
     def __init__(self, case: _Case, device):
         self.case, self.mode, self.flops = case, case.mode, case.flops
@@ -302,11 +343,10 @@ class _GraphCase:
         torch.cuda.current_stream(device).wait_stream(side)
         case.clear_grads()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            with torch.set_grad_enabled(self.mode == "fwdbwd"):
-                self.out = case.forward()
-                if self.mode == "fwdbwd":
-                    self.out.backward(case.dy)
+        with torch.cuda.graph(self.graph), torch.set_grad_enabled(self.mode == "fwdbwd"):
+            self.out = case.forward()
+            if self.mode == "fwdbwd":
+                case.backward(self.out)
         self.grads = case.grads() if self.mode == "fwdbwd" else {}
 
     def __call__(self):
@@ -316,9 +356,9 @@ class _GraphCase:
         pass
 
     def errors(self, ref: dict) -> dict:
-        """Relative errors of what a replay writes: the output and every captured gradient."""
+        """Relative errors of what a replay writes: the checked outputs and every captured gradient."""
         self.graph.replay()
-        errs = {"out": rel_err(self.out, ref["out"])}
+        errs = {n: rel_err(t, ref[n]) for n, t in self.case.checked(self.out).items()}
         errs.update({n: rel_err(g, ref[n]) for n, g in self.grads.items()})
         return errs
 
@@ -378,54 +418,41 @@ def gpu_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def gpu_slug(name: str) -> str:
-    """A short file name for a device: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
-    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name.replace("NVIDIA", ""))
-    if m:
-        return m.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def vmoe_commit() -> str:
-    """``git rev-parse --short HEAD``, with "+dirty" when vmoe/ has uncommitted changes; else "unknown"."""
-    if os.environ.get("VMOE_COMMIT"):  # a copy of the tree without its .git names its commit here
-        return os.environ["VMOE_COMMIT"]
-    here = Path(__file__).resolve().parent
-
-    def git(*args):
-        res = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not head:
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict) -> dict:
+def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict, scope: str = "expert") -> dict:
     row = dict.fromkeys(COLUMNS, "")
     row.update(env)
-    row.update(config=cfg.name, provider=provider, mode=mode, T=cfg.T, d=cfg.d, k=cfg.k, E=cfg.E,
-               widths=cfg.widths_str, activation=cfg.activation, applicable=True)
+    row.update(config=cfg.name, provider=provider, mode=mode, scope=scope, T=cfg.T, d=cfg.d, k=cfg.k,
+               E=cfg.E, widths=cfg.widths_str, activation=cfg.activation, applicable=True)
     for c in ("ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "peak_mem_mb"):
         row[c] = float("nan")
     return row
 
 
-def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict | None, device,
-            dtype, timing: Timing, env: dict, log=print) -> dict:
-    """One CSV row: check against the float64 reference, then time. Errors become rows, not crashes."""
-    row = _base_row(cfg, provider, mode, env)
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def measure(cfg: BenchConfig, provider: str, mode: str, inp, ref: dict | None, device, dtype,
+            timing: Timing, env: dict, log=print, scope: str = "expert") -> dict:
+    """One CSV row: check against the float64 reference, then time. Errors become rows, not crashes.
+
+    ``inp`` and ``ref`` come from :func:`make_inputs` and :func:`reference_outputs` at expert scope,
+    from :func:`make_layer_inputs` and :func:`layer_reference_outputs` at layer scope.
+    """
+    row = _base_row(cfg, provider, mode, env, scope)
     ok_shape, why = applicability(provider, cfg, dtype)
     if not ok_shape:
         row.update(applicable=False, reason=why)
         return row
     try:
-        case = _Case(provider, cfg, inp, mode)
+        case = (_Case if scope == "expert" else _LayerCase)(provider, cfg, inp, mode)
+        if provider == "vmoe_compiled":
+            try:
+                case()  # compiles
+            except Exception as exc:  # noqa: BLE001 (torch.compile raises anything; the row says what)
+                row.update(applicable=False, reason=f"torch.compile(MoEMLP) raised {_first_line(exc)}")
+                log(f"skipping vmoe_compiled on {cfg.name} {mode}: {row['reason']}")
+                return row
         if provider == "vmoe_graph":
             case = _GraphCase(case, device)
         if provider == "dense":
@@ -440,73 +467,62 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict |
             if not row["ok"]:
                 detail = ", ".join(f"{n} {v:.2e}" for n, v in errs.items())
                 row["reason"] = f"rel err above {tolerance(dtype):g}: {detail}"
-                log(f"CHECK FAILED {cfg.name} {provider} {mode}: {detail}")
+                log(f"CHECK FAILED {cfg.name} {provider} {mode} {scope}: {detail}")
         ms, peak, timer = _time_case(case, device, timing)
         row.update(ms_p50=ms[0], ms_p20=ms[1], ms_p80=ms[2], peak_mem_mb=peak, timer=timer,
                    tflops=case.flops / (ms[0] * 1e-3) / 1e12)
-    except Exception as exc:  # one provider's failure must not lose the rest of the sweep
-        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
-        row.update(ok=False, reason=f"error: {type(exc).__name__}: {msg}")
-        log(f"ERROR {cfg.name} {provider} {mode}: {type(exc).__name__}: {msg}")
+    except Exception as exc:  # noqa: BLE001 (one provider's failure must not lose the rest of the sweep)
+        row.update(ok=False, reason=f"error: {_first_line(exc)}")
+        log(f"ERROR {cfg.name} {provider} {mode} {scope}: {_first_line(exc)}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
 
 
-def _progress(total: int):
-    disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None, print
-    bar = tqdm(total=total, desc="vmoe.bench", unit="run", disable=disable, dynamic_ncols=True)
-    return bar, bar.write
+def _scope_inputs(scope: str, cfg: BenchConfig, providers, modes, device, dtype, seed: int):
+    """(inputs, float64 reference or None if only dense runs) of one config at one scope."""
+    make, oracle = ((make_inputs, reference_outputs) if scope == "expert"
+                    else (make_layer_inputs, layer_reference_outputs))
+    inp = make(cfg, device, dtype, seed, dense="dense" in providers)
+    checked = any(p != "dense" for p in providers)
+    return inp, oracle(cfg, inp, grads="fwdbwd" in modes) if checked else None
 
 
 def run_sweep(cfgs, providers, modes, device, dtype, timing: Timing, out=None, seed: int = 0,
-              log=None) -> list[dict]:
-    """Check and time every (config, provider, mode); rows are written to ``out`` as they come."""
+              log=None, scopes=("expert",)) -> list[dict]:
+    """Check and time every (config, scope, provider, mode); rows are written to ``out`` as they
+    come. Each scope runs the requested providers it has (:data:`SCOPE_PROVIDERS`)."""
     device = torch.device(device)
     env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
            "vmoe_commit": vmoe_commit(), "dtype": str(dtype)[6:]}
-    bar, write = _progress(len(cfgs) * len(providers) * len(modes))
+    plan = [(s, [p for p in providers if p in SCOPE_PROVIDERS[s]]) for s in scopes]
+    bar, write = progress(len(cfgs) * len(modes) * sum(len(ps) for _, ps in plan))
     log = log or write
     rows = []
     try:
         for cfg in cfgs:
-            inp = make_inputs(cfg, device, dtype, seed, dense="dense" in providers)
-            ref = None
-            if any(p != "dense" for p in providers):
-                ref = reference_outputs(cfg, inp, grads="fwdbwd" in modes)
-            for provider in providers:
-                for mode in modes:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{cfg.name} {provider} {mode}")
-                    row = measure(cfg, provider, mode, inp, ref, device, dtype, timing, env, log)
-                    rows.append(row)
-                    if out is not None:
-                        write_rows(out, rows)
-                    log(_summary(row))
-                    if bar is not None:
-                        bar.update()
-            del inp, ref
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for scope, scope_providers in plan:
+                if not scope_providers:
+                    continue
+                inp, ref = _scope_inputs(scope, cfg, scope_providers, modes, device, dtype, seed)
+                for provider in scope_providers:
+                    for mode in modes:
+                        if bar is not None:
+                            bar.set_postfix_str(f"{cfg.name} {provider} {mode} {scope}")
+                        row = measure(cfg, provider, mode, inp, ref, device, dtype, timing, env, log, scope)
+                        rows.append(row)
+                        if out is not None:
+                            write_rows(out, rows)
+                        log(summary(row))
+                        if bar is not None:
+                            bar.update()
+                del inp, ref
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         if bar is not None:
             bar.close()
     return rows
-
-
-def _summary(row: dict) -> str:
-    head = f"{row['config']:<40} {row['provider']:<10} {row['mode']:<6}"
-    if row["applicable"] is False:
-        return f"{head} n/a: {row['reason']}"
-    if row["reason"].startswith("error"):
-        return f"{head} {row['reason']}"
-    ok = {True: "ok", False: "FAIL", "": "-"}[row["ok"]]
-    return (f"{head} {row['ms_p50']:9.4f} ms {row['tflops']:8.2f} TFLOP/s  rel_err "
-            f"{row['rel_err']:.1e} {ok}")
 
 
 def main(argv=None) -> int:
@@ -517,12 +533,15 @@ def main(argv=None) -> int:
                         help="seed: the original 8 configs; large: today's sizes; all: both "
                              "(tiny: interpreter-sized, for tests)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
-                        help="default: every provider that can run here")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                        help="default: every provider of the scope(s) that can run here")
+    parser.add_argument("--scope", choices=["expert", "layer", "both"], default="expert",
+                        help="expert: the expert computation alone; layer: the whole MoEMLP (router, "
+                             "aux losses, experts) as a training step calls it; both")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="CSV path (default results/<gpu>.csv); rows with the same "
-                                      "gpu/dtype/config/provider/mode are replaced, others kept")
+                                      "gpu/dtype/config/provider/mode/scope are replaced, others kept")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, a subset of configs")
     parser.add_argument("--match", help="only configs whose name matches this regular expression "
                                         "(to split a sweep over several runs into one CSV)")
@@ -557,11 +576,16 @@ def main(argv=None) -> int:
     if not cfgs:
         parser.error(f"no config of {args.configs!r} matches {args.match!r}"
                      + (" in --quick" if args.quick else ""))
-    providers = available_providers(args.providers, device, dtype)
+    scopes = SCOPES if args.scope == "both" else (args.scope,)
+    requested = [p for p in args.providers or PROVIDERS if any(p in SCOPE_PROVIDERS[s] for s in scopes)]
+    for p in sorted(set(args.providers or ()) - set(requested)):
+        print(f"skipping {p}: not measured at {args.scope} scope")
+    providers = available_providers(requested, device, dtype)
     timing = Timing.quick() if args.quick else Timing()
     print(f"device {gpu_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{args.dtype}; {len(cfgs)} configs x {providers} x {args.modes} -> {out}")
-    rows = run_sweep(cfgs, providers, args.modes, device, dtype, timing, out=out, seed=args.seed)
+          f"{args.dtype}; {len(cfgs)} configs x {scopes} x {providers} x {args.modes} -> {out}")
+    rows = run_sweep(cfgs, providers, args.modes, device, dtype, timing, out=out, seed=args.seed,
+                     scopes=scopes)
     bad = [r for r in rows if r["ok"] is False]
     print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
     if args.readme:
