@@ -355,7 +355,7 @@ def test_stk_block_indices_past_256():
     """A block at row 300 and column 260: with int16 indices stk's sdd wraps (Triton >= 3.2)."""
     stk = pytest.importorskip("stk")
     B = baselines.STK_BLOCK
-    topo, rows, _, _ = baselines.stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
+    topo, _, _, _ = baselines.stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
     assert topo.row_indices.dtype == topo.column_indices.dtype == torch.int32
     assert topo.column_indices_t.dtype == torch.int32
     r, c = 300, 260

@@ -28,7 +28,7 @@ Shape letters: see :mod:`vmoe.config`.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -137,7 +137,7 @@ def _weighted_sum(ys_assign: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (ys_assign.view(T, k, -1) * w.unsqueeze(-1)).sum(1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bucket_plan(widths: tuple):
     """Experts grouped by width: [(f, experts)], and each expert's rank in bucket-major order."""
     buckets = {}
@@ -209,7 +209,7 @@ def grouped_mm_moe(x, ids, w, b1s, b2s, widths, activation):
     return _weighted_sum(ys[inverse], w)
 
 
-@lru_cache(maxsize=None)
+@cache
 def stk_topology(padded_rows: torch.Tensor, R: int, nnz: int, widths: tuple, g: int, device):
     """The block-sparse [P, g F] topology: expert e's row blocks hold its g f_e / 128 column blocks.
 
@@ -246,7 +246,7 @@ def stk_topology(padded_rows: torch.Tensor, R: int, nnz: int, widths: tuple, g: 
 def stk_moe(x, ids, w, w1, w2, widths, activation):
     import stk
 
-    T, k = ids.shape
+    k = ids.shape[1]
     d, B, g = x.shape[1], STK_BLOCK, gate_factor(activation)
     E = len(widths)
     flat, order, inverse, counts = _sort_and_unsort(ids, E)
