@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from vmoe import bench
+from vmoe import baselines, bench, report
 from vmoe.config import gate_factor
+from vmoe.testing import rel_err, tolerance
 
 from conftest import DEVICE, ON_GPU
 
-EXPECTED_COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
+EXPECTED_COLUMNS = ["config", "provider", "mode", "scope", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
                     "ok", "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E",
                     "widths", "activation", "dtype", "applicable", "reason", "timer"]
 
@@ -32,15 +33,15 @@ HAND_IDS = [[0, 2], [0, 1], [0, 2], [2, 1]]
 ])
 def test_useful_flops_by_hand(activation, mode, expected):
     ids = torch.tensor(HAND_IDS)
-    assert bench.useful_flops(ids, (4, 2, 6), 3, activation, mode) == expected
+    assert baselines.useful_flops(ids, (4, 2, 6), 3, activation, mode) == expected
 
 
 def test_dense_width_matches_the_useful_work():
     # n = (2, 2): (2*104 + 2*20) / 4 = 62 -> the nearest multiple of 8 is 64.
     ids = torch.tensor([[0], [0], [1], [1]])
-    assert bench.dense_width(ids, (104, 20)) == 64
+    assert baselines.dense_width(ids, (104, 20)) == 64
     # Never below 8, so the dense GEMMs keep aligned shapes.
-    assert bench.dense_width(torch.tensor(HAND_IDS), (4, 2, 6)) == 8
+    assert baselines.dense_width(torch.tensor(HAND_IDS), (4, 2, 6)) == 8
 
 
 def test_config_sets():
@@ -71,7 +72,7 @@ def _cfg(widths, d=256, activation="relu2"):
     ((128, 256), 96, False),
 ], ids=["w512-256-128", "w768-384", "w100", "w64", "d96"])
 def test_stk_applicability(widths, d, ok):
-    applicable, reason = bench.applicability("stk", _cfg(widths, d), torch.bfloat16)
+    applicable, reason = baselines.applicability("stk", _cfg(widths, d), torch.bfloat16)
     assert applicable is ok
     assert (reason == "") is ok
     if not ok:
@@ -79,18 +80,18 @@ def test_stk_applicability(widths, d, ok):
 
 
 def test_grouped_mm_applicability():
-    assert bench.applicability("grouped_mm", _cfg((16, 32), d=40), torch.bfloat16)[0]
-    applicable, reason = bench.applicability("grouped_mm", _cfg((16, 12), d=40), torch.bfloat16)
+    assert baselines.applicability("grouped_mm", _cfg((16, 32), d=40), torch.bfloat16)[0]
+    applicable, reason = baselines.applicability("grouped_mm", _cfg((16, 12), d=40), torch.bfloat16)
     assert not applicable and "12" in reason
-    assert not bench.applicability("grouped_mm", _cfg((16,), d=36), torch.bfloat16)[0]
+    assert not baselines.applicability("grouped_mm", _cfg((16,), d=36), torch.bfloat16)[0]
     # 16 bytes is 4 fp32 elements.
-    assert bench.applicability("grouped_mm", _cfg((12,), d=36), torch.float32)[0]
+    assert baselines.applicability("grouped_mm", _cfg((12,), d=36), torch.float32)[0]
 
 
 def test_every_seed_and_large_config_runs_on_every_provider():
     for cfg in bench.configs("all"):
         for p in bench.PROVIDERS:
-            assert bench.applicability(p, cfg, torch.bfloat16) == (True, ""), (p, cfg.name)
+            assert baselines.applicability(p, cfg, torch.bfloat16) == (True, ""), (p, cfg.name)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_csv_has_exactly_the_columns(tiny_sweep):
 
 def test_tiny_sweep_checks_and_counts(tiny_sweep):
     cfgs, _, out = tiny_sweep
-    df = bench.load_results(out)
+    df = report.load_results(out)
     for provider in ("vmoe", "naive"):
         sub = df[df.provider == provider]
         assert len(sub) == 2 and sub.ok.all() and sub.applicable.all(), sub[["mode", "rel_err", "reason"]]
@@ -127,7 +128,7 @@ def test_tiny_sweep_checks_and_counts(tiny_sweep):
     cfg = cfgs[0]
     ids = bench.make_inputs(cfg, torch.device(DEVICE), torch.bfloat16, dense=False).ids
     for r in vmoe.itertuples():
-        flops = bench.useful_flops(ids, cfg.widths, cfg.d, cfg.activation, r.mode)
+        flops = baselines.useful_flops(ids, cfg.widths, cfg.d, cfg.activation, r.mode)
         assert math.isclose(r.tflops * 1e12 * r.ms_p50 * 1e-3, flops, rel_tol=1e-4)
     dense = df[df.provider == "dense"]
     assert dense.applicable.all() and dense.rel_err.isna().all() and (dense.ms_p50 > 0).all()
@@ -146,10 +147,10 @@ def test_write_rows_replaces_the_same_measurement(tmp_path):
     other = bench._base_row(cfg, "naive", "fwd", env)
     other.update(ms_p50=5.0, ok=False)
     path = tmp_path / "r.csv"
-    bench.write_rows(path, [first, other])
+    report.write_rows(path, [first, other])
     again = dict(first, ms_p50=1.0)
-    bench.write_rows(path, [again])
-    df = bench.load_results(path)
+    report.write_rows(path, [again])
+    df = report.load_results(path)
     assert sorted(df.provider) == ["naive", "vmoe"]
     assert df.set_index("provider").ms_p50["vmoe"] == 1.0
     assert str(df.ok.dtype) == "boolean" and df.set_index("provider").ok["naive"] == False  # noqa: E712
@@ -162,8 +163,8 @@ def test_text_columns_stay_text(tmp_path):
     row = bench._base_row(cfg, "vmoe", "fwd", env)
     row.update(ms_p50=2.0, ok=True)
     path = tmp_path / "r.csv"
-    bench.write_rows(path, [row])
-    got = bench.load_results(path).iloc[0]
+    report.write_rows(path, [row])
+    got = report.load_results(path).iloc[0]
     assert (got.vmoe_commit, got.torch, got.triton) == ("329e820", "2.10", "3.10")
     assert got.ms_p50 == 2.0
 
@@ -193,7 +194,7 @@ def _synthetic():
 
 def test_speedup_table_ratios():
     df, ms = _synthetic()
-    table = bench.speedup_table(df).set_index("config")
+    table = report.speedup_table(df).set_index("config")
     a = ms["cfg-a"]
     assert table.loc["cfg-a", "vmoe_ms"] == a["vmoe"]
     assert table.loc["cfg-a", "vmoe_tflops"] == 100.0 / a["vmoe"]
@@ -210,7 +211,7 @@ def test_speedup_table_ratios():
 
 def test_markdown_table_names_the_gpu_and_the_ratios():
     df, ms = _synthetic()
-    md = bench.markdown_table(df)
+    md = report.markdown_table(df)
     assert "Test GPU 9000" in md and "abc1234" in md
     rows = [line for line in md.splitlines() if line.startswith("| cfg-")]
     assert len(rows) == 2
@@ -232,17 +233,43 @@ def test_readme_block_is_regenerated(tmp_path):
     path = tmp_path / "results.csv"
     df.to_csv(path, index=False)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# vmoe\n\nintro\n\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+    readme.write_text(f"# vmoe\n\nintro\n\n{report.README_START}\nold table\n{report.README_END}\n\nafter\n")
     assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old table" not in text and "Test GPU 9000" in text
     assert text.startswith("# vmoe\n\nintro\n\n") and text.endswith("\n\nafter\n")
-    bench.main(["--from-csv", str(path), "--readme", str(readme)])
-    assert readme.read_text() == text
     bare = tmp_path / "BARE.md"
     bare.write_text("# x\n")
-    bench.rewrite_readme(bare, "table")
-    assert bare.read_text() == f"# x\n\n## Results\n\n{bench.README_START}\ntable\n{bench.README_END}\n"
+    report.rewrite_readme(bare, "table")
+    assert bare.read_text() == f"# x\n\n## Results\n\n{report.README_START}\ntable\n{report.README_END}\n"
+
+
+def test_an_unchanged_readme_says_so(tmp_path, capsys):
+    df, _ = _synthetic()
+    path = tmp_path / "results.csv"
+    df.to_csv(path, index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# vmoe\n\n{report.README_START}\nold table\n{report.README_END}\n")
+    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    assert "rewrote the results block" in capsys.readouterr().out
+    text, mtime = readme.read_text(), readme.stat().st_mtime_ns
+    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "unchanged" in printed and "rewrote" not in printed
+    assert readme.read_text() == text and readme.stat().st_mtime_ns == mtime
+
+
+def test_reproduce_says_unchanged_on_a_second_run(tmp_path, monkeypatch, capsys):
+    df, _ = _synthetic()
+    (tmp_path / "results").mkdir()
+    df.to_csv(tmp_path / "results" / "test.csv", index=False)
+    (tmp_path / "README.md").write_text(f"# r\n{report.README_START}\n{report.README_END}\n")
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--reproduce"]) == 0
+    assert "rewrote the results block of README.md" in capsys.readouterr().out
+    assert bench.main(["--reproduce"]) == 0
+    printed = capsys.readouterr().out
+    assert "unchanged" in printed and "rewrote" not in printed
 
 
 def test_bench_quantiles_with_either_do_bench_signature():
@@ -272,7 +299,7 @@ def _check_provider(provider, cfg, dtype, ids=None, tol=None):
     ref = bench.reference_outputs(cfg, inp, grads=True)
     errs = bench._Case(provider, cfg, inp, "fwdbwd").errors(ref)
     assert set(errs) == {"out", "x", "w", "w1", "w2"}
-    tol = bench.TOL[dtype] if tol is None else tol
+    tol = tolerance(dtype) if tol is None else tol
     assert all(v <= tol for v in errs.values()), errs
 
 
@@ -285,7 +312,7 @@ def _ids_leaving_expert_empty(T, k, E, empty):
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
 def test_grouped_mm_provider(activation):
     dtype = torch.bfloat16
-    reason = bench._grouped_mm_unavailable(torch.device(DEVICE), dtype)
+    reason = baselines.grouped_mm_unavailable(torch.device(DEVICE), dtype)
     if reason:
         pytest.skip(reason)
     # Equal widths that are not neighbours (16 at experts 0 and 2) and an empty expert (3).
@@ -295,11 +322,11 @@ def test_grouped_mm_provider(activation):
 
 def test_stk_topology_is_the_block_diagonal_of_each_expert():
     stk = pytest.importorskip("stk")
-    B = bench.STK_BLOCK
+    B = baselines.STK_BLOCK
     widths, padded = (256, 128, 384), torch.tensor([2 * B, 0, B])
     R = int(padded.sum()) // B
     nnz = 2 * 2 + 0 * 1 + 1 * 3
-    topo, _, _, _ = bench._stk_topology(padded, R, nnz, widths, 1, "cpu")
+    topo, _, _, _ = baselines.stk_topology(padded, R, nnz, widths, 1, "cpu")
     dense = stk.ops.to_dense(stk.Matrix(topo.size(), torch.ones(nnz, B, B), topo.row_indices,
                                         topo.column_indices, topo.offsets))
     expected = torch.zeros(R * B, sum(widths))
@@ -320,15 +347,15 @@ def test_stk_provider(activation):
     # The interpreter's bf16 dot is not exact, so on the CPU stk is checked in fp32.
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     cfg = bench.BenchConfig("s", 48, 128, 2, ((1, 128), (1, 256), (1, 128), (1, 128)), activation)
-    assert gate_factor(activation) * sum(cfg.widths) % bench.STK_BLOCK == 0
+    assert gate_factor(activation) * sum(cfg.widths) % baselines.STK_BLOCK == 0
     _check_provider("stk", cfg, dtype, _ids_leaving_expert_empty(48, 2, 4, empty=2))
 
 
 def test_stk_block_indices_past_256():
     """A block at row 300 and column 260: with int16 indices stk's sdd wraps (Triton >= 3.2)."""
     stk = pytest.importorskip("stk")
-    B = bench.STK_BLOCK
-    topo, rows, _, _ = bench._stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
+    B = baselines.STK_BLOCK
+    topo, _, _, _ = baselines.stk_topology(torch.tensor([B, 0]), 1, 1, (B, B), 1, "cpu")
     assert topo.row_indices.dtype == topo.column_indices.dtype == torch.int32
     assert topo.column_indices_t.dtype == torch.int32
     r, c = 300, 260
@@ -342,7 +369,7 @@ def test_stk_block_indices_past_256():
     w = torch.randn(32, (c + 1) * B)
     out = stk.ops.sdd(x, w, block).data[0]
     ref = x[r * B:(r + 1) * B].double() @ w[:, c * B:(c + 1) * B].double()
-    assert bench.rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypatch):
@@ -351,7 +378,7 @@ def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypa
     df.to_csv(tmp_path / "results" / "test.csv", index=False)
     other = df.assign(gpu="Other GPU 1")
     other.to_csv(tmp_path / "results" / "other.csv", index=False)
-    (tmp_path / "README.md").write_text(f"# r\n{bench.README_START}\n{bench.README_END}\n")
+    (tmp_path / "README.md").write_text(f"# r\n{report.README_START}\n{report.README_END}\n")
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--reproduce"]) == 0
     text = (tmp_path / "README.md").read_text()
@@ -362,7 +389,129 @@ def test_markdown_table_shows_the_graph_replay_time():
     df, ms = _synthetic()
     row = df[(df["provider"] == "vmoe") & (df["config"] == "cfg-a")].iloc[[0]].copy()
     row["provider"], row["ms_p50"], row["ok"] = "vmoe_graph", ms["cfg-a"]["vmoe"] / 4, True
-    md = bench.markdown_table(pd.concat([df, row], ignore_index=True))
+    md = report.markdown_table(pd.concat([df, row], ignore_index=True))
     line = next(x for x in md.splitlines() if x.startswith("| cfg-a"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert float(cells[3]) == pytest.approx(ms["cfg-a"]["vmoe"] / 4, abs=5e-4)
+
+
+def test_bench_keeps_the_names_the_notebook_uses():
+    # notebooks/07_benchmarks.ipynb reads the results through vmoe.bench.
+    for name in ("load_results", "speedup_table", "markdown_table", "README_START", "README_END"):
+        assert getattr(bench, name) is getattr(report, name), name
+    assert callable(bench.gpu_slug) and callable(bench.gpu_name) and callable(bench.main)
+    assert bench.MODES == ("fwd", "fwdbwd")
+
+
+def test_scope_column_round_trips(tmp_path):
+    cfg = bench.configs("tiny")[0]
+    env = {"gpu": "G", "torch": "t", "triton": "tr", "vmoe_commit": "c", "dtype": "bfloat16"}
+    expert = dict(bench._base_row(cfg, "vmoe", "fwd", env), ms_p50=1.0, ok=True)
+    layer = dict(bench._base_row(cfg, "vmoe", "fwd", env, scope="layer"), ms_p50=3.0, ok=True)
+    path = tmp_path / "r.csv"
+    report.write_rows(path, [expert, layer])
+    # The same measurement at the other scope is another row, not a replacement.
+    report.write_rows(path, [dict(layer, ms_p50=2.0)])
+    df = report.load_results(path).set_index("scope")
+    assert sorted(df.index) == ["expert", "layer"]
+    assert df.ms_p50["expert"] == 1.0 and df.ms_p50["layer"] == 2.0
+
+
+def test_an_old_csv_without_the_scope_column_loads_as_expert(tmp_path):
+    old_columns = [c for c in report.COLUMNS if c != "scope"]
+    path = tmp_path / "old.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old_columns)
+        writer.writeheader()
+        for provider, ms in (("vmoe", 1.0), ("naive", 9.0)):
+            writer.writerow({c: "" for c in old_columns} | {
+                "config": "c", "provider": provider, "mode": "fwd", "ms_p50": ms, "ok": "True",
+                "applicable": "True", "gpu": "G", "dtype": "bfloat16"})
+    df = report.load_results(path)
+    assert list(df.scope) == ["expert", "expert"]
+    assert report.speedup_table(df).naive_over_vmoe.tolist() == [9.0]
+    # Rewriting the file keeps the old rows as expert rows, and a new expert row replaces its twin.
+    row = {c: "" for c in report.COLUMNS} | {"config": "c", "provider": "vmoe", "mode": "fwd",
+                                            "scope": "expert", "ms_p50": 2.0, "ok": True,
+                                            "applicable": True, "gpu": "G", "dtype": "bfloat16"}
+    report.write_rows(path, [row])
+    df = report.load_results(path).set_index("provider")
+    assert list(df.scope) == ["expert", "expert"] and df.ms_p50["vmoe"] == 2.0
+
+
+def test_markdown_table_adds_a_layer_table_and_keeps_the_expert_one():
+    df, ms = _synthetic()
+    layer = df[df["provider"].isin(["vmoe", "grouped_mm", "dense"])].assign(scope="layer")
+    layer["ms_p50"] = layer["ms_p50"] * 2
+    both = pd.concat([df.assign(scope="expert"), layer], ignore_index=True)
+    md, expert_only = report.markdown_table(both), report.markdown_table(df)
+    head, _, tail = md.partition("Layer scope:")
+    assert tail, md
+    for line in expert_only.splitlines():
+        if line.startswith("| cfg-"):
+            assert line in head
+    line = next(x for x in tail.splitlines() if x.startswith("| cfg-a"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[2]) == 2 * ms["cfg-a"]["vmoe"]
+    assert float(cells[-1].rstrip("×")) == pytest.approx(ms["cfg-a"]["grouped_mm"] / ms["cfg-a"]["vmoe"])
+
+
+LAYER_CFG = [bench.BenchConfig("layer", 24, 32, 2, ((1, 16), (1, 32), (1, 16), (1, 8)), act)
+             for act in ("relu2", "swiglu")]
+
+
+@pytest.mark.parametrize("provider", ["vmoe", "grouped_mm"])
+@pytest.mark.parametrize("cfg", LAYER_CFG, ids=lambda c: c.activation)
+def test_layer_scope_provider_passes_its_check(cfg, provider):
+    dtype = torch.bfloat16
+    if provider == "grouped_mm":
+        reason = baselines.grouped_mm_unavailable(torch.device(DEVICE), dtype)
+        if reason:
+            pytest.skip(reason)
+    inp = bench.make_layer_inputs(cfg, torch.device(DEVICE), dtype, dense=False)
+    ref = bench.layer_reference_outputs(cfg, inp, grads=True)
+    errs = bench._LayerCase(provider, cfg, inp, "fwdbwd").errors(ref)
+    assert set(errs) == {"out", "aux", "f_i", "x", "router", "w1", "w2"}
+    assert all(v <= tolerance(dtype) for v in errs.values()), errs
+    fwd = bench._LayerCase(provider, cfg, inp, "fwd").errors(ref)
+    assert set(fwd) == {"out", "aux", "f_i"} and all(v <= tolerance(dtype) for v in fwd.values()), fwd
+
+
+def test_layer_oracle_is_the_reference_layer_on_its_own_routing():
+    """With the float64 layer's own top-k, the oracle is MoEMLP(impl="reference").forward."""
+    import dataclasses
+
+    from vmoe.reference import router_probs
+
+    cfg = LAYER_CFG[1]
+    inp = bench.make_layer_inputs(cfg, torch.device(DEVICE), torch.float64, dense=False)
+    moe = inp.moe
+    moe.config = dataclasses.replace(moe.config, impl="reference")
+    with torch.no_grad():
+        out, aux, f_i = moe(inp.x)
+        inp.ids = router_probs(moe.router(inp.x).float(), "softmax").topk(cfg.k, dim=-1).indices
+    ref = bench.layer_reference_outputs(cfg, inp, grads=False)
+    # MoEMLP routes in float32 (logits.float()), the oracle in float64: equal to ~1e-7.
+    assert rel_err(out, ref["out"]) < 1e-5
+    assert rel_err(torch.stack([aux[n] for n in sorted(aux)]), ref["aux"]) < 1e-5
+    assert rel_err(f_i, ref["f_i"]) < 1e-6
+
+
+def test_scope_layer_cli_writes_layer_rows(tmp_path):
+    out = tmp_path / "layer.csv"
+    # fwd only, to keep the interpreter's time down: the fwdbwd check is tested above.
+    status = bench.main(["--configs", "tiny", "--quick", "--scope", "layer", "--modes", "fwd",
+                         "--device", DEVICE, "--out", str(out)])
+    df = report.load_results(out)
+    assert status == 0 and len(df) > 0, df[["provider", "mode", "reason"]]
+    assert (df.scope == "layer").all()
+    assert set(df.provider) >= {"vmoe", "dense"} and set(df["mode"]) == {"fwd"}
+    vmoe = df[df.provider == "vmoe"]
+    assert vmoe.ok.all() and (vmoe.rel_err < tolerance(torch.bfloat16)).all()
+    # Layer FLOPs: the experts' and the router's 2 T d E.
+    cfg = bench.configs("tiny", quick=True)[0]
+    inp = bench.make_layer_inputs(cfg, torch.device(DEVICE), torch.bfloat16, dense=False)
+    for r in vmoe.itertuples():
+        flops = (baselines.useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, r.mode)
+                 + 2 * cfg.T * cfg.d * cfg.E)
+        assert math.isclose(r.tflops * 1e12 * r.ms_p50 * 1e-3, flops, rel_tol=1e-4)

@@ -1,76 +1,69 @@
 """Benchmark harness: vmoe against the other ways of computing a variable-width MoE, one CSV per GPU.
 
 Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_benchmarks.ipynb`` and the
-README's results table read what it writes, through :func:`load_results`, :func:`speedup_table` and
-:func:`markdown_table`. Shape letters: see :mod:`vmoe.config`.
+README's results table read what it writes (:mod:`vmoe.report`, re-exported here). The providers are
+described in :mod:`vmoe.baselines`. Shape letters: see :mod:`vmoe.config`.
 
-Providers, all fed the same x, routing and weights:
-    vmoe        :func:`vmoe.expert_mlp`, routing metadata (build_routing) included.
-    naive       :func:`vmoe.reference.expert_mlp`, the per-expert Python loop, in the bench dtype.
-    stk         the block-sparse baseline of the original work (MegaBlocks' dMoE, rebuilt): tokens
-                sorted and padded to 128 rows per expert, the variable-width block-sparse topology
-                built every call, ``stk.ops.sdd(x, w1) -> act -> stk.ops.dsd(h, w2)``, un-permuted
-                and weighted. Torch ops do the routing (MegaBlocks' CUDA extension does not build on
-                CUDA 13). Needs d and every f_e to be multiples of 128. Optional (``pip install
-                .[bench]``).
-    grouped_mm  ``torch._grouped_mm``: tokens sorted by expert, one grouped GEMM per group of
-                equal-width experts for each projection, weighted sum back to tokens. It keeps its
-                weights as one [n, d, g f] / [n, f, d] pair per width (copied from w1, w2 once).
-                Needs 16-byte aligned strides (d and f_e multiples of 8 in bf16).
-    dense       the ceiling: one balanced ``[T k, d] x [d, f_bar]`` MLP with the same useful FLOPs
-                (f_bar = sum_e n_e f_e / (T k), rounded to a multiple of 8) and no routing at all.
+Two scopes (``--scope``; a CSV row's ``scope`` column):
+    expert  the expert computation alone, for a given routing and given weights (the default).
+    layer   the whole :class:`vmoe.MoEMLP` as a training loop calls it: ``out, aux, f_i = moe(x)``,
+            and for fwdbwd the backward of ``(out * dy).sum() + sum(aux.values())``. softmax router,
+            top-k renormalised, in the bench dtype.
 
 Useful FLOPs, from the routing actually used (n_e assignments to expert e): the forward does two
 GEMMs of ``2 n_e f_e d`` each, so ``4 d sum_e n_e f_e``; swiglu's up projection is twice as wide,
-so 1.5 times that; forward+backward counts 3 times the forward. Padding (stk) and recomputation are
-not useful work and are not counted.
+so 1.5 times that; the layer adds the router's ``2 T d E``; forward+backward counts 3 times the
+forward. Padding (stk) and recomputation are not useful work and are not counted.
 
-Every provider's output (and, for fwdbwd, its gradients of x, topk_weights, w1 and w2) is compared
-with the float64 reference before it is timed. ``rel_err`` is the largest ``||out - ref|| / ||ref||``
-over those tensors; a provider above the dtype's tolerance keeps its row with ``ok=False``.
-Providers that cannot run a config get a row with ``applicable=False`` and the reason.
+The check before timing compares, with :func:`vmoe.testing.rel_err` (NaN if any output is not
+finite), against a float64 oracle:
+    expert  ``out`` and, for fwdbwd, the gradients of x, topk_weights, w1 and w2, against
+            :func:`vmoe.reference.expert_mlp` on the same routing.
+    layer   ``out``, the three aux losses, ``f_i`` and, for fwdbwd, the gradients of x, the router
+            weight, w1 and w2, against a float64 copy of the layer on the reference loop
+            (impl="reference") that takes the top-k experts the layer's own router picks in the bench
+            dtype: a near-tie may legitimately flip in bf16, which is no error of the kernels. The
+            weights are recomputed in float64, the aux losses in float32 (as MoEMLP computes them).
+            A provider whose router picks otherwise (torch.compile may round the logits differently)
+            shows it in ``f_i`` and ``out``: ``ok=False`` with each error named, not a crash.
+``rel_err`` is the largest error over those tensors; above :func:`vmoe.testing.tolerance` for the
+dtype the row keeps ``ok=False`` and names each error. dense computes another function and is not
+checked. Providers that cannot run a config get a row with ``applicable=False`` and the reason.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import copy
 import inspect
 import math
-import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import triton
 
 from . import reference
-from ._utils import device_ints, interpreting
-from .autograd import expert_mlp
-from .config import gate_factor
+from ._utils import interpreting, reexec_with_interpreter
+from .baselines import (add_dense_inputs, applicability, available_providers,
+                        expert_provider, layer_provider, provider_grads, useful_flops)
+from .config import MoEConfig, gate_factor
+from .layer import MoEMLP
+from .reference import router_probs
+from .report import (COLUMNS, README_END, README_START, gpu_slug, load_results,  # noqa: F401
+                     markdown_table, progress, regenerate, rewrite_readme, speedup_table, summary,
+                     vmoe_commit, write_rows)
+from .testing import rel_err, tolerance
 
-PROVIDERS = ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense")
+PROVIDERS = ("vmoe", "vmoe_graph", "vmoe_compiled", "naive", "stk", "grouped_mm", "dense")
+SCOPES = ("expert", "layer")
+SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense"),
+                   "layer": ("vmoe", "vmoe_graph", "vmoe_compiled", "grouped_mm", "dense")}
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# rel_err bound in float64 terms; bf16 storage of the intermediates compounds over two GEMMs.
-TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 QUANTILES = [0.5, 0.2, 0.8]
-STK_BLOCK = 128
-
-COLUMNS = ["config", "provider", "mode", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "ok",
-           "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E", "widths",
-           "activation", "dtype", "applicable", "reason", "timer"]
-TEXT_COLUMNS = ("config", "provider", "mode", "gpu", "torch", "triton", "vmoe_commit", "widths",
-                "activation", "dtype", "reason", "timer")
-# A row is replaced, not duplicated, when the same measurement is taken again.
-ROW_KEY = ("gpu", "dtype", "config", "provider", "mode")
-
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
 
 
 @dataclass(frozen=True)
@@ -148,281 +141,6 @@ def configs(selection: str = "all", quick: bool = False, match: str | None = Non
     return [c for c in out if c.quick] if quick else out
 
 
-def _mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
-    flops = 4.0 * sum_nf * d * (1.5 if activation == "swiglu" else 1.0)
-    return flops * (3.0 if mode == "fwdbwd" else 1.0)
-
-
-def _sum_nf(topk_ids: torch.Tensor, widths) -> float:
-    """sum_e n_e f_e for this routing, on the host (for the report, outside any timed region)."""
-    ids = topk_ids.reshape(-1).long().cpu()  # host-ok: FLOP counting, not timed
-    counts = torch.bincount(ids, minlength=len(widths))[:len(widths)]
-    return float((counts.double() * torch.tensor(widths, dtype=torch.float64)).sum())
-
-
-def useful_flops(topk_ids: torch.Tensor, widths, d: int, activation: str, mode: str = "fwd") -> float:
-    """Useful FLOPs of one call for this routing: ``4 d sum_e n_e f_e`` for the forward (x1.5 for
-    swiglu), x3 for forward+backward."""
-    return _mlp_flops(_sum_nf(topk_ids, widths), d, activation, mode)
-
-
-def dense_width(topk_ids: torch.Tensor, widths) -> int:
-    """f_bar: the width of a balanced dense MLP over T k rows doing the same useful work, a multiple of 8."""
-    T, k = topk_ids.shape
-    mean = _sum_nf(topk_ids, widths) / (T * k)
-    return max(8, 8 * round(mean / 8))
-
-
-def applicability(provider: str, cfg: BenchConfig, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether ``provider`` can compute ``cfg`` at all, and if not, why (a shape constraint, not a bug)."""
-    if provider == "stk":
-        bad = sorted({f for f in cfg.widths if f % STK_BLOCK})
-        if bad:
-            return False, f"stk needs expert widths that are multiples of {STK_BLOCK}, got {bad}"
-        if cfg.d % STK_BLOCK:
-            return False, f"stk needs d to be a multiple of {STK_BLOCK} (dsd's column tile), got {cfg.d}"
-    if provider == "grouped_mm":
-        size = torch.empty((), dtype=dtype).element_size()
-        per = 16 // size
-        bad = sorted({f for f in cfg.widths if (f * size) % 16})
-        if bad or (cfg.d * size) % 16:
-            what = f"widths {bad}" if bad else f"d={cfg.d}"
-            return False, (f"torch._grouped_mm needs 16-byte aligned strides: d and every f_e a "
-                           f"multiple of {per} in {str(dtype)[6:]}, got {what}")
-    return True, ""
-
-
-def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation in the fewest torch kernels, for the providers built from torch ops."""
-    if activation == "relu2":
-        return torch.relu(z).square()
-    if activation == "swiglu":
-        gate, up = z.chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
-    return reference.act(z, activation)
-
-
-def _vmoe(x, ids, w, w1, w2, widths, activation):
-    return expert_mlp(x, ids, w, w1, w2, widths, activation, impl="triton")
-
-
-def _naive(x, ids, w, w1, w2, widths, activation):
-    return reference.expert_mlp(x, ids, w, w1, w2, widths, activation)
-
-
-def _dense(x, w1, w2, activation):
-    return _act(x @ w1, activation) @ w2
-
-
-def _sort_and_unsort(ids: torch.Tensor, num_experts: int):
-    """Stable expert-sorted order of the T k assignments, its inverse, and the counts (on the device)."""
-    flat = ids.reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return flat, order, inverse, counts
-
-
-def _weighted_sum(ys_assign: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # A gather back to assignment order and a sum over k, rather than index_add: deterministic, no
-    # atomics, and the same combine that every provider here uses.
-    T, k = w.shape
-    return (ys_assign.view(T, k, -1) * w.unsqueeze(-1)).sum(1)
-
-
-@lru_cache(maxsize=None)
-def _bucket_plan(widths: tuple):
-    """Experts grouped by width: [(f, experts)], and each expert's rank in bucket-major order."""
-    buckets = {}
-    for e, f in enumerate(widths):
-        buckets.setdefault(f, []).append(e)
-    plan = [(f, tuple(es)) for f, es in buckets.items()]
-    rank = [0] * len(widths)
-    for r, e in enumerate(e for _, es in plan for e in es):
-        rank[e] = r
-    return plan, tuple(rank)
-
-
-def _column_offsets(widths) -> list[int]:
-    """o_e for e = 0..E: expert e owns rows [o_e, o_(e+1)) of w2."""
-    out = [0]
-    for f in widths:
-        out.append(out[-1] + f)
-    return out
-
-
-def to_buckets(w1, w2, widths, activation) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """w1 [d, g F] and w2 [F, d] as one ([n, d, g f], [n, f, d]) pair per width bucket (copies).
-
-    grouped_mm keeps its weights in this layout, as a grouped-GEMM MoE would store them: views
-    into the shared layout would make its backward scatter every bucket's gradient into a zeroed
-    full-size w1, a cost the method itself does not have.
-    """
-    g, o = gate_factor(activation), _column_offsets(widths)
-    plan, _ = _bucket_plan(tuple(widths))
-    return [(torch.stack([w1[:, g * o[e]:g * o[e + 1]] for e in es]),
-             torch.stack([w2[o[e]:o[e + 1]] for e in es])) for _, es in plan]
-
-
-def from_buckets(b1s, b2s, widths, activation):
-    """The inverse of :func:`to_buckets` (for comparing gradients with the reference)."""
-    g, o = gate_factor(activation), _column_offsets(widths)
-    plan, _ = _bucket_plan(tuple(widths))
-    d = b1s[0].shape[1]
-    w1 = b1s[0].new_empty(d, g * o[-1])
-    w2 = b2s[0].new_empty(o[-1], d)
-    for (_, es), b1, b2 in zip(plan, b1s, b2s):
-        for i, e in enumerate(es):
-            w1[:, g * o[e]:g * o[e + 1]] = b1[i]
-            w2[o[e]:o[e + 1]] = b2[i]
-    return w1, w2
-
-
-def _grouped_mm_moe(x, ids, w, b1s, b2s, widths, activation):
-    T, k = ids.shape
-    d = x.shape[1]
-    plan, rank = _bucket_plan(tuple(widths))
-    key = device_ints(rank, ids.device, torch.int64)[ids.reshape(-1)]
-    _, order, inverse, counts = _sort_and_unsort(key.view(T, k), len(widths))
-    # The row range of each bucket must be known on the host to slice it: one synchronization.
-    counts_host = counts.tolist()  # host-ok: the baseline's own design, timed as it is
-    xs = x[order // k]
-    outs, row, pos = [], 0, 0
-    for (_, experts), b1, b2 in zip(plan, b1s, b2s):
-        n = len(experts)
-        rows = sum(counts_host[pos:pos + n])
-        offs = torch.cumsum(counts[pos:pos + n], 0, dtype=torch.int32)
-        pos += n
-        if rows == 0:
-            continue
-        h = _act(torch._grouped_mm(xs[row:row + rows], b1, offs=offs), activation)
-        outs.append(torch._grouped_mm(h, b2, offs=offs))
-        row += rows
-    ys = torch.cat(outs) if outs else x.new_zeros(0, d)
-    return _weighted_sum(ys[inverse], w)
-
-
-@lru_cache(maxsize=None)
-def _stk_topology(padded_rows: torch.Tensor, R: int, nnz: int, widths: tuple, g: int, device):
-    """The block-sparse [P, g F] topology: expert e's row blocks hold its g f_e / 128 column blocks.
-
-    Mirrors MegaBlocks' ``dMoE.topology`` (BCSR with the transposed index for the backward), for
-    experts of different widths; the data is a meta tensor, only its shape is read.
-    """
-    import stk
-
-    B = STK_BLOCK
-    cols = device_ints(tuple(g * f // B for f in widths), device, torch.int64)
-    col_start = torch.cumsum(cols, 0) - cols
-    row_expert = torch.repeat_interleave(torch.arange(len(widths), device=device), padded_rows // B,
-                                         output_size=R)
-    per_row = cols[row_expert]
-    offsets = torch.zeros(R + 1, dtype=torch.int32, device=device)
-    offsets[1:] = torch.cumsum(per_row, 0)
-    row_indices = torch.repeat_interleave(torch.arange(R, device=device), per_row, output_size=nnz)
-    j = torch.arange(nnz, device=device) - offsets[row_indices]
-    column_indices = col_start[row_expert][row_indices] + j
-    n_cols = g * sum(widths) // B
-    order = torch.sort(column_indices, stable=True).indices
-    offsets_t = torch.zeros(n_cols + 1, dtype=torch.int32, device=device)
-    offsets_t[1:] = torch.cumsum(torch.bincount(column_indices, minlength=n_cols), 0)
-    data = torch.empty(nnz, B, B, device="meta")
-    # int32 block indices where MegaBlocks uses int16: since Triton 3.2 an int16 index times a
-    # constexpr block size stays int16 in stk's sdd kernel and wraps from block 256 on (32768 rows
-    # or columns), which every config here reaches (stanford-futuredata/stk PR #17).
-    i32 = torch.int32
-    topo = stk.Matrix((R * B, n_cols * B), data, row_indices.to(i32), column_indices.to(i32),
-                      offsets, row_indices[order].to(i32), offsets_t, order.to(i32))
-    return topo, row_indices, offsets, per_row
-
-
-def _stk_moe(x, ids, w, w1, w2, widths, activation):
-    import stk
-
-    T, k = ids.shape
-    d, B, g = x.shape[1], STK_BLOCK, gate_factor(activation)
-    E = len(widths)
-    flat, order, inverse, counts = _sort_and_unsort(ids, E)
-    padded = (counts + B - 1) // B * B
-    start = torch.cumsum(counts, 0) - counts
-    padded_start = torch.cumsum(padded, 0) - padded
-    # The padded row counts size the buffers, as in MegaBlocks' padded_gather: one synchronization.
-    padded_host = padded.tolist()  # host-ok: the baseline's own design, timed as it is
-    P = sum(padded_host)
-    R = P // B
-
-    def nnz(cols_per_width):
-        return sum(p // B * (cols_per_width * f // B) for p, f in zip(padded_host, widths))
-
-    expert_of_sorted = flat[order]
-    rank = torch.arange(order.numel(), device=x.device) - start[expert_of_sorted]
-    row_of_sorted = padded_start[expert_of_sorted] + rank
-    xp = x.new_zeros(P, d).index_copy(0, row_of_sorted, x[order // k])
-    topo, _, _, _ = _stk_topology(padded, R, nnz(g), tuple(widths), g, x.device)
-    z = stk.ops.sdd(xp, w1, topo)
-    if g == 1:
-        h = stk.Matrix(topo.size(), _act(z.data, activation), topo.row_indices, topo.column_indices,
-                       topo.offsets, topo.column_indices_t, topo.offsets_t, topo.block_offsets_t)
-    else:
-        # swiglu: one sdd over the [gate | up] columns of each expert, then pair block j of the gate
-        # half with block j of the up half of the same row; h has the F-wide topology.
-        h_topo, h_rows, h_offsets, h_per_row = _stk_topology(padded, R, nnz(1), tuple(widths), 1,
-                                                             x.device)
-        i = torch.arange(h_rows.numel(), device=x.device)
-        gate = 2 * h_offsets[h_rows].long() + (i - h_offsets[h_rows])
-        up = gate + h_per_row[h_rows]
-        data = torch.nn.functional.silu(z.data[gate]) * z.data[up]
-        h = stk.Matrix(h_topo.size(), data, h_topo.row_indices, h_topo.column_indices,
-                       h_topo.offsets, h_topo.column_indices_t, h_topo.offsets_t,
-                       h_topo.block_offsets_t)
-    yp = stk.ops.dsd(h, w2)
-    return _weighted_sum(yp[row_of_sorted[inverse]], w)
-
-
-_MOE = {"vmoe": _vmoe, "vmoe_graph": _vmoe, "naive": _naive, "stk": _stk_moe}
-
-
-def available_providers(requested, device, dtype, log=print) -> list[str]:
-    """The requested providers that can run here; each one left out is announced through ``log``."""
-    out = []
-    for p in requested:
-        if p == "stk":
-            try:
-                import stk  # noqa: F401
-            except ImportError as exc:
-                log(f"skipping stk: cannot import it ({exc}); install the optional extra with "
-                    f"`pip install --no-deps .whl/stanford_stk-0.7.1-py3-none-any.whl` "
-                    f"or `pip install '.[bench]'`")
-                continue
-            if device.type != "cuda" and not interpreting():
-                log("skipping stk: its Triton kernels need CUDA or TRITON_INTERPRET=1")
-                continue
-        if p == "vmoe_graph" and device.type != "cuda":
-            log("skipping vmoe_graph: CUDA graphs need a GPU")
-            continue
-        if p == "grouped_mm":
-            reason = _grouped_mm_unavailable(device, dtype)
-            if reason:
-                log(f"skipping grouped_mm: {reason}")
-                continue
-        out.append(p)
-    return out
-
-
-def _grouped_mm_unavailable(device, dtype) -> str:
-    if not hasattr(torch, "_grouped_mm"):
-        return f"torch {torch.__version__} has no torch._grouped_mm"
-    try:
-        a = torch.randn(16, 32, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(2, 32, 16, device=device, dtype=dtype, requires_grad=True)
-        out = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
-        out.backward(torch.randn_like(out))
-    except (RuntimeError, NotImplementedError) as exc:
-        return f"torch._grouped_mm fails on {device.type} in {str(dtype)[6:]}: {str(exc).splitlines()[0]}"
-    return ""
-
-
 @dataclass
 class Inputs:
     """One config's inputs, shared by every provider: x, routing, weights, and dy for the backward."""
@@ -459,10 +177,7 @@ def make_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = Tr
     dy = randn(T, d).to(dtype)
     inp = Inputs(x, ids, w, w1, w2, dy)
     if dense:
-        fbar = dense_width(ids, widths)
-        inp.dense = {"x": randn(T * k, d).to(dtype), "w1": (randn(d, g * fbar) * d ** -0.5).to(dtype),
-                     "w2": (randn(fbar, d) * fbar ** -0.5).to(dtype), "dy": randn(T * k, d).to(dtype)}
-        inp.dense_flops = _mlp_flops(float(T * k * fbar), d, cfg.activation, "fwd")
+        add_dense_inputs(inp, cfg, ids, randn, dtype)
     return inp
 
 
@@ -479,45 +194,89 @@ def reference_outputs(cfg: BenchConfig, inp: Inputs, grads: bool) -> dict:
     return ref
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; NaN when out holds a NaN."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not bool(torch.isfinite(out).all()):
-        return float("nan")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+@dataclass
+class LayerInputs:
+    """One config's layer (in the bench dtype), its input and dy, and the top-k experts its router
+    picks for x (the routing every layer-scope provider computes, and the oracle takes)."""
+
+    moe: MoEMLP
+    x: torch.Tensor
+    dy: torch.Tensor
+    ids: torch.Tensor
+    flops: float                   # useful forward FLOPs: the experts' and the router's
+    dense: dict | None = None
+    dense_flops: float = 0.0       # the dense MLP's and the router's
+
+
+def make_layer_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = True) -> LayerInputs:
+    """A seeded :class:`vmoe.MoEMLP` (softmax router, renormalised top-k, its own initialisation),
+    x and dy ~ N(0, 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moe = MoEMLP(MoEConfig(n_embd=cfg.d, expert_sizes=list(cfg.expert_sizes), num_active_experts=cfg.k,
+                               activation=cfg.activation, router="softmax", norm_topk_prob=True))
+    moe = moe.to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    x, dy = randn(cfg.T, cfg.d).to(dtype), randn(cfg.T, cfg.d).to(dtype)
+    with torch.no_grad():  # as MoEMLP.forward selects
+        probs = router_probs(moe.router(x).float(), moe.config.router)
+        ids = probs.topk(cfg.k, dim=-1).indices
+    router = 2.0 * cfg.T * cfg.d * cfg.E
+    inp = LayerInputs(moe, x, dy, ids, useful_flops(ids, cfg.widths, cfg.d, cfg.activation) + router)
+    if dense:
+        add_dense_inputs(inp, cfg, ids, randn, dtype)
+        inp.dense_flops += router
+    return inp
+
+
+def layer_reference_outputs(cfg: BenchConfig, inp: LayerInputs, grads: bool) -> dict:
+    """The float64 oracle at layer scope (see the module docstring): ``out``, ``aux`` (the three
+    losses, by name), ``f_i`` and, if asked, the gradients of x, router, w1, w2."""
+    moe = copy.deepcopy(inp.moe).double()
+    x = inp.x.detach().double().requires_grad_(grads)
+    with torch.set_grad_enabled(grads):
+        # MoEMLP.forward on the reference path, with its top-k taken from inp.ids.
+        logits = moe.router(x)
+        probs = router_probs(logits, moe.config.router)
+        w = probs.gather(1, inp.ids)
+        if moe.config.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        out = reference.expert_mlp(x, inp.ids, w, moe.w1, moe.w2, cfg.widths, cfg.activation)
+        counts = torch.bincount(inp.ids.reshape(-1), minlength=cfg.E).double()
+        # aux_losses computes in float32 whatever the layer's dtype (its widths buffer is cast).
+        aux = moe.aux_losses(logits.float(), probs.float(), counts.float())
+    ref = {"out": out.detach(), "aux": _stack(aux).detach(), "f_i": counts / (cfg.T * cfg.k)}
+    if grads:
+        ((out * inp.dy.double()).sum() + sum(aux.values())).backward()
+        ref.update(x=x.grad, router=moe.router.weight.grad, w1=moe.w1.grad, w2=moe.w2.grad)
+    return ref
+
+
+def _stack(aux: dict) -> torch.Tensor:
+    return torch.stack([aux[n] for n in sorted(aux)])
 
 
 class _Case:
-    """One provider on one config in one mode: its leaves, and a zero-argument call to time."""
+    """One provider on one config in one mode at expert scope: its leaves, a forward, the backward a
+    training step runs on its output, and a zero-argument call to time."""
 
     def __init__(self, provider: str, cfg: BenchConfig, inp: Inputs, mode: str):
         grad = mode == "fwdbwd"
-        self.mode, self.provider, self.cfg = mode, provider, cfg
+        self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
+        self.flops = (inp.dense_flops * (3 if grad else 1) if provider == "dense"
+                      else useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode))
+        self.leaves, self.forward, self.dy = expert_provider(provider, inp, grad, cfg.widths, cfg.activation)
 
-        def leaf(t):
-            return t.detach().requires_grad_(grad)
+    def backward(self, out):
+        out.backward(self.dy)
 
-        ids, widths, act = inp.ids, cfg.widths, cfg.activation
-        self.dy = inp.dy
-        self.flops = useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode)
-        if provider == "dense":
-            src = inp.dense
-            lv = self.leaves = {n: leaf(src[n]) for n in ("x", "w1", "w2")}
-            self.dy = src["dy"]
-            self.forward = lambda: _dense(lv["x"], lv["w1"], lv["w2"], act)
-            self.flops = inp.dense_flops * (3 if grad else 1)
-        elif provider == "grouped_mm":
-            buckets = to_buckets(inp.w1, inp.w2, widths, act)
-            lv = self.leaves = {"x": leaf(inp.x), "w": leaf(inp.w)}
-            for i, (b1, b2) in enumerate(buckets):
-                lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
-            b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
-            b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
-            self.forward = lambda: _grouped_mm_moe(lv["x"], ids, lv["w"], b1s, b2s, widths, act)
-        else:
-            lv = self.leaves = {n: leaf(getattr(inp, n)) for n in ("x", "w", "w1", "w2")}
-            fn = _MOE[provider]
-            self.forward = lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, act)
+    def checked(self, out) -> dict:
+        """The forward's outputs that the check compares, by the oracle's names."""
+        return {"out": out}
 
     def clear_grads(self):
         for t in self.leaves.values():
@@ -527,36 +286,50 @@ class _Case:
         if self.mode == "fwd":
             with torch.no_grad():
                 return self.forward()
-        self.forward().backward(self.dy)
+        self.backward(self.forward())
 
     def grads(self) -> dict:
         """The gradients this provider produced, named and laid out as the reference's."""
-        out = {n: t.grad for n, t in self.leaves.items() if t.grad is not None and n[:2] not in ("b1", "b2")}
-        if self.provider == "grouped_mm":
-            n = sum(1 for name in self.leaves if name.startswith("b1_"))
-            # A bucket that no token reached takes no part in the graph: its gradient is zero.
-            b1s, b2s = ([self.leaves[f"{b}_{i}"].grad if self.leaves[f"{b}_{i}"].grad is not None
-                         else torch.zeros_like(self.leaves[f"{b}_{i}"]) for i in range(n)]
-                        for b in ("b1", "b2"))
-            out["w1"], out["w2"] = from_buckets(b1s, b2s, self.cfg.widths, self.cfg.activation)
-        return out
+        return provider_grads(self.leaves, self.widths, self.activation)
 
     def errors(self, ref: dict) -> dict:
-        """Relative errors of the output and of every gradient this provider produced."""
+        """Relative errors of the checked outputs and of every gradient this provider produced."""
         self.clear_grads()
         with torch.set_grad_enabled(self.mode == "fwdbwd"):
             out = self.forward()
-        errs = {"out": rel_err(out, ref["out"])}
+        errs = {n: rel_err(t, ref[n]) for n, t in self.checked(out).items()}
         if self.mode == "fwdbwd":
-            out.backward(self.dy)
+            self.backward(out)
             errs.update({n: rel_err(g, ref[n]) for n, g in self.grads().items()})
         self.clear_grads()
         return errs
 
 
+class _LayerCase(_Case):
+    """One provider at layer scope: ``out, aux, f_i = layer(x)``; fwdbwd backpropagates
+    ``(out * dy).sum() + sum(aux.values())``, as a training step does."""
+
+    def __init__(self, provider: str, cfg: BenchConfig, inp: LayerInputs, mode: str):
+        grad = mode == "fwdbwd"
+        self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
+        x = inp.x.detach().requires_grad_(grad)
+        self.leaves, self.forward = layer_provider(provider, inp.moe, x, inp.dense)
+        dense = provider == "dense"
+        self.dy = inp.dense["dy"] if dense else inp.dy
+        self.flops = (inp.dense_flops if dense else inp.flops) * (3 if grad else 1)
+
+    def backward(self, out):
+        y, aux, _ = out
+        ((y * self.dy).sum() + sum(aux.values())).backward()
+
+    def checked(self, out) -> dict:
+        y, aux, f_i = out
+        return {"out": y, "aux": _stack(aux), "f_i": f_i}
+
+
 class _GraphCase:
-    """The vmoe case captured once in a CUDA graph and replayed: the launch-free time, and proof
-    that the layer needs no host synchronization (capture fails on one)."""
+    """A vmoe case captured once in a CUDA graph and replayed: the launch-free time, and proof
+    that it needs no host synchronization (capture fails on one)."""
 
     def __init__(self, case: _Case, device):
         self.case, self.mode, self.flops = case, case.mode, case.flops
@@ -570,11 +343,10 @@ class _GraphCase:
         torch.cuda.current_stream(device).wait_stream(side)
         case.clear_grads()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            with torch.set_grad_enabled(self.mode == "fwdbwd"):
-                self.out = case.forward()
-                if self.mode == "fwdbwd":
-                    self.out.backward(case.dy)
+        with torch.cuda.graph(self.graph), torch.set_grad_enabled(self.mode == "fwdbwd"):
+            self.out = case.forward()
+            if self.mode == "fwdbwd":
+                case.backward(self.out)
         self.grads = case.grads() if self.mode == "fwdbwd" else {}
 
     def __call__(self):
@@ -584,9 +356,9 @@ class _GraphCase:
         pass
 
     def errors(self, ref: dict) -> dict:
-        """Relative errors of what a replay writes: the output and every captured gradient."""
+        """Relative errors of what a replay writes: the checked outputs and every captured gradient."""
         self.graph.replay()
-        errs = {"out": rel_err(self.out, ref["out"])}
+        errs = {n: rel_err(t, ref[n]) for n, t in self.case.checked(self.out).items()}
         errs.update({n: rel_err(g, ref[n]) for n, g in self.grads.items()})
         return errs
 
@@ -646,54 +418,41 @@ def gpu_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def gpu_slug(name: str) -> str:
-    """A short file name for a device: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
-    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name.replace("NVIDIA", ""))
-    if m:
-        return m.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def vmoe_commit() -> str:
-    """``git rev-parse --short HEAD``, with "+dirty" when vmoe/ has uncommitted changes; else "unknown"."""
-    if os.environ.get("VMOE_COMMIT"):  # a copy of the tree without its .git names its commit here
-        return os.environ["VMOE_COMMIT"]
-    here = Path(__file__).resolve().parent
-
-    def git(*args):
-        res = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not head:
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict) -> dict:
+def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict, scope: str = "expert") -> dict:
     row = dict.fromkeys(COLUMNS, "")
     row.update(env)
-    row.update(config=cfg.name, provider=provider, mode=mode, T=cfg.T, d=cfg.d, k=cfg.k, E=cfg.E,
-               widths=cfg.widths_str, activation=cfg.activation, applicable=True)
+    row.update(config=cfg.name, provider=provider, mode=mode, scope=scope, T=cfg.T, d=cfg.d, k=cfg.k,
+               E=cfg.E, widths=cfg.widths_str, activation=cfg.activation, applicable=True)
     for c in ("ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err", "peak_mem_mb"):
         row[c] = float("nan")
     return row
 
 
-def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict | None, device,
-            dtype, timing: Timing, env: dict, log=print) -> dict:
-    """One CSV row: check against the float64 reference, then time. Errors become rows, not crashes."""
-    row = _base_row(cfg, provider, mode, env)
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def measure(cfg: BenchConfig, provider: str, mode: str, inp, ref: dict | None, device, dtype,
+            timing: Timing, env: dict, log=print, scope: str = "expert") -> dict:
+    """One CSV row: check against the float64 reference, then time. Errors become rows, not crashes.
+
+    ``inp`` and ``ref`` come from :func:`make_inputs` and :func:`reference_outputs` at expert scope,
+    from :func:`make_layer_inputs` and :func:`layer_reference_outputs` at layer scope.
+    """
+    row = _base_row(cfg, provider, mode, env, scope)
     ok_shape, why = applicability(provider, cfg, dtype)
     if not ok_shape:
         row.update(applicable=False, reason=why)
         return row
     try:
-        case = _Case(provider, cfg, inp, mode)
+        case = (_Case if scope == "expert" else _LayerCase)(provider, cfg, inp, mode)
+        if provider == "vmoe_compiled":
+            try:
+                case()  # compiles
+            except Exception as exc:  # noqa: BLE001 (torch.compile raises anything; the row says what)
+                row.update(applicable=False, reason=f"torch.compile(MoEMLP) raised {_first_line(exc)}")
+                log(f"skipping vmoe_compiled on {cfg.name} {mode}: {row['reason']}")
+                return row
         if provider == "vmoe_graph":
             case = _GraphCase(case, device)
         if provider == "dense":
@@ -704,245 +463,66 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp: Inputs, ref: dict |
             if any(math.isnan(v) for v in errs.values()):
                 err = float("nan")
             row["rel_err"] = err
-            row["ok"] = err <= TOL[dtype]
+            row["ok"] = err <= tolerance(dtype)
             if not row["ok"]:
                 detail = ", ".join(f"{n} {v:.2e}" for n, v in errs.items())
-                row["reason"] = f"rel err above {TOL[dtype]:g}: {detail}"
-                log(f"CHECK FAILED {cfg.name} {provider} {mode}: {detail}")
+                row["reason"] = f"rel err above {tolerance(dtype):g}: {detail}"
+                log(f"CHECK FAILED {cfg.name} {provider} {mode} {scope}: {detail}")
         ms, peak, timer = _time_case(case, device, timing)
         row.update(ms_p50=ms[0], ms_p20=ms[1], ms_p80=ms[2], peak_mem_mb=peak, timer=timer,
                    tflops=case.flops / (ms[0] * 1e-3) / 1e12)
-    except Exception as exc:  # one provider's failure must not lose the rest of the sweep
-        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
-        row.update(ok=False, reason=f"error: {type(exc).__name__}: {msg}")
-        log(f"ERROR {cfg.name} {provider} {mode}: {type(exc).__name__}: {msg}")
+    except Exception as exc:  # noqa: BLE001 (one provider's failure must not lose the rest of the sweep)
+        row.update(ok=False, reason=f"error: {_first_line(exc)}")
+        log(f"ERROR {cfg.name} {provider} {mode} {scope}: {_first_line(exc)}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
-
-
-def write_rows(path, rows: list[dict]) -> None:
-    """Write ``rows`` into the CSV at ``path``, replacing rows with the same key and keeping the rest."""
-    path = Path(path)
-    kept = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            new_keys = {tuple(str(r[c]) for c in ROW_KEY) for r in rows}
-            for r in csv.DictReader(fh):
-                if tuple(r.get(c, "") for c in ROW_KEY) not in new_keys:
-                    kept.append(r)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in kept:
-            writer.writerow({c: r.get(c, "") for c in COLUMNS})
-        for r in rows:
-            writer.writerow({c: _fmt(r[c]) for c in COLUMNS})
-    os.replace(tmp, path)
-
-
-def _progress(total: int):
-    disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None, print
-    bar = tqdm(total=total, desc="vmoe.bench", unit="run", disable=disable, dynamic_ncols=True)
-    return bar, bar.write
+def _scope_inputs(scope: str, cfg: BenchConfig, providers, modes, device, dtype, seed: int):
+    """(inputs, float64 reference or None if only dense runs) of one config at one scope."""
+    make, oracle = ((make_inputs, reference_outputs) if scope == "expert"
+                    else (make_layer_inputs, layer_reference_outputs))
+    inp = make(cfg, device, dtype, seed, dense="dense" in providers)
+    checked = any(p != "dense" for p in providers)
+    return inp, oracle(cfg, inp, grads="fwdbwd" in modes) if checked else None
 
 
 def run_sweep(cfgs, providers, modes, device, dtype, timing: Timing, out=None, seed: int = 0,
-              log=None) -> list[dict]:
-    """Check and time every (config, provider, mode); rows are written to ``out`` as they come."""
+              log=None, scopes=("expert",)) -> list[dict]:
+    """Check and time every (config, scope, provider, mode); rows are written to ``out`` as they
+    come. Each scope runs the requested providers it has (:data:`SCOPE_PROVIDERS`)."""
     device = torch.device(device)
     env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
            "vmoe_commit": vmoe_commit(), "dtype": str(dtype)[6:]}
-    bar, write = _progress(len(cfgs) * len(providers) * len(modes))
+    plan = [(s, [p for p in providers if p in SCOPE_PROVIDERS[s]]) for s in scopes]
+    bar, write = progress(len(cfgs) * len(modes) * sum(len(ps) for _, ps in plan))
     log = log or write
     rows = []
     try:
         for cfg in cfgs:
-            inp = make_inputs(cfg, device, dtype, seed, dense="dense" in providers)
-            ref = None
-            if any(p != "dense" for p in providers):
-                ref = reference_outputs(cfg, inp, grads="fwdbwd" in modes)
-            for provider in providers:
-                for mode in modes:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{cfg.name} {provider} {mode}")
-                    row = measure(cfg, provider, mode, inp, ref, device, dtype, timing, env, log)
-                    rows.append(row)
-                    if out is not None:
-                        write_rows(out, rows)
-                    log(_summary(row))
-                    if bar is not None:
-                        bar.update()
-            del inp, ref
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for scope, scope_providers in plan:
+                if not scope_providers:
+                    continue
+                inp, ref = _scope_inputs(scope, cfg, scope_providers, modes, device, dtype, seed)
+                for provider in scope_providers:
+                    for mode in modes:
+                        if bar is not None:
+                            bar.set_postfix_str(f"{cfg.name} {provider} {mode} {scope}")
+                        row = measure(cfg, provider, mode, inp, ref, device, dtype, timing, env, log, scope)
+                        rows.append(row)
+                        if out is not None:
+                            write_rows(out, rows)
+                        log(summary(row))
+                        if bar is not None:
+                            bar.update()
+                del inp, ref
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         if bar is not None:
             bar.close()
     return rows
-
-
-def _summary(row: dict) -> str:
-    head = f"{row['config']:<40} {row['provider']:<10} {row['mode']:<6}"
-    if row["applicable"] is False:
-        return f"{head} n/a: {row['reason']}"
-    if row["reason"].startswith("error"):
-        return f"{head} {row['reason']}"
-    ok = {True: "ok", False: "FAIL", "": "-"}[row["ok"]]
-    return (f"{head} {row['ms_p50']:9.4f} ms {row['tflops']:8.2f} TFLOP/s  rel_err "
-            f"{row['rel_err']:.1e} {ok}")
-
-
-def load_results(path):
-    """The CSV as a DataFrame, with ``ok`` and ``applicable`` as nullable booleans."""
-    import pandas as pd
-
-    # Text columns stay text: a commit such as 329e820 or a version such as 3.10 would otherwise
-    # be read as a number (inf, 3.1).
-    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
-    for c in ("ok", "applicable"):
-        df[c] = df[c].map(_as_bool).astype("boolean")
-    return df
-
-
-def _as_bool(v):
-    if isinstance(v, str):
-        return {"true": True, "false": False}.get(v.strip().lower())
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    try:
-        import pandas as pd
-        if v is pd.NA:
-            return None
-    except ImportError:
-        pass
-    return bool(v)
-
-
-SPEEDUP_COLUMNS = ["vmoe_ms", "vmoe_tflops", "vmoe_over_dense", "stk_over_vmoe",
-                   "grouped_mm_over_vmoe", "naive_over_vmoe"]
-
-
-def speedup_table(df):
-    """Per (gpu, dtype, config, mode): vmoe's p50 ms and TFLOP/s, vmoe time / dense time (1 is the
-    ceiling), and each other provider's time / vmoe time (above 1: vmoe is faster).
-
-    Only rows that ran and passed their check count; a missing or failed provider gives NaN.
-    """
-    import pandas as pd
-
-    keys = ["gpu", "dtype", "config", "mode"]
-    ok = df["ok"].map(_as_bool).map(lambda v: v is not False)
-    ran = df["applicable"].map(_as_bool).map(lambda v: v is not False) & df["ms_p50"].notna()
-    good = df[ok & ran]
-    order = df[keys].drop_duplicates()
-    ms = good.pivot_table(index=keys, columns="provider", values="ms_p50", aggfunc="min")
-    tf = good.pivot_table(index=keys, columns="provider", values="tflops", aggfunc="max")
-    ms = ms.reindex(pd.MultiIndex.from_frame(order))
-    tf = tf.reindex(ms.index)
-
-    def col(frame, name):
-        return frame[name] if name in frame.columns else pd.Series(float("nan"), index=frame.index)
-
-    vmoe = col(ms, "vmoe")
-    out = pd.DataFrame(index=ms.index)
-    out["vmoe_ms"] = vmoe
-    out["vmoe_tflops"] = col(tf, "vmoe")
-    out["vmoe_over_dense"] = vmoe / col(ms, "dense")
-    for p in ("stk", "grouped_mm", "naive"):
-        out[f"{p}_over_vmoe"] = col(ms, p) / vmoe
-    return out.reset_index()[keys + SPEEDUP_COLUMNS]
-
-
-def markdown_table(df) -> str:
-    """The README's results: one markdown table per GPU, naming the GPU and versions, from the CSV."""
-    import pandas as pd
-
-    table = speedup_table(df)
-    # The CUDA-graph replay of vmoe, where it was measured: the launch-free time.
-    passed = df[df["provider"].eq("vmoe_graph") & df["ok"].map(_as_bool).map(lambda v: v is True)]
-    graph_ms = {(r.gpu, r.dtype, r.config, r.mode): r.ms_p50 for r in passed.itertuples(index=False)}
-    parts = []
-    for gpu, sub in table.groupby("gpu", sort=False):
-        rows = df[df["gpu"] == gpu]
-        versions = ", ".join(f"{c} {'/'.join(str(v) for v in pd.unique(rows[c]))}"
-                             for c in ("torch", "triton", "vmoe_commit"))
-        dtypes = "/".join(str(v) for v in pd.unique(rows["dtype"]))
-        timers = "/".join(str(v) for v in pd.unique(rows["timer"].dropna()))
-        lines = [f"Measured on **{gpu}** ({dtypes}; {versions}; timer: {timers}, median). "
-                 "`fwd` is the forward, `fwdbwd` forward + backward. vmoe ÷ dense is vmoe's time over "
-                 "a dense MLP with the same useful FLOPs (1.00× is the ceiling); X ÷ vmoe is X's time "
-                 "over vmoe's (above 1: vmoe is faster).", "",
-                 "vmoe graph ms is the same computation captured in a CUDA graph and replayed "
-                 "(no launch overhead); – where not measured.", "",
-                 "| config | mode | vmoe ms | vmoe graph ms | vmoe TFLOP/s | vmoe ÷ dense | "
-                 "stk ÷ vmoe | grouped_mm ÷ vmoe | naive ÷ vmoe |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sub.itertuples(index=False):
-            g = graph_ms.get((r.gpu, r.dtype, r.config, r.mode), float("nan"))
-            cells = [r.config, r.mode, _num(r.vmoe_ms, "{:.3f}"), _num(float(g), "{:.3f}"),
-                     _num(r.vmoe_tflops, "{:.1f}"),
-                     _num(r.vmoe_over_dense, "{:.2f}×"), _num(r.stk_over_vmoe, "{:.2f}×"),
-                     _num(r.grouped_mm_over_vmoe, "{:.2f}×"), _num(r.naive_over_vmoe, "{:.2f}×")]
-            lines.append("| " + " | ".join(cells) + " |")
-        notes = []
-        failed = rows[rows["ok"].map(_as_bool).map(lambda v: v is False)
-                      & rows["applicable"].map(_as_bool).map(lambda v: v is not False)]
-        for r in failed.itertuples(index=False):
-            notes.append(f"{r.provider} on {r.config} ({r.mode}) is left out: {r.reason}")
-        na = rows[rows["applicable"].map(_as_bool).map(lambda v: v is False)]
-        for provider, reasons in na.groupby("provider", sort=False)["reason"]:
-            notes.append(f"{provider} n/a on {len(reasons)} row(s): {reasons.iloc[0]}")
-        if notes:
-            lines += [""] + [f"- {n}" for n in notes]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
-
-
-def _num(v, fmt: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-
-
-def rewrite_readme(path, block: str) -> None:
-    """Replace what lies between the results markers in ``path`` (appending the markers if absent)."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    fenced = f"{README_START}\n{block.strip()}\n{README_END}"
-    start, end = text.find(README_START), text.find(README_END)
-    if start >= 0 and end > start:
-        text = text[:start] + fenced + text[end + len(README_END):]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + fenced + "\n"
-    path.write_text(text)
-
-
-def _regenerate(csv_paths, readme) -> None:
-    try:
-        import pandas as pd
-    except ImportError:
-        print("pandas is not installed: the tables cannot be regenerated here (run "
-              "`python -m vmoe.bench --from-csv CSV` where it is)")
-        return
-    df = pd.concat([load_results(p) for p in csv_paths], ignore_index=True)
-    md = markdown_table(df)
-    print(md)
-    if readme:
-        rewrite_readme(readme, md)
-        print(f"rewrote the results block of {readme}")
 
 
 def main(argv=None) -> int:
@@ -953,12 +533,15 @@ def main(argv=None) -> int:
                         help="seed: the original 8 configs; large: today's sizes; all: both "
                              "(tiny: interpreter-sized, for tests)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
-                        help="default: every provider that can run here")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                        help="default: every provider of the scope(s) that can run here")
+    parser.add_argument("--scope", choices=["expert", "layer", "both"], default="expert",
+                        help="expert: the expert computation alone; layer: the whole MoEMLP (router, "
+                             "aux losses, experts) as a training step calls it; both")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="CSV path (default results/<gpu>.csv); rows with the same "
-                                      "gpu/dtype/config/provider/mode are replaced, others kept")
+                                      "gpu/dtype/config/provider/mode/scope are replaced, others kept")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, a subset of configs")
     parser.add_argument("--match", help="only configs whose name matches this regular expression "
                                         "(to split a sweep over several runs into one CSV)")
@@ -971,36 +554,42 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        _regenerate([args.from_csv], args.readme)
+        regenerate([args.from_csv], args.readme)
         return 0
     if args.reproduce:
         csvs = sorted(Path("results").glob("*.csv"))
         if not csvs:
             print("no results/*.csv yet: run `python -m vmoe.bench` on a GPU first")
             return 0
-        _regenerate(csvs, args.readme or "README.md")
+        regenerate(csvs, args.readme or "README.md")
         return 0
     device = torch.device(args.device)
     if device.type == "cpu" and not interpreting():
-        # Triton picks the interpreter when a kernel is decorated, i.e. when vmoe was imported, so
-        # the variable only takes effect in a fresh process.
-        print("no GPU: re-running under TRITON_INTERPRET=1 (the timings measure the interpreter)")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "vmoe.bench", *argv], env)
+        if not torch.cuda.is_available():
+            print("no GPU: re-running under TRITON_INTERPRET=1 (the timings measure the interpreter)")
+        reexec_with_interpreter("vmoe.bench", argv)
+        parser.error("--device cpu on a machine with a GPU: set TRITON_INTERPRET=1 for this run (Triton "
+                     "chooses the interpreter when vmoe is imported)")
     dtype = DTYPES[args.dtype]
     out = Path(args.out) if args.out else Path("results") / f"{gpu_slug(gpu_name(device))}.csv"
     cfgs = configs(args.configs, quick=args.quick, match=args.match)
     if not cfgs:
-        parser.error(f"no config of {args.configs!r} matches {args.match!r}" + (" in --quick" if args.quick else ""))
-    providers = available_providers(args.providers, device, dtype)
+        parser.error(f"no config of {args.configs!r} matches {args.match!r}"
+                     + (" in --quick" if args.quick else ""))
+    scopes = SCOPES if args.scope == "both" else (args.scope,)
+    requested = [p for p in args.providers or PROVIDERS if any(p in SCOPE_PROVIDERS[s] for s in scopes)]
+    for p in sorted(set(args.providers or ()) - set(requested)):
+        print(f"skipping {p}: not measured at {args.scope} scope")
+    providers = available_providers(requested, device, dtype)
     timing = Timing.quick() if args.quick else Timing()
     print(f"device {gpu_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{args.dtype}; {len(cfgs)} configs x {providers} x {args.modes} -> {out}")
-    rows = run_sweep(cfgs, providers, args.modes, device, dtype, timing, out=out, seed=args.seed)
+          f"{args.dtype}; {len(cfgs)} configs x {scopes} x {providers} x {args.modes} -> {out}")
+    rows = run_sweep(cfgs, providers, args.modes, device, dtype, timing, out=out, seed=args.seed,
+                     scopes=scopes)
     bad = [r for r in rows if r["ok"] is False]
     print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
     if args.readme:
-        _regenerate([out], args.readme)
+        regenerate([out], args.readme)
     return 1 if bad else 0
 
 
