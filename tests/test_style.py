@@ -225,18 +225,11 @@ def test_checker_tracks_rebinding():
     assert [f.split(":")[1] for f in find_host_syncs(src, "f.py")] == ["4"]
 
 
-# Flagged today in modules that another change owns, exempt until it marks or rewrites them: the
-# path and the exact stripped line, so any edit of the line ends the exemption. vmoe/config.py:52
-# syncs once per call when a width is a 0-d CUDA tensor (it has __index__).
-PENDING = {("vmoe/config.py", "widths = tuple(int(w) for w in widths)")}
-
-
 def test_no_unmarked_host_sync_in_launch_paths():
     modules = launch_path_modules()
     assert any(p.name == "grouped_gemm.py" for p in modules), "the scan found no launch-path module"
     found = []
     for path in modules:
-        rel, lines = str(path.relative_to(ROOT)), path.read_text().splitlines()
-        found += [f for f in find_host_syncs(path.read_text(), rel)
-                  if (rel, lines[int(f.split(":")[1]) - 1].strip()) not in PENDING]
+        rel = str(path.relative_to(ROOT))
+        found += find_host_syncs(path.read_text(), rel)
     assert not found, "unmarked host synchronization:\n" + "\n".join(found)

@@ -4,7 +4,8 @@ Saved for backward: x, topk_weights, w1, w2, the routing arrays, the pre-activat
 and the unweighted down-projection rows ys (for the gradient of the routing weights). H is not
 saved: the backward's first GEMM recomputes it from Z in its epilogue and writes it weighted,
 w * H, the operand of the W2 gradient. The weighted, sorted copy of dy is never written: the
-kernels gather dy by token and scale it by the routing weight on load. Derivation: notebooks/05_backward.ipynb.
+kernels gather dy by token and scale it by the routing weight on load.
+Derivation: notebooks/05_backward.ipynb.
 
 Nothing is saved when no gradient can be asked for (grad mode off, as under ``torch.no_grad()``
 or ``torch.inference_mode()``, or no input requiring grad): Z and ys are then never kept.

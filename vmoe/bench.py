@@ -45,17 +45,17 @@ from pathlib import Path
 import torch
 import triton
 
-from . import reference
+from . import baselines, reference, report
 from ._utils import interpreting, reexec_with_interpreter
-from .baselines import (add_dense_inputs, applicability, available_providers,
-                        expert_provider, layer_provider, provider_grads, useful_flops)
 from .config import MoEConfig, gate_factor
 from .layer import MoEMLP
 from .reference import router_probs
-from .report import (COLUMNS, README_END, README_START, gpu_slug, load_results,  # noqa: F401
-                     markdown_table, progress, regenerate, rewrite_readme, speedup_table, summary,
-                     vmoe_commit, write_rows)
 from .testing import rel_err, tolerance
+
+# notebooks/07_benchmarks.ipynb and the tests read the results through vmoe.bench.
+README_START, README_END, gpu_slug = report.README_START, report.README_END, report.gpu_slug
+load_results, speedup_table, markdown_table = (report.load_results, report.speedup_table,
+                                               report.markdown_table)
 
 PROVIDERS = ("vmoe", "vmoe_graph", "vmoe_compiled", "naive", "stk", "grouped_mm", "dense")
 SCOPES = ("expert", "layer")
@@ -177,7 +177,7 @@ def make_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = Tr
     dy = randn(T, d).to(dtype)
     inp = Inputs(x, ids, w, w1, w2, dy)
     if dense:
-        add_dense_inputs(inp, cfg, ids, randn, dtype)
+        baselines.add_dense_inputs(inp, cfg, ids, randn, dtype)
     return inp
 
 
@@ -226,9 +226,10 @@ def make_layer_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: boo
         probs = router_probs(moe.router(x).float(), moe.config.router)
         ids = probs.topk(cfg.k, dim=-1).indices
     router = 2.0 * cfg.T * cfg.d * cfg.E
-    inp = LayerInputs(moe, x, dy, ids, useful_flops(ids, cfg.widths, cfg.d, cfg.activation) + router)
+    flops = baselines.useful_flops(ids, cfg.widths, cfg.d, cfg.activation) + router
+    inp = LayerInputs(moe, x, dy, ids, flops)
     if dense:
-        add_dense_inputs(inp, cfg, ids, randn, dtype)
+        baselines.add_dense_inputs(inp, cfg, ids, randn, dtype)
         inp.dense_flops += router
     return inp
 
@@ -268,8 +269,9 @@ class _Case:
         grad = mode == "fwdbwd"
         self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
         self.flops = (inp.dense_flops * (3 if grad else 1) if provider == "dense"
-                      else useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode))
-        self.leaves, self.forward, self.dy = expert_provider(provider, inp, grad, cfg.widths, cfg.activation)
+                      else baselines.useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode))
+        self.leaves, self.forward, self.dy = baselines.expert_provider(provider, inp, grad, cfg.widths,
+                                                                      cfg.activation)
 
     def backward(self, out):
         out.backward(self.dy)
@@ -290,7 +292,7 @@ class _Case:
 
     def grads(self) -> dict:
         """The gradients this provider produced, named and laid out as the reference's."""
-        return provider_grads(self.leaves, self.widths, self.activation)
+        return baselines.provider_grads(self.leaves, self.widths, self.activation)
 
     def errors(self, ref: dict) -> dict:
         """Relative errors of the checked outputs and of every gradient this provider produced."""
@@ -313,7 +315,7 @@ class _LayerCase(_Case):
         grad = mode == "fwdbwd"
         self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
         x = inp.x.detach().requires_grad_(grad)
-        self.leaves, self.forward = layer_provider(provider, inp.moe, x, inp.dense)
+        self.leaves, self.forward = baselines.layer_provider(provider, inp.moe, x, inp.dense)
         dense = provider == "dense"
         self.dy = inp.dense["dy"] if dense else inp.dy
         self.flops = (inp.dense_flops if dense else inp.flops) * (3 if grad else 1)
@@ -419,7 +421,7 @@ def gpu_name(device) -> str:
 
 
 def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict, scope: str = "expert") -> dict:
-    row = dict.fromkeys(COLUMNS, "")
+    row = dict.fromkeys(report.COLUMNS, "")
     row.update(env)
     row.update(config=cfg.name, provider=provider, mode=mode, scope=scope, T=cfg.T, d=cfg.d, k=cfg.k,
                E=cfg.E, widths=cfg.widths_str, activation=cfg.activation, applicable=True)
@@ -440,7 +442,7 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp, ref: dict | None, d
     from :func:`make_layer_inputs` and :func:`layer_reference_outputs` at layer scope.
     """
     row = _base_row(cfg, provider, mode, env, scope)
-    ok_shape, why = applicability(provider, cfg, dtype)
+    ok_shape, why = baselines.applicability(provider, cfg, dtype)
     if not ok_shape:
         row.update(applicable=False, reason=why)
         return row
@@ -494,9 +496,9 @@ def run_sweep(cfgs, providers, modes, device, dtype, timing: Timing, out=None, s
     come. Each scope runs the requested providers it has (:data:`SCOPE_PROVIDERS`)."""
     device = torch.device(device)
     env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
-           "vmoe_commit": vmoe_commit(), "dtype": str(dtype)[6:]}
+           "vmoe_commit": report.vmoe_commit(), "dtype": str(dtype)[6:]}
     plan = [(s, [p for p in providers if p in SCOPE_PROVIDERS[s]]) for s in scopes]
-    bar, write = progress(len(cfgs) * len(modes) * sum(len(ps) for _, ps in plan))
+    bar, write = report.progress(len(cfgs) * len(modes) * sum(len(ps) for _, ps in plan))
     log = log or write
     rows = []
     try:
@@ -512,8 +514,8 @@ def run_sweep(cfgs, providers, modes, device, dtype, timing: Timing, out=None, s
                         row = measure(cfg, provider, mode, inp, ref, device, dtype, timing, env, log, scope)
                         rows.append(row)
                         if out is not None:
-                            write_rows(out, rows)
-                        log(summary(row))
+                            report.write_rows(out, rows)
+                        log(report.summary(row))
                         if bar is not None:
                             bar.update()
                 del inp, ref
@@ -554,14 +556,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        regenerate([args.from_csv], args.readme)
+        report.regenerate([args.from_csv], args.readme)
         return 0
     if args.reproduce:
         csvs = sorted(Path("results").glob("*.csv"))
         if not csvs:
             print("no results/*.csv yet: run `python -m vmoe.bench` on a GPU first")
             return 0
-        regenerate(csvs, args.readme or "README.md")
+        report.regenerate(csvs, args.readme or "README.md")
         return 0
     device = torch.device(args.device)
     if device.type == "cpu" and not interpreting():
@@ -580,7 +582,7 @@ def main(argv=None) -> int:
     requested = [p for p in args.providers or PROVIDERS if any(p in SCOPE_PROVIDERS[s] for s in scopes)]
     for p in sorted(set(args.providers or ()) - set(requested)):
         print(f"skipping {p}: not measured at {args.scope} scope")
-    providers = available_providers(requested, device, dtype)
+    providers = baselines.available_providers(requested, device, dtype)
     timing = Timing.quick() if args.quick else Timing()
     print(f"device {gpu_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{args.dtype}; {len(cfgs)} configs x {scopes} x {providers} x {args.modes} -> {out}")
@@ -589,7 +591,7 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r["ok"] is False]
     print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
     if args.readme:
-        regenerate([out], args.readme)
+        report.regenerate([out], args.readme)
     return 1 if bad else 0
 
 

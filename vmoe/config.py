@@ -49,7 +49,7 @@ def check_expert_widths(expert_widths) -> tuple[int, ...]:
         for w in widths:
             if isinstance(w, bool) or not isinstance(w, int) and not hasattr(w, "__index__"):
                 raise TypeError(f"expert_widths must hold ints, got {w!r} ({type(w).__name__})")
-        widths = tuple(int(w) for w in widths)
+        widths = tuple(int(w) for w in widths)  # host-ok: widths are static shapes, read once
     if len(widths) == 0:
         raise ValueError("expert_widths must name at least one expert, got an empty sequence")
     bad = [w for w in widths if w < 1]

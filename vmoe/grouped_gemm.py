@@ -478,7 +478,7 @@ def _wgrad_tiles(widths: tuple, m_fixed, m_per_width, n_fixed, n_per_width, bm, 
                for f in widths)
 
 
-def _launch_wgrad(l, r, out, routing: Routing, *, scale=None, l_mode, r_mode, m_fixed=0,
+def _launch_wgrad(left, right, out, routing: Routing, *, scale=None, l_mode, r_mode, m_fixed=0,
                   m_per_width=0, n_fixed=0, n_per_width=0, stride_lm=0, stride_rm=0, stride_oe,
                   stride_om, g=1):
     """One weight-gradient GEMM. M and N are either fixed (d) or a multiple of each expert's width."""
@@ -491,11 +491,11 @@ def _launch_wgrad(l, r, out, routing: Routing, *, scale=None, l_mode, r_mode, m_
                              meta["BM"], meta["BN"]),)
 
     _wgrad_kernel[grid](
-        l_ptr=l, r_ptr=r, out_ptr=out, scale_ptr=scale, **_routing_args(routing, l.device),
+        l_ptr=left, r_ptr=right, out_ptr=out, scale_ptr=scale, **_routing_args(routing, left.device),
         M_FIXED=m_fixed, N_FIXED=n_fixed, M_MAX=m_max, N_MAX=n_max, stride_lm=stride_lm,
         stride_rm=stride_rm, stride_oe=stride_oe, stride_om=stride_om, L_MODE=l_mode,
         R_MODE=r_mode, M_PER_WIDTH=m_per_width, N_PER_WIDTH=n_per_width, G=g,
-        UPCAST=dot_dtype_flag(l.dtype), DOT_PREC=_dot_precision(l.dtype))
+        UPCAST=dot_dtype_flag(left.dtype), DOT_PREC=_dot_precision(left.dtype))
 
 
 def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor | None, w2: torch.Tensor,
