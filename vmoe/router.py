@@ -108,7 +108,7 @@ def _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD: tl.constexpr):
 def _aux_losses(b_n, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, G, G_PAD: tl.constexpr):
     """``MoEMLP.aux_losses`` from the statistics: (router_z_loss, load_balance_loss, compute_loss).
     ``inv_t`` is 1 / max(T, 1), a host float: an int argument equal to 1 would be specialised."""
-    b_in, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD)
+    _, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD)
     b_p = b_pm / tl.maximum(b_pg, 1e-20)
     # sum_g |g| sum_{i in g} f_i p_i, one term per expert.
     lb = tl.sum(tl.where(m_e, b_size * b_f * b_p, 0.0), axis=0) / G
@@ -150,13 +150,15 @@ def _route_fwd_kernel(logits_ptr,         # [T, E] row stride stride_l
     o_k = tl.arange(0, K_PAD)
     m_t = o_t < T
     m_e = o_e < E
+    # Rows past T read 0 (finite, so that no dead lane computes log(0)); padding columns -inf.
     b_x = tl.load(logits_ptr + o_t[:, None] * stride_l + o_e[None, :],
-                  mask=m_t[:, None] & m_e[None, :], other=float("-inf")).to(tl.float32)
+                  mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
+    b_x = tl.where(m_e[None, :], b_x, float("-inf"))                   # [BT, E_PAD]
     b_p, b_lse, _ = _probs(b_x, SOFTMAX)                               # [BT, E_PAD], [BT]
 
     # Top-k by k rounds of max, then the lowest id holding it: a stable descending sort. The key
     # ranks NaN first (as torch.sort does), and padding and chosen experts (-1) last; P >= 0.
-    b_key = tl.where(b_p != b_p, 2.0, b_p)
+    b_key = tl.where(b_p != b_p, 2.0, b_p)  # noqa: PLR0124 (the NaN test; isnan is libdevice)
     b_key = tl.where(m_e[None, :], b_key, -1.0)
     b_ids = tl.zeros((BT, K_PAD), dtype=tl.int32)
     b_w = tl.zeros((BT, K_PAD), dtype=tl.float32)
@@ -265,7 +267,8 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
     m_e = o_e < E
     m = m_t[:, None] & m_e[None, :]
     b_x = tl.load(logits_ptr + o_t[:, None] * stride_l + o_e[None, :], mask=m,
-                  other=float("-inf")).to(tl.float32)
+                  other=0.0).to(tl.float32)
+    b_x = tl.where(m_e[None, :], b_x, float("-inf"))                   # as in the forward
     b_p, b_lse, b_sm = _probs(b_x, SOFTMAX)
 
     # dL/dP [BT, E_PAD] and dL/d(lse_sq_sum), from every upstream gradient given.
@@ -300,7 +303,7 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
         if NORM:
             # w_j = P_j / S: dP_j = (g_j - sum_i g_i w_i) / S on the chosen experts.
             b_pc = tl.where(b_sel, b_p, 0.0)
-            b_s = tl.sum(b_pc, axis=1)                                 # [BT]
+            b_s = tl.where(m_t, tl.sum(b_pc, axis=1), 1.0)             # [BT]; rows past T: 1
             b_gw = tl.sum(b_g * b_pc, axis=1) / b_s
             b_dp += tl.where(b_sel, (b_g - b_gw[:, None]) / b_s[:, None], 0.0)
         else:
@@ -434,11 +437,14 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
     d_logits = new_empty((T, E), logits.dtype, dev)
     if T == 0:
         return d_logits
+    # Autograd hands out expanded (stride-0) gradients, e.g. of p_sum.sum(): make them real.
+    d_topk_weights, d_p_sum, d_losses = (None if g is None else g.contiguous()
+                                         for g in (d_topk_weights, d_p_sum, d_losses))
     BT = route_block_tokens(E, k)
     G = len(group_sizes)
     _route_bwd_kernel[(triton.cdiv(T, BT),)](
         logits_ptr=logits, ids_ptr=topk_ids.contiguous(),
-        d_weights_ptr=None if d_topk_weights is None else d_topk_weights.contiguous(),
+        d_weights_ptr=d_topk_weights,
         d_p_sum_ptr=d_p_sum, d_lse_sq_sum_ptr=d_lse_sq_sum, d_losses_ptr=d_losses,
         counts_ptr=counts_all if has_loss else None, p_sum_ptr=p_sum if has_loss else None,
         group_ptr=_group_ids(group_sizes, E, dev) if has_loss else None,
