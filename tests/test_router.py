@@ -250,8 +250,25 @@ def test_backward_from_statistics(rn):
         ("lse_sq_sum", (None, None, g_l), lse_sq_sum * g_l.double()),
     ]:
         (ref,) = torch.autograd.grad(loss, logits64, retain_graph=True)
-        got = route_bwd(logits, ids, *args, None, None, None, router, norm, widths, _groups(sizes))
+        got = route_bwd(logits, ids, *args, d_z_loss=None, d_lb_loss=None, d_compute_loss=None,
+                        counts_all=None, p_sum=None, router=router, norm_topk_prob=norm,
+                        expert_widths=widths, group_sizes=_groups(sizes))
         assert_close(f"d_logits from {name}", got, ref, F32)
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_backward_of_each_loss_alone(router):
+    """Each loss is its own tensor, so its gradient reaches the kernel alone (no zero-filled
+    [3] gradient); each alone must match."""
+    T, k, sizes = 10, 2, [(2, 8), (3, 4), (2, 2)]
+    logits = (torch.randn(T, 7, device=DEVICE) * 2).requires_grad_()
+    out = route(logits, k, router, False, sizes)
+    logits64 = logits.detach().double().requires_grad_()
+    _, _, _, aux = _ref_losses_and_weights(logits64, out.topk_ids, k, router, False, sizes)
+    for name in LOSSES:
+        (got,) = torch.autograd.grad(out.aux[name] * 3.0, logits, retain_graph=True)
+        (ref,) = torch.autograd.grad(aux[name] * 3.0, logits64, retain_graph=True)
+        assert_close(f"d_logits of {name}", got, ref, F32)
 
 
 def test_backward_of_expanded_gradients():

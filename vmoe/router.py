@@ -43,8 +43,10 @@ block_prefix       [NB, E+1] int32 exclusive scan of block_counts over the block
 counts_all         [E+1] int32     n_e, assignments per expert (the last one, dropped ids: 0)
 p_sum              [E] fp32        sum_t P[t, e]
 lse_sq_sum         [] fp32         sum_t lse_t^2
-losses             [3] fp32        (router_z_loss, load_balance_loss, compute_loss), as
-                                   ``MoEMLP.aux_losses`` defines them; all 0 when T = 0
+z_loss, lb_loss,   [] fp32 each    router_z_loss, load_balance_loss and compute_loss, as
+compute_loss                       ``MoEMLP.aux_losses`` defines them; all 0 when T = 0. Three
+                                   tensors, not views of one: the gradient of a view would cost
+                                   the backward a zero-fill, a copy and an add per loss
 f_i                [E] fp32        n_e / max(T*k, 1), the fraction of assignments per expert
 group_ids          [E] int32       the group of expert e (host-built, cached on the device)
 =================  ==============  ==============================================================
@@ -118,10 +120,9 @@ def _aux_losses(b_n, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, G, G_PAD: tl.c
 
 
 @triton.jit
-def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_z, d_lb, d_c,
-                     G_PAD: tl.constexpr):
-    """The gradient of ``d_z * z + d_lb * lb + d_c * compute`` w.r.t. p_sum ``[E_PAD]`` and
-    lse_sq_sum (counts have none)."""
+def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_lb, d_c, G_PAD: tl.constexpr):
+    """The gradient of ``d_lb * lb + d_c * compute`` w.r.t. p_sum, ``[E_PAD]`` (counts have none;
+    the z-loss is ``lse_sq_sum / T``)."""
     b_in, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD)
     b_d = tl.maximum(b_pg, 1e-20)
     # p_i = pm_i / D_g: d/dpm_i of sum_j f_j p_j is f_i / D_g - sum_j f_j pm_j / D_g^2, the second
@@ -131,7 +132,7 @@ def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_z, d_lb, d_c,
     b_dpm = d_lb / G * b_size * (b_f / b_d - b_dd)
     mean_w = tl.sum(b_w, axis=0) / E
     b_dps = (b_dpm + d_c * b_w / mean_w) * inv_t
-    return tl.where(m_e, b_dps, 0.0), d_z * inv_t
+    return tl.where(m_e, b_dps, 0.0)
 
 
 @triton.jit
@@ -199,7 +200,9 @@ def _route_stats_kernel(block_counts_ptr,    # [NB, E+1] int32, read only
                         widths_ptr,          # [E] int32
                         p_sum_ptr,           # [E] fp32
                         lse_sq_sum_ptr,      # [] fp32
-                        losses_ptr,          # [3] fp32
+                        z_loss_ptr,          # [] fp32
+                        lb_loss_ptr,         # [] fp32
+                        compute_loss_ptr,    # [] fp32
                         frac_ptr,            # [E] fp32
                         NB, E, G, inv_t, inv_a,
                         SCAN: tl.constexpr, SB: tl.constexpr, E_PAD: tl.constexpr,
@@ -232,16 +235,18 @@ def _route_stats_kernel(block_counts_ptr,    # [NB, E+1] int32, read only
         b_w = tl.load(widths_ptr + o_e, mask=m_e, other=0).to(tl.float32)
         z, lb, compute = _aux_losses(b_nf, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, G,
                                       G_PAD)
-        tl.store(losses_ptr + 0, z)
-        tl.store(losses_ptr + 1, lb)
-        tl.store(losses_ptr + 2, compute)
+        tl.store(z_loss_ptr, z)
+        tl.store(lb_loss_ptr, lb)
+        tl.store(compute_loss_ptr, compute)
 
 
 @triton.heuristics({
     "HAS_DW": lambda a: a["d_weights_ptr"] is not None,
     "HAS_DPS": lambda a: a["d_p_sum_ptr"] is not None,
     "HAS_DLSQ": lambda a: a["d_lse_sq_sum_ptr"] is not None,
-    "HAS_DLOSS": lambda a: a["d_losses_ptr"] is not None,
+    "HAS_DZ": lambda a: a["d_z_loss_ptr"] is not None,
+    "HAS_DLB": lambda a: a["d_lb_loss_ptr"] is not None,
+    "HAS_DC": lambda a: a["d_compute_loss_ptr"] is not None,
 })
 @triton.jit
 def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
@@ -249,7 +254,9 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
                       d_weights_ptr,       # [T, k]
                       d_p_sum_ptr,         # [E]
                       d_lse_sq_sum_ptr,    # []
-                      d_losses_ptr,        # [3]
+                      d_z_loss_ptr,        # []
+                      d_lb_loss_ptr,       # []
+                      d_compute_loss_ptr,  # []
                       counts_ptr,          # [E+1] int32
                       p_sum_ptr,           # [E] fp32
                       group_ptr,           # [E] int32
@@ -259,7 +266,7 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
                       KTOP: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
                       BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
                       HAS_DW: tl.constexpr, HAS_DPS: tl.constexpr, HAS_DLSQ: tl.constexpr,
-                      HAS_DLOSS: tl.constexpr):
+                      HAS_DZ: tl.constexpr, HAS_DLB: tl.constexpr, HAS_DC: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
     o_t = i_b * BT + tl.arange(0, BT)
     o_e = tl.arange(0, E_PAD)
@@ -278,18 +285,21 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
         b_dp += tl.load(d_p_sum_ptr + o_e, mask=m_e, other=0.0).to(tl.float32)[None, :]
     if HAS_DLSQ:
         d_lsq += tl.load(d_lse_sq_sum_ptr).to(tl.float32)
-    if HAS_DLOSS:
+    if HAS_DZ:
+        d_lsq += tl.load(d_z_loss_ptr).to(tl.float32) * inv_t           # z = lse_sq_sum / T
+    if HAS_DLB or HAS_DC:
+        d_lb = tl.zeros((), dtype=tl.float32)
+        d_c = tl.zeros((), dtype=tl.float32)
+        if HAS_DLB:
+            d_lb += tl.load(d_lb_loss_ptr).to(tl.float32)
+        if HAS_DC:
+            d_c += tl.load(d_compute_loss_ptr).to(tl.float32)
         b_n = tl.load(counts_ptr + o_e, mask=m_e, other=0).to(tl.float32)
         b_ps = tl.load(p_sum_ptr + o_e, mask=m_e, other=0.0)
         b_gid = tl.load(group_ptr + o_e, mask=m_e, other=-1)
         b_w = tl.load(widths_ptr + o_e, mask=m_e, other=0).to(tl.float32)
-        d_z = tl.load(d_losses_ptr + 0).to(tl.float32)
-        d_lb = tl.load(d_losses_ptr + 1).to(tl.float32)
-        d_c = tl.load(d_losses_ptr + 2).to(tl.float32)
-        b_dps, d_lsq_loss = _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_z, d_lb,
-                                             d_c, G_PAD)
+        b_dps = _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_lb, d_c, G_PAD)
         b_dp += b_dps[None, :]
-        d_lsq += d_lsq_loss
     if HAS_DW:
         # The slot gradients spread onto their experts' columns; ids of a row are distinct.
         b_g = tl.zeros((BT, E_PAD), dtype=tl.float32)
@@ -383,7 +393,8 @@ def route_fwd(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
 def route_stats(block_counts: torch.Tensor, p_partial: torch.Tensor, lse_partial: torch.Tensor,
                 num_tokens: int, k: int, expert_widths, group_sizes):
     """Launch 2: ``(block_prefix [NB, E+1] int32, counts_all [E+1] int32, p_sum [E] fp32,
-    lse_sq_sum [] fp32, losses [3] fp32, f_i [E] fp32)`` from launch 1's block statistics.
+    lse_sq_sum [] fp32, z_loss [] fp32, lb_loss [] fp32, compute_loss [] fp32, f_i [E] fp32)``
+    from launch 1's block statistics; ``block_counts`` is left as it is.
 
     ``expert_widths``: the E widths f_e; ``group_sizes``: the experts in each load-balance group,
     in order (the counts of ``MoEConfig.expert_sizes``).
@@ -398,8 +409,8 @@ def route_stats(block_counts: torch.Tensor, p_partial: torch.Tensor, lse_partial
     block_prefix = new_empty((NB, E + 1), torch.int32, dev)
     counts_all = new_empty((E + 1,), torch.int32, dev)
     p_sum = new_empty((E,), torch.float32, dev)
-    lse_sq_sum = new_empty((), torch.float32, dev)
-    losses = new_empty((3,), torch.float32, dev)
+    lse_sq_sum, z_loss, lb_loss, compute_loss = (new_empty((), torch.float32, dev)
+                                                 for _ in range(4))
     f_i = new_empty((E,), torch.float32, dev)
     E_PAD = next_pow2(E)
     if interpreting():
@@ -409,46 +420,50 @@ def route_stats(block_counts: torch.Tensor, p_partial: torch.Tensor, lse_partial
     _route_stats_kernel[(E + 2,)](
         block_counts_ptr=block_counts, block_prefix_ptr=block_prefix, counts_ptr=counts_all,
         p_partial_ptr=p_partial, lse_partial_ptr=lse_partial, group_ptr=group_ids,
-        widths_ptr=widths, p_sum_ptr=p_sum, lse_sq_sum_ptr=lse_sq_sum, losses_ptr=losses,
-        frac_ptr=f_i, NB=NB, E=E, G=len(group_sizes), inv_t=1.0 / max(num_tokens, 1),
+        widths_ptr=widths, p_sum_ptr=p_sum, lse_sq_sum_ptr=lse_sq_sum, z_loss_ptr=z_loss,
+        lb_loss_ptr=lb_loss, compute_loss_ptr=compute_loss, frac_ptr=f_i,
+        NB=NB, E=E, G=len(group_sizes), inv_t=1.0 / max(num_tokens, 1),
         inv_a=1.0 / max(num_tokens * k, 1),
         SCAN=SCAN, SB=SB, E_PAD=E_PAD, G_PAD=next_pow2(len(group_sizes)))
-    return block_prefix, counts_all, p_sum, lse_sq_sum, losses, f_i
+    return block_prefix, counts_all, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, f_i
 
 
 def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torch.Tensor | None,
               d_p_sum: torch.Tensor | None, d_lse_sq_sum: torch.Tensor | None,
-              d_losses: torch.Tensor | None, counts_all: torch.Tensor | None,
+              d_z_loss: torch.Tensor | None, d_lb_loss: torch.Tensor | None,
+              d_compute_loss: torch.Tensor | None, counts_all: torch.Tensor | None,
               p_sum: torch.Tensor | None, router: str, norm_topk_prob: bool,
               expert_widths, group_sizes) -> torch.Tensor:
     """The one backward launch: ``d_logits [T, E]`` (logits' dtype) from any of the gradients of
-    ``topk_weights [T, k]``, ``p_sum [E]``, ``lse_sq_sum []`` and ``losses [3]`` (None: zero).
+    ``topk_weights [T, k]``, ``p_sum [E]``, ``lse_sq_sum []`` and the three losses (None: zero).
 
-    ``counts_all`` and ``p_sum`` (launch 2's) and the groups are read only with ``d_losses``.
+    ``counts_all`` and ``p_sum`` (launch 2's), the widths and the groups are read only for the
+    load-balance and compute losses.
     """
     k = topk_ids.shape[1]
     _check(logits, k, router)
     logits = _rows(logits)
     T, E = logits.shape
     dev = logits.device
-    has_loss = d_losses is not None
-    if has_loss and (counts_all is None or p_sum is None):
-        raise ValueError("d_losses needs counts_all and p_sum")
+    has_stats = d_lb_loss is not None or d_compute_loss is not None
+    if has_stats and (counts_all is None or p_sum is None):
+        raise ValueError("the gradient of load_balance_loss or compute_loss needs counts_all and "
+                         "p_sum")
     d_logits = new_empty((T, E), logits.dtype, dev)
     if T == 0:
         return d_logits
     # Autograd hands out expanded (stride-0) gradients, e.g. of p_sum.sum(): make them real.
-    d_topk_weights, d_p_sum, d_losses = (None if g is None else g.contiguous()
-                                         for g in (d_topk_weights, d_p_sum, d_losses))
+    d_topk_weights, d_p_sum = (None if g is None else g.contiguous()
+                               for g in (d_topk_weights, d_p_sum))
     BT = route_block_tokens(E, k)
     G = len(group_sizes)
     _route_bwd_kernel[(triton.cdiv(T, BT),)](
-        logits_ptr=logits, ids_ptr=topk_ids.contiguous(),
-        d_weights_ptr=d_topk_weights,
-        d_p_sum_ptr=d_p_sum, d_lse_sq_sum_ptr=d_lse_sq_sum, d_losses_ptr=d_losses,
-        counts_ptr=counts_all if has_loss else None, p_sum_ptr=p_sum if has_loss else None,
-        group_ptr=_group_ids(group_sizes, E, dev) if has_loss else None,
-        widths_ptr=device_ints(tuple(expert_widths), dev) if has_loss else None,
+        logits_ptr=logits, ids_ptr=topk_ids.contiguous(), d_weights_ptr=d_topk_weights,
+        d_p_sum_ptr=d_p_sum, d_lse_sq_sum_ptr=d_lse_sq_sum, d_z_loss_ptr=d_z_loss,
+        d_lb_loss_ptr=d_lb_loss, d_compute_loss_ptr=d_compute_loss,
+        counts_ptr=counts_all if has_stats else None, p_sum_ptr=p_sum if has_stats else None,
+        group_ptr=_group_ids(group_sizes, E, dev) if has_stats else None,
+        widths_ptr=device_ints(tuple(expert_widths), dev) if has_stats else None,
         d_logits_ptr=d_logits, T=T, E=E, G=G, inv_t=1.0 / T, stride_l=logits.stride(0),
         stride_d=d_logits.stride(0), KTOP=k, SOFTMAX=router == "softmax",
         NORM=bool(norm_topk_prob), BT=BT, E_PAD=next_pow2(E), G_PAD=next_pow2(G))
@@ -456,29 +471,30 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
 
 
 class RouteFunction(torch.autograd.Function):
-    """Launches 1 and 2. Saved: the logits, the ids and, for the loss gradient, counts and p_sum;
+    """Launches 1 and 2. Saved: the logits, the ids and, for the loss gradients, counts and p_sum;
     P and lse are recomputed in the backward. Differentiable outputs: topk_weights, p_sum,
-    lse_sq_sum and losses."""
+    lse_sq_sum and the three losses."""
 
     @staticmethod
     def forward(ctx, logits, k, router, norm_topk_prob, expert_widths, group_sizes):
         T = logits.shape[0]
         ids, weights, block_counts, p_partial, lse_partial = route_fwd(logits, k, router,
                                                                         norm_topk_prob)
-        block_prefix, counts_all, p_sum, lse_sq_sum, losses, f_i = route_stats(
-            block_counts, p_partial, lse_partial, T, k, expert_widths, group_sizes)
+        (block_prefix, counts_all, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss,
+         f_i) = route_stats(block_counts, p_partial, lse_partial, T, k, expert_widths, group_sizes)
         ctx.save_for_backward(logits, ids, counts_all, p_sum)
         ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
         ctx.mark_non_differentiable(ids, block_prefix, counts_all, f_i)
         ctx.set_materialize_grads(False)
-        return weights, p_sum, lse_sq_sum, losses, ids, block_prefix, counts_all, f_i
+        return (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, block_prefix,
+                counts_all, f_i)
 
     @staticmethod
-    def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_losses, *_):
+    def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, *_):
         logits, ids, counts_all, p_sum = ctx.saved_tensors
         router, norm, widths, groups = ctx.config
-        d_logits = route_bwd(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_losses, counts_all,
-                             p_sum, router, norm, widths, groups)
+        d_logits = route_bwd(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss,
+                             d_compute_loss, counts_all, p_sum, router, norm, widths, groups)
         return d_logits, None, None, None, None, None
 
 
@@ -518,9 +534,9 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
     """
     widths = tuple(w for count, w in expert_sizes for _ in range(count))
     groups = tuple(count for count, _ in expert_sizes)
-    weights, p_sum, lse_sq_sum, losses, ids, block_prefix, counts_all, f_i = RouteFunction.apply(
-        logits, k, router, norm_topk_prob, widths, groups)
+    (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, block_prefix, counts_all,
+     f_i) = RouteFunction.apply(logits, k, router, norm_topk_prob, widths, groups)
     block = route_block_tokens(len(widths), k) * k
     routing = scatter_routing(ids, block_prefix, counts_all, block, widths)
-    aux = {"router_z_loss": losses[0], "load_balance_loss": losses[1], "compute_loss": losses[2]}
+    aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
     return RouterOutput(ids, weights, routing, aux, f_i, p_sum, lse_sq_sum)
