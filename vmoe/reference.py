@@ -93,3 +93,43 @@ def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
     if router == "softmax":
         return F.softmax(logits, dim=-1)
     raise ValueError(f"unknown router {router!r}")
+
+
+def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
+    """The fused router of :mod:`vmoe.router`, in torch ops, in the dtype of ``logits``.
+
+    Returns ``(topk_ids [T, k] int64, topk_weights [T, k], probs [T, E], lse [T])``. The top-k is
+    the first k of a stable descending sort of the probabilities, so ties go to the lower expert id
+    and NaN ranks first (``torch.topk`` promises neither).
+    """
+    probs = router_probs(logits, router)
+    lse = torch.logsumexp(logits, dim=-1)
+    topk_ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]
+    topk_weights = probs.gather(1, topk_ids)
+    if norm_topk_prob:
+        topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+    return topk_ids, topk_weights, probs, lse
+
+
+def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+                     expert_sizes) -> dict:
+    """``MoEMLP.aux_losses`` in the dtype of ``probs`` (float64 for an oracle), from the ``[T]``
+    logsumexp instead of the logits; ``expert_sizes`` is ``[(count, width), ...]``, one group a pair."""
+    if probs.shape[0] == 0:
+        zero = probs.sum() * 0.0
+        return {"router_z_loss": zero, "load_balance_loss": zero, "compute_loss": zero}
+    z_loss = lse.pow(2).mean()
+    p_mean = probs.mean(0)
+    counts = counts.to(probs.dtype)
+    group_losses, lo = [], 0
+    for count, _ in expert_sizes:
+        n, pm = counts[lo:lo + count], p_mean[lo:lo + count]
+        f = n / n.sum().clamp_min(1.0)
+        p = pm / pm.sum().clamp_min(1e-20)
+        group_losses.append(count * (f * p).sum())
+        lo += count
+    w = torch.tensor([w for count, w in expert_sizes for _ in range(count)], dtype=probs.dtype,
+                     device=probs.device)
+    compute_loss = (probs @ w).mean() / w.mean()
+    return {"router_z_loss": z_loss, "load_balance_loss": torch.stack(group_losses).mean(),
+            "compute_loss": compute_loss}

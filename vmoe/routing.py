@@ -31,6 +31,10 @@ Three launches, each bounded by what the host knows (A, E):
      blocks, and its total n_e.
   3. ``_scatter_kernel`` (one program per block): position = offsets[e] + earlier blocks' count
      + rank inside the block; program 0 also writes offsets and ragged_offsets.
+
+:func:`finish_routing` runs launches 2 and 3 from block counts that another kernel wrote (the
+fused router of :mod:`vmoe.router` writes them beside the top-k), and :func:`scatter_routing`
+launch 3 alone, from a scan done elsewhere.
 """
 from __future__ import annotations
 
@@ -105,26 +109,36 @@ def _block_histogram_kernel(ids_ptr, block_counts_ptr, A, E,
 
 
 @triton.jit
-def _block_scan_kernel(block_counts_ptr, counts_ptr, NB, E, SCAN: tl.constexpr):
-    # Column e of block_counts [NB, E+1] becomes its exclusive scan over blocks, in place.
-    i_e = tl.program_id(0)
+def scan_block_column(block_counts_ptr, block_prefix_ptr, counts_ptr, i_e, NB, E,
+                      SCAN: tl.constexpr):
+    """Column ``i_e`` of ``block_counts [NB, E+1]``: its exclusive scan over the blocks into the
+    same column of ``block_prefix`` (which may be ``block_counts`` itself), and its total into
+    ``counts[i_e]``. A helper, so that :mod:`vmoe.router` can run it beside its own reduction."""
     carry = tl.zeros((), dtype=tl.int32)
     for i_start in range(0, NB, SCAN):
         o_b = i_start + tl.arange(0, SCAN)
         m_b = o_b < NB
-        p_c = block_counts_ptr + o_b.to(tl.int64) * (E + 1) + i_e
-        b_c = tl.load(p_c, mask=m_b, other=0)
+        o_c = o_b.to(tl.int64) * (E + 1) + i_e
+        b_c = tl.load(block_counts_ptr + o_c, mask=m_b, other=0)
         b_inc = tl.cumsum(b_c, axis=0)
-        tl.store(p_c, carry + b_inc - b_c, mask=m_b)
+        tl.store(block_prefix_ptr + o_c, carry + b_inc - b_c, mask=m_b)
         carry += tl.sum(b_c, axis=0)
     # Column E (the dropped ids) is scanned, for their sorted positions, but its total is unused.
     tl.store(counts_ptr + i_e, carry, mask=i_e < E)
 
 
 @triton.jit
+def _block_scan_kernel(block_counts_ptr, counts_ptr, NB, E, SCAN: tl.constexpr):
+    # Column e of block_counts [NB, E+1] becomes its exclusive scan over blocks, in place.
+    scan_block_column(block_counts_ptr, block_counts_ptr, counts_ptr, tl.program_id(0), NB, E, SCAN)
+
+
+@triton.jit
 def _scatter_kernel(ids_ptr, block_prefix_ptr, counts_ptr, widths_ptr,
                     offsets_ptr, ragged_offsets_ptr, sorted_to_assign_ptr, assign_to_sorted_ptr,
-                    A, E, BLOCK: tl.constexpr, E1_PAD: tl.constexpr):
+                    A, E, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr, E1_PAD: tl.constexpr):
+    # BLOCK assignments per block; BLOCK_PAD, the power of two >= BLOCK, shapes the lanes (the
+    # router's blocks hold BT*k assignments, not a power of two when k is not).
     i_b = tl.program_id(0)
     o_e = tl.arange(0, E1_PAD)
     m_e = o_e < E + 1
@@ -136,13 +150,13 @@ def _scatter_kernel(ids_ptr, block_prefix_ptr, counts_ptr, widths_ptr,
         b_elems = b_cnt.to(tl.int64) * b_w
         tl.store(ragged_offsets_ptr + o_e, tl.cumsum(b_elems, axis=0) - b_elems, mask=m_e)
 
-    o_a = i_b * BLOCK + tl.arange(0, BLOCK)
-    m_a = o_a < A
+    o_j = tl.arange(0, BLOCK_PAD)
+    o_a = i_b * BLOCK + o_j
+    m_a = (o_j < BLOCK) & (o_a < A)
     b_id = _load_ids(ids_ptr, o_a, m_a, E)
     # Stable rank inside the block: earlier lanes with the same expert.
-    o_j = tl.arange(0, BLOCK)
     b_same = (b_id[:, None] == b_id[None, :]) & (o_j[None, :] < o_j[:, None]) & m_a[None, :]
-    b_rank = tl.sum(b_same.to(tl.int32), axis=1)                  # [BLOCK]
+    b_rank = tl.sum(b_same.to(tl.int32), axis=1)                  # [BLOCK_PAD]
     b_base = tl.load(block_prefix_ptr + i_b * (E + 1) + b_id, mask=m_a, other=0)
     b_sel = b_id[:, None] == o_e[None, :]
     b_start = tl.sum(tl.where(b_sel, b_off[None, :], 0), axis=1)  # offsets[id] per lane
@@ -178,22 +192,49 @@ def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     E1_PAD = next_pow2(E + 1)
     BLOCK = _block_size(E1_PAD)
     NB = triton.cdiv(A, BLOCK)
-    counts = new_empty((E,), torch.int32, device)
-    offsets = new_empty((E + 1,), torch.int32, device)
-    ragged_offsets = new_empty((E + 1,), torch.int64, device)
-    sorted_to_assign = new_empty((A,), torch.int32, device)
-    assign_to_sorted = new_empty((A,), torch.int32, device)
-    widths = device_ints(expert_widths, device)
     block_counts = torch.empty((max(NB, 1), E + 1), dtype=torch.int32, device=device)
     if NB == 0:
         block_counts.zero_()
     else:
         _block_histogram_kernel[(NB,)](ids, block_counts, A, E, BLOCK=BLOCK, E1_PAD=E1_PAD)
+    return finish_routing(topk_ids, block_counts, BLOCK, expert_widths)
+
+
+def finish_routing(topk_ids: torch.Tensor, block_counts: torch.Tensor, block: int,
+                   expert_widths: tuple) -> Routing:
+    """Launches 2 and 3 of :func:`build_routing`, from block counts produced elsewhere.
+
+    ``block_counts`` is ``[max(NB, 1), E+1]`` int32 in ``_block_histogram_kernel``'s layout for
+    blocks of ``block`` assignments (any size >= 1), ``NB = cdiv(T*k, block)``, all zeros when
+    T*k = 0; it is overwritten with its exclusive scan over the blocks.
+    """
+    E = len(expert_widths)
+    counts = new_empty((E,), torch.int32, topk_ids.device)
+    NB = block_counts.shape[0]
     SCAN = min(1024, next_pow2(NB)) if not interpreting() else 16
-    _block_scan_kernel[(E + 1,)](block_counts, counts, max(NB, 1), E, SCAN=SCAN)
-    _scatter_kernel[(max(NB, 1),)](ids, block_counts, counts, widths, offsets, ragged_offsets,
-                                   sorted_to_assign, assign_to_sorted, A, E,
-                                   BLOCK=BLOCK, E1_PAD=E1_PAD)
+    _block_scan_kernel[(E + 1,)](block_counts, counts, NB, E, SCAN=SCAN)
+    return scatter_routing(topk_ids, block_counts, counts, block, expert_widths)
+
+
+def scatter_routing(topk_ids: torch.Tensor, block_prefix: torch.Tensor, counts: torch.Tensor,
+                    block: int, expert_widths: tuple) -> Routing:
+    """Launch 3 of :func:`build_routing` alone: the :class:`Routing` from the exclusive scan of the
+    block counts over the blocks (``block_prefix [max(NB, 1), E+1]``) and the totals
+    (``counts [E]``), for blocks of ``block`` assignments."""
+    E = len(expert_widths)
+    T, k = topk_ids.shape
+    A = T * k
+    device = topk_ids.device
+    ids = topk_ids.contiguous().reshape(-1)
+    offsets = new_empty((E + 1,), torch.int32, device)
+    ragged_offsets = new_empty((E + 1,), torch.int64, device)
+    sorted_to_assign = new_empty((A,), torch.int32, device)
+    assign_to_sorted = new_empty((A,), torch.int32, device)
+    widths = device_ints(expert_widths, device)
+    _scatter_kernel[(block_prefix.shape[0],)](ids, block_prefix, counts, widths, offsets,
+                                              ragged_offsets, sorted_to_assign, assign_to_sorted,
+                                              A, E, BLOCK=block, BLOCK_PAD=next_pow2(block),
+                                              E1_PAD=next_pow2(E + 1))
     return Routing(counts=counts, offsets=offsets, sorted_to_assign=sorted_to_assign,
                    assign_to_sorted=assign_to_sorted, ragged_offsets=ragged_offsets,
                    widths=widths, expert_widths=tuple(expert_widths), k=k, num_tokens=T)
