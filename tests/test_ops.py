@@ -74,3 +74,29 @@ def test_nosave_keeps_nothing():
     assert z.numel() == 0 and ys.numel() == 0
     assert z_saved.numel() > 0 and ys_saved.shape == (x.shape[0] * 2, x.shape[1])
     assert torch.equal(y, y_saved)
+
+
+ROUTE_SIZES = ((7, 16, 1, 20), (2, 2))  # widths, and the load-balance groups they form
+
+
+@pytest.mark.parametrize("router,norm", [("sigmoid", True), ("softmax", False)],
+                         ids=["sigmoid-norm", "softmax-nonorm"])
+def test_opcheck_route(router, norm):
+    widths, groups = ROUTE_SIZES
+    logits = torch.randn(9, len(widths), device=DEVICE)
+    torch.library.opcheck(ops.route_op, (logits, 2, router, norm, widths, groups))
+
+
+@pytest.mark.parametrize("given", ["all", "weights-only", "losses-only"])
+def test_opcheck_route_backward(given):
+    widths, groups = ROUTE_SIZES
+    logits = torch.randn(9, len(widths), device=DEVICE)
+    out = ops.route_impl(logits, 2, "softmax", True, widths, groups)
+    weights, p_sum, lse_sq_sum, z, lb, c, ids, _, counts = out[:9]
+    grads = [torch.randn_like(t) for t in (weights, p_sum, lse_sq_sum, z, lb, c)]
+    if given == "weights-only":
+        grads[1:] = [None] * 5
+    elif given == "losses-only":
+        grads[:3] = [None] * 3
+    torch.library.opcheck(ops.route_backward_op, (logits, ids, *grads, counts, p_sum, "softmax",
+                                                  True, widths, groups))

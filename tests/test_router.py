@@ -12,7 +12,8 @@ import triton
 from conftest import DEVICE
 
 from vmoe import MoEConfig, MoEMLP, reference
-from vmoe.router import route, route_block_tokens, route_bwd, route_fwd, route_stats
+from vmoe.autograd import route
+from vmoe.router import route_block_tokens, route_bwd, route_fwd, route_stats
 from vmoe.routing import (
     _block_histogram_kernel,
     build_routing,

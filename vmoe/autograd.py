@@ -16,6 +16,8 @@ can run it too. The backward is differentiable once: a second derivative raises.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -49,6 +51,77 @@ class ExpertMLPFunction(torch.autograd.Function):
         grads = ops.expert_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.expert_widths,
                                         ctx.activation, needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
+
+
+class RouteFunction(torch.autograd.Function):
+    """The fused router (:mod:`vmoe.router`). Saved: the logits, the ids and, for the loss
+    gradients, counts and p_sum; P and the logsumexp are recomputed in the one backward launch.
+    Differentiable outputs: topk_weights, p_sum, lse_sq_sum and the three losses."""
+
+    @staticmethod
+    def forward(logits, k, router, norm_topk_prob, expert_widths, group_sizes):
+        return ops.route(logits, k, router, norm_topk_prob, expert_widths, group_sizes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, _, router, norm_topk_prob, expert_widths, group_sizes = inputs
+        p_sum, ids, f_i, counts, routing = output[1], output[6], output[7], output[8], output[9:]
+        ctx.mark_non_differentiable(ids, f_i, counts, *routing)
+        ctx.set_materialize_grads(False)  # a loss left out of the total costs the kernel nothing
+        ctx.save_for_backward(logits, ids, counts, p_sum)
+        ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, *_):
+        logits, ids, counts, p_sum = ctx.saved_tensors
+        d_logits = ops.route_backward(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
+                                      d_lb_loss, d_compute_loss, counts, p_sum, *ctx.config)
+        return d_logits, None, None, None, None, None
+
+
+class RouterOutput(NamedTuple):
+    topk_ids: torch.Tensor       # [T, k] int32
+    topk_weights: torch.Tensor   # [T, k] fp32
+    routing: Routing
+    aux: dict                    # router_z_loss, load_balance_loss, compute_loss: [] fp32
+    f_i: torch.Tensor            # [E] fp32
+    p_sum: torch.Tensor          # [E] fp32
+    lse_sq_sum: torch.Tensor     # [] fp32
+
+
+def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
+          expert_sizes) -> RouterOutput:
+    """Everything :class:`vmoe.MoEMLP` needs from its router logits, in three launches
+    (:mod:`vmoe.router`).
+
+    Args:
+        logits: ``[T, E]`` router logits (any float dtype; computed in fp32).
+        k: experts per token.
+        router: ``"sigmoid"`` or ``"softmax"``.
+        norm_topk_prob: divide the k chosen probabilities by their sum.
+        expert_sizes: ``[(count, width), ...]`` as in :class:`vmoe.MoEConfig`; each pair is one
+            load-balance group.
+
+    Returns:
+        :class:`RouterOutput`: ``topk_ids`` (ties to the lower expert id), ``topk_weights``, the
+        :class:`vmoe.routing.Routing` of the ids, ``aux`` (the three losses of
+        ``MoEMLP.aux_losses``), ``f_i`` (fraction of assignments per expert), and the statistics
+        ``p_sum`` and ``lse_sq_sum``. The weights, losses and statistics are differentiable
+        w.r.t. the logits; the backward is one launch.
+
+    Example::
+
+        out = route(x @ w_router.T, 2, "softmax", True, [(4, 512), (8, 256)])
+        y = expert_mlp(x, out.topk_ids, out.topk_weights, w1, w2, widths, routing=out.routing)
+    """
+    widths = tuple(w for count, w in expert_sizes for _ in range(count))
+    groups = tuple(count for count, _ in expert_sizes)
+    (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, f_i,
+     *routing) = RouteFunction.apply(logits, k, router, norm_topk_prob, widths, groups)
+    aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
+    return RouterOutput(ids, weights, Routing.from_tensors(routing, widths, k, logits.shape[0]),
+                        aux, f_i, p_sum, lse_sq_sum)
 
 
 def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:

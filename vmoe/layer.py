@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import ops, reference
-from .autograd import apply_experts, autocast_inputs, use_triton
+from . import reference
+from .autograd import RouteFunction, apply_experts, autocast_inputs, use_triton
 from .config import MoEConfig, gate_factor
 
 
@@ -56,6 +56,7 @@ class MoEMLP(nn.Module):
             groups.append((start, start + count))
             start += count
         self._groups = groups
+        self._group_sizes = tuple(count for count, _ in config.expert_sizes)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -75,29 +76,40 @@ class MoEMLP(nn.Module):
                              f"got shape {tuple(x.shape)}")
         shape = x.shape
         x2 = x.reshape(-1, cfg.n_embd)
+        widths = cfg.expert_widths
+        logits = self.router(x2)                                           # [T, E]
+        if use_triton(x2, cfg.impl):
+            # The fused router (vmoe.router): probabilities, top-k, weights, counts, routing and
+            # the aux losses in three launches, in float32 whatever the logits' dtype, so also
+            # under autocast, where the router GEMM runs in the autocast dtype.
+            (topk_weights, _, _, z_loss, lb_loss, compute_loss, _, f_i,
+             *routing) = RouteFunction.apply(logits, cfg.num_active_experts, cfg.router,
+                                             cfg.norm_topk_prob, widths, self._group_sizes)
+            aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
+                   "compute_loss": compute_loss}
+            x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_weights, self.w1, self.w2)
+            out = apply_experts(x2, topk_weights.to(x2.dtype), w1, w2, routing, widths,
+                                cfg.activation)
+        else:
+            out, aux, f_i = self._forward_torch(x2, logits.float())
+        return out.reshape(shape), aux, f_i
+
+    def _forward_torch(self, x2: torch.Tensor, logits: torch.Tensor):
+        """The same layer in torch ops and the reference expert loop (``impl="reference"``, or no
+        GPU and no interpreter): the oracle of the fused path. Top-k ties may break differently
+        from the fused router's lower-id rule (torch.topk does not promise an order)."""
+        cfg = self.config
         T, E, k = x2.shape[0], cfg.num_experts, cfg.num_active_experts
-        # The router's math (probabilities, top-k, weights, aux losses) stays in float32, also
-        # under autocast, where the router GEMM itself runs in the autocast dtype.
-        logits = self.router(x2).float()                                   # [T, E]
         probs = router_probs(logits, cfg.router)
         topk_probs, topk_ids = probs.topk(k, dim=-1)
         if cfg.norm_topk_prob:
             topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
-        x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_probs.to(x.dtype), self.w1, self.w2)
-
-        widths = cfg.expert_widths
-        if use_triton(x2, cfg.impl):
-            routing = ops.routing(topk_ids, widths)
-            counts = routing[0].float()
-            out = apply_experts(x2, topk_weights, w1, w2, routing, widths, cfg.activation)
-        else:
-            counts = torch.zeros(E, device=x.device).scatter_add_(
-                0, topk_ids.reshape(-1), torch.ones(T * k, device=x.device))
-            out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights, w1, w2, widths,
-                                                 cfg.activation)
-        f_i = counts / max(T * k, 1)
-        aux = self.aux_losses(logits, probs, counts)
-        return out.reshape(shape), aux, f_i
+        x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_probs, self.w1, self.w2)
+        counts = torch.zeros(E, device=x2.device).scatter_add_(
+            0, topk_ids.reshape(-1), torch.ones(T * k, device=x2.device))
+        out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights.to(x2.dtype), w1, w2,
+                                             cfg.expert_widths, cfg.activation)
+        return out, self.aux_losses(logits, probs, counts), counts / max(T * k, 1)
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
         """The three auxiliary losses (see the class docstring) from ``[T, E]`` logits and

@@ -11,6 +11,10 @@ operator               what it computes
                        are what the backward needs, empty when ``save`` is False
 ``vmoe::expert_mlp_    ``(dx, dw, dw1, dw2)`` from dy and the saved tensors; a gradient
 backward``             not asked for in ``needs`` comes back empty
+``vmoe::route``        the fused router (:func:`vmoe.router.route_impl`): top-k weights and
+                       ids, aux-loss statistics and losses, f_i, and the routing arrays
+``vmoe::route_         ``d_logits`` from the gradients of the router's differentiable outputs
+backward``             (any may be None) (:func:`vmoe.router.route_bwd`)
 =====================  =================================================================
 
 Routing metadata crosses the boundary as its five tensors plus host ints (the widths; k and T are
@@ -37,6 +41,7 @@ import torch
 from .config import gate_factor
 from .gather_scatter import combine, combine_weight_grad
 from .grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_grad, w2_grad
+from .router import route_bwd, route_impl
 from .routing import Routing, build_routing
 
 
@@ -184,3 +189,55 @@ def _(dy, x, topk_weights, w1, w2, z, ys, counts, offsets, sorted_to_assign, ass
 
 def expert_mlp_backward(*args):
     return dispatch(expert_mlp_backward_op, expert_mlp_backward_impl, *args)
+
+
+route_impl = _outside_transforms(route_impl)
+route_backward_impl = _outside_transforms(route_bwd)
+
+
+@torch.library.custom_op("vmoe::route", mutates_args=())
+def route_op(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
+             expert_widths: Sequence[int], group_sizes: Sequence[int]) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor]:
+    return route_impl(logits, k, router, norm_topk_prob, expert_widths, group_sizes)
+
+
+@route_op.register_fake
+def _(logits, k, router, norm_topk_prob, expert_widths, group_sizes):
+    T, E = logits.shape
+
+    def new(*shape, dtype=torch.float32):
+        return logits.new_empty(shape, dtype=dtype)
+
+    i32 = torch.int32
+    return (new(T, k), new(E), new(), new(), new(), new(), new(T, k, dtype=i32), new(E),
+            new(E, dtype=i32), new(E + 1, dtype=i32), new(T * k, dtype=i32),
+            new(T * k, dtype=i32), new(E + 1, dtype=torch.int64))
+
+
+def route(*args):
+    return dispatch(route_op, route_impl, *args)
+
+
+@torch.library.custom_op("vmoe::route_backward", mutates_args=())
+def route_backward_op(logits: torch.Tensor, topk_ids: torch.Tensor,
+                      d_topk_weights: torch.Tensor | None, d_p_sum: torch.Tensor | None,
+                      d_lse_sq_sum: torch.Tensor | None, d_z_loss: torch.Tensor | None,
+                      d_lb_loss: torch.Tensor | None, d_compute_loss: torch.Tensor | None,
+                      counts: torch.Tensor, p_sum: torch.Tensor, router: str, norm_topk_prob: bool,
+                      expert_widths: Sequence[int], group_sizes: Sequence[int]) -> torch.Tensor:
+    return route_backward_impl(logits, topk_ids, d_topk_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
+                               d_lb_loss, d_compute_loss, counts, p_sum, router, norm_topk_prob,
+                               expert_widths, group_sizes)
+
+
+@route_backward_op.register_fake
+def _(logits, topk_ids, d_topk_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss,
+      d_compute_loss, counts, p_sum, router, norm_topk_prob, expert_widths, group_sizes):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def route_backward(*args):
+    return dispatch(route_backward_op, route_backward_impl, *args)

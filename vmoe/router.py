@@ -58,15 +58,13 @@ first (under softmax: ids 0..k-1), their weights are NaN (every weight of the ro
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import INT32_MAX, device_ints, interpreting, new_empty, next_pow2
 from .config import ROUTERS
-from .routing import Routing, scan_block_column, scatter_routing
+from .routing import scan_block_column, scatter_routing
 
 
 @triton.jit
@@ -470,73 +468,17 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
     return d_logits
 
 
-class RouteFunction(torch.autograd.Function):
-    """Launches 1 and 2. Saved: the logits, the ids and, for the loss gradients, counts and p_sum;
-    P and lse are recomputed in the backward. Differentiable outputs: topk_weights, p_sum,
-    lse_sq_sum and the three losses."""
-
-    @staticmethod
-    def forward(ctx, logits, k, router, norm_topk_prob, expert_widths, group_sizes):
-        T = logits.shape[0]
-        ids, weights, block_counts, p_partial, lse_partial = route_fwd(logits, k, router,
-                                                                        norm_topk_prob)
-        (block_prefix, counts, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss,
-         f_i) = route_stats(block_counts, p_partial, lse_partial, T, k, expert_widths, group_sizes)
-        ctx.save_for_backward(logits, ids, counts, p_sum)
-        ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
-        ctx.mark_non_differentiable(ids, block_prefix, counts, f_i)
-        ctx.set_materialize_grads(False)
-        return (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, block_prefix,
-                counts, f_i)
-
-    @staticmethod
-    def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, *_):
-        logits, ids, counts, p_sum = ctx.saved_tensors
-        router, norm, widths, groups = ctx.config
-        d_logits = route_bwd(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss,
-                             d_compute_loss, counts, p_sum, router, norm, widths, groups)
-        return d_logits, None, None, None, None, None
-
-
-class RouterOutput(NamedTuple):
-    topk_ids: torch.Tensor       # [T, k] int32
-    topk_weights: torch.Tensor   # [T, k] fp32
-    routing: Routing
-    aux: dict                    # router_z_loss, load_balance_loss, compute_loss: [] fp32
-    f_i: torch.Tensor            # [E] fp32
-    p_sum: torch.Tensor          # [E] fp32
-    lse_sq_sum: torch.Tensor     # [] fp32
-
-
-def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
-          expert_sizes) -> RouterOutput:
-    """Everything :class:`vmoe.MoEMLP` needs from its router logits, in three launches.
-
-    Args:
-        logits: ``[T, E]`` router logits (fp32 from the router GEMM; any float dtype works).
-        k: experts per token.
-        router: ``"sigmoid"`` or ``"softmax"``.
-        norm_topk_prob: divide the k chosen probabilities by their sum.
-        expert_sizes: ``[(count, width), ...]`` as in :class:`vmoe.MoEConfig`; each pair is one
-            load-balance group.
-
-    Returns:
-        :class:`RouterOutput`: ``topk_ids`` (ties to the lower expert id, see the module
-        docstring), ``topk_weights``, the :class:`vmoe.routing.Routing` of the ids, ``aux`` (the
-        three losses of ``MoEMLP.aux_losses``, differentiable w.r.t. ``logits``), ``f_i``
-        (fraction of assignments per expert), and the statistics ``p_sum`` and ``lse_sq_sum``.
-        The weights, losses and statistics are differentiable; the backward is one launch.
-
-    Example::
-
-        out = route(x @ w_router.T, 2, "softmax", True, [(4, 512), (8, 256)])
-        y = expert_mlp(x, out.topk_ids, out.topk_weights, w1, w2, widths, routing=out.routing)
-    """
-    widths = tuple(w for count, w in expert_sizes for _ in range(count))
-    groups = tuple(count for count, _ in expert_sizes)
-    (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, block_prefix, counts,
-     f_i) = RouteFunction.apply(logits, k, router, norm_topk_prob, widths, groups)
-    block = route_block_tokens(len(widths), k) * k
-    routing = scatter_routing(ids, block_prefix, counts, block, widths)
-    aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
-    return RouterOutput(ids, weights, routing, aux, f_i, p_sum, lse_sq_sum)
+def route_impl(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool, expert_widths,
+               group_sizes):
+    """The three forward launches, from the logits to everything the layer needs:
+    ``(topk_weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, topk_ids, f_i)`` followed by
+    the five routing arrays of :meth:`vmoe.routing.Routing.tensors`. The first six are
+    differentiable (:class:`vmoe.autograd.RouteFunction`); the backward is :func:`route_bwd`."""
+    T = logits.shape[0]
+    ids, weights, block_counts, p_partial, lse_partial = route_fwd(logits, k, router,
+                                                                    norm_topk_prob)
+    (block_prefix, counts, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss,
+     f_i) = route_stats(block_counts, p_partial, lse_partial, T, k, expert_widths, group_sizes)
+    routing = scatter_routing(ids, block_prefix, counts, route_block_tokens(len(expert_widths), k) * k,
+                              tuple(expert_widths))
+    return (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, f_i, *routing.tensors())
