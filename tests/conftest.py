@@ -6,8 +6,7 @@ test module imports triton or vmoe. VMOE_POISON=1 makes every kernel output star
 ints), so an element a kernel forgot to write fails the comparison instead of passing by luck.
 
 The helpers (tolerances, assert_close, problem builders, DEVICE, sizes) live in vmoe.testing, which
-the validation command and the notebooks share; test modules import them from there. DEVICE, ON_GPU
-and sizes are re-exported here for modules that still import them from conftest.
+the validation command and the notebooks share; test modules import them from there.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ os.environ["VMOE_POISON"] = "1"
 
 import pytest  # noqa: E402
 
-from vmoe.testing import DEVICE, ON_GPU, sizes  # noqa: E402, F401  (after the environment above)
+from vmoe.testing import DEVICE  # noqa: E402  (after the environment above)
 
 
 @pytest.fixture

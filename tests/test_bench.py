@@ -8,11 +8,10 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
 
 from vmoe import baselines, bench, report
 from vmoe.config import gate_factor
-from vmoe.testing import rel_err, tolerance
+from vmoe.testing import DEVICE, ON_GPU, rel_err, tolerance
 
 EXPECTED_COLUMNS = ["config", "provider", "mode", "scope", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
                     "ok", "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E",

@@ -12,10 +12,8 @@ import torch
 
 import vmoe
 from vmoe import MoEConfig, MoEMLP
-from vmoe.testing import assert_close, make_inputs
+from vmoe.testing import DEVICE, ON_GPU, assert_close, make_inputs
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 BACKENDS = ([("inductor", "default"), ("inductor", "max-autotune-no-cudagraphs"),
              ("inductor", "reduce-overhead")] if ON_GPU else [("aot_eager", None)])
 BACKEND_IDS = [f"{b}-{m}" for b, m in BACKENDS]

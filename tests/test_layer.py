@@ -201,3 +201,39 @@ def test_batched_equals_flat():
     assert torch.equal(f3, f2)
     for key in AUX_KEYS:
         assert torch.equal(aux3[key], aux2[key])
+
+
+def _gpu_activities(fn) -> list[str]:
+    """Names of the GPU activities (kernels, memsets, copies) that ``fn`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA launches")
+@pytest.mark.parametrize("activation,router", [("relu2", "sigmoid"), ("swiglu", "softmax")])
+def test_launch_budget(activation, router):
+    """The whole layer in a training step: at most 8 GPU launches in the forward and 12 in the
+    backward (router GEMM, the fused router, the expert kernels, and their gradients)."""
+    cfg = MoEConfig(n_embd=256, expert_sizes=[(4, 512), (8, 256), (4, 128)], num_active_experts=2,
+                    activation=activation, router=router)
+    moe = MoEMLP(cfg).to(DEVICE, torch.bfloat16)
+    x = torch.randn(4096, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    for _ in range(2):  # warm up: autotuning, allocator, cached device constants
+        out, aux, _ = moe(x)
+        ((out * dy).sum() + sum(aux.values())).backward()
+    result = {}
+    forward = _gpu_activities(lambda: result.update(zip(("out", "aux", "f_i"), moe(x))))
+    # The layer's backward alone: the gradients arrive as given tensors, so no kernel of a loss
+    # (a fill of ones, a multiply by dy) is counted.
+    outputs = [result["out"], *result["aux"].values()]
+    grads = [dy] + [torch.ones((), device=DEVICE) for _ in result["aux"]]
+    backward = _gpu_activities(lambda: torch.autograd.backward(outputs, grads))
+    print(f"\nforward {len(forward)} launches: {forward}\nbackward {len(backward)} launches: {backward}")
+    assert len(forward) <= 8, forward
+    assert len(backward) <= 12, backward

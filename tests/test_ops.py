@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from vmoe import ops
-from vmoe.testing import make_inputs
+from vmoe.testing import DEVICE, make_inputs
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = (7, 16, 1, 20)
 
 CASES = [("relu2", torch.float32), ("swiglu", torch.float32), ("gelu", torch.bfloat16)]

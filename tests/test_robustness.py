@@ -12,9 +12,8 @@ import vmoe
 from vmoe import MoEConfig, MoEMLP, ops, reference
 from vmoe.config import ACTIVATIONS
 from vmoe.routing import build_routing
-from vmoe.testing import assert_close, make_inputs, tolerance
+from vmoe.testing import DEVICE, assert_close, make_inputs, tolerance
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = (7, 16, 1, 20)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-from conftest import DEVICE
 
 from vmoe import MoEConfig, MoEMLP, reference
 from vmoe.autograd import route
@@ -20,7 +19,7 @@ from vmoe.routing import (
     finish_routing,
     scatter_routing,
 )
-from vmoe.testing import assert_close
+from vmoe.testing import DEVICE, assert_close
 
 F32 = torch.float32
 LOSSES = ("router_z_loss", "load_balance_loss", "compute_loss")
@@ -240,7 +239,8 @@ def test_backward_from_statistics(rn):
     E = len(widths)
     logits = torch.randn(T, E, device=DEVICE) * 2
     ids, *_ = route_fwd(logits, k, router, norm)
-    g_w, g_p, g_l = torch.randn(T, k, device=DEVICE), torch.randn(E, device=DEVICE), torch.randn((), device=DEVICE)
+    g_w, g_p = torch.randn(T, k, device=DEVICE), torch.randn(E, device=DEVICE)
+    g_l = torch.randn((), device=DEVICE)
     logits64 = logits.double().requires_grad_()
     w, p_sum, lse_sq_sum, _ = _ref_losses_and_weights(logits64, ids, k, router, norm, sizes)
     for name, args, loss in [
