@@ -78,12 +78,13 @@ def test_nosave_keeps_nothing():
 ROUTE_SIZES = ((7, 16, 1, 20), (2, 2))  # widths, and the load-balance groups they form
 
 
-@pytest.mark.parametrize("router,norm", [("sigmoid", True), ("softmax", False)],
-                         ids=["sigmoid-norm", "softmax-nonorm"])
-def test_opcheck_route(router, norm):
+@pytest.mark.parametrize("router,norm,dtype", [("sigmoid", True, torch.float32),
+                                               ("softmax", False, torch.bfloat16)],
+                         ids=["sigmoid-norm-fp32", "softmax-nonorm-bf16"])
+def test_opcheck_route(router, norm, dtype):
     widths, groups = ROUTE_SIZES
     logits = torch.randn(9, len(widths), device=DEVICE)
-    torch.library.opcheck(ops.route_op, (logits, 2, router, norm, widths, groups))
+    torch.library.opcheck(ops.route_op, (logits, 2, router, norm, widths, groups, dtype))
 
 
 @pytest.mark.parametrize("given", ["all", "weights-only", "losses-only"])

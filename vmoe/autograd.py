@@ -59,12 +59,13 @@ class RouteFunction(torch.autograd.Function):
     Differentiable outputs: topk_weights, p_sum, lse_sq_sum and the three losses."""
 
     @staticmethod
-    def forward(logits, k, router, norm_topk_prob, expert_widths, group_sizes):
-        return ops.route(logits, k, router, norm_topk_prob, expert_widths, group_sizes)
+    def forward(logits, k, router, norm_topk_prob, expert_widths, group_sizes, weights_dtype):
+        return ops.route(logits, k, router, norm_topk_prob, expert_widths, group_sizes,
+                         weights_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, _, router, norm_topk_prob, expert_widths, group_sizes = inputs
+        logits, _, router, norm_topk_prob, expert_widths, group_sizes, _ = inputs
         p_sum, ids, f_i, counts, routing = output[1], output[6], output[7], output[8], output[9:]
         ctx.mark_non_differentiable(ids, f_i, counts, *routing)
         ctx.set_materialize_grads(False)  # a loss left out of the total costs the kernel nothing
@@ -77,7 +78,7 @@ class RouteFunction(torch.autograd.Function):
         logits, ids, counts, p_sum = ctx.saved_tensors
         d_logits = ops.route_backward(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
                                       d_lb_loss, d_compute_loss, counts, p_sum, *ctx.config)
-        return d_logits, None, None, None, None, None
+        return d_logits, None, None, None, None, None, None
 
 
 class RouterOutput(NamedTuple):
@@ -118,7 +119,8 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
     widths = tuple(w for count, w in expert_sizes for _ in range(count))
     groups = tuple(count for count, _ in expert_sizes)
     (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, f_i,
-     *routing) = RouteFunction.apply(logits, k, router, norm_topk_prob, widths, groups)
+     *routing) = RouteFunction.apply(logits, k, router, norm_topk_prob, widths, groups,
+                                     torch.float32)
     aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
     return RouterOutput(ids, weights, Routing.from_tensors(routing, widths, k, logits.shape[0]),
                         aux, f_i, p_sum, lse_sq_sum)

@@ -82,14 +82,15 @@ class MoEMLP(nn.Module):
             # The fused router (vmoe.router): probabilities, top-k, weights, counts, routing and
             # the aux losses in three launches, in float32 whatever the logits' dtype, so also
             # under autocast, where the router GEMM runs in the autocast dtype.
+            # The weights come out in the experts' dtype (the autocast dtype under autocast).
+            x2, _, w1, w2 = autocast_inputs(x2, None, self.w1, self.w2)
             (topk_weights, _, _, z_loss, lb_loss, compute_loss, _, f_i,
              *routing) = RouteFunction.apply(logits, cfg.num_active_experts, cfg.router,
-                                             cfg.norm_topk_prob, widths, self._group_sizes)
+                                             cfg.norm_topk_prob, widths, self._group_sizes,
+                                             x2.dtype)
             aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
                    "compute_loss": compute_loss}
-            x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_weights, self.w1, self.w2)
-            out = apply_experts(x2, topk_weights.to(x2.dtype), w1, w2, routing, widths,
-                                cfg.activation)
+            out = apply_experts(x2, topk_weights, w1, w2, routing, widths, cfg.activation)
         else:
             out, aux, f_i = self._forward_torch(x2, logits.float())
         return out.reshape(shape), aux, f_i

@@ -197,22 +197,25 @@ route_backward_impl = _outside_transforms(route_bwd)
 
 @torch.library.custom_op("vmoe::route", mutates_args=())
 def route_op(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
-             expert_widths: Sequence[int], group_sizes: Sequence[int]) -> tuple[
+             expert_widths: Sequence[int], group_sizes: Sequence[int],
+             weights_dtype: torch.dtype) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
         torch.Tensor]:
-    return route_impl(logits, k, router, norm_topk_prob, expert_widths, group_sizes)
+    return route_impl(logits, k, router, norm_topk_prob, expert_widths, group_sizes,
+                      weights_dtype)
 
 
 @route_op.register_fake
-def _(logits, k, router, norm_topk_prob, expert_widths, group_sizes):
+def _(logits, k, router, norm_topk_prob, expert_widths, group_sizes, weights_dtype):
     T, E = logits.shape
 
     def new(*shape, dtype=torch.float32):
         return logits.new_empty(shape, dtype=dtype)
 
     i32 = torch.int32
-    return (new(T, k), new(E), new(), new(), new(), new(), new(T, k, dtype=i32), new(E),
+    return (new(T, k, dtype=weights_dtype), new(E), new(), new(), new(), new(),
+            new(T, k, dtype=i32), new(E),
             new(E, dtype=i32), new(E + 1, dtype=i32), new(T * k, dtype=i32),
             new(T * k, dtype=i32), new(E + 1, dtype=torch.int64))
 

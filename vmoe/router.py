@@ -136,7 +136,7 @@ def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_lb, d_c, G_PAD: 
 @triton.jit
 def _route_fwd_kernel(logits_ptr,         # [T, E] row stride stride_l
                       ids_ptr,            # [T, k] int32
-                      weights_ptr,        # [T, k] fp32
+                      weights_ptr,        # [T, k] the experts' dtype
                       block_counts_ptr,   # [NB, E+1] int32
                       p_partial_ptr,      # [NB, E] fp32
                       lse_partial_ptr,    # [NB] fp32
@@ -174,7 +174,7 @@ def _route_fwd_kernel(logits_ptr,         # [T, E] row stride stride_l
     o_tk = o_t[:, None] * KTOP + o_k[None, :]
     m_tk = m_t[:, None] & (o_k < KTOP)[None, :]
     tl.store(ids_ptr + o_tk, b_ids, mask=m_tk)
-    tl.store(weights_ptr + o_tk, b_w, mask=m_tk)
+    tl.store(weights_ptr + o_tk, b_w.to(weights_ptr.dtype.element_ty), mask=m_tk)
 
     # Block statistics over the block's real tokens. The ids of a row are distinct, so the
     # histogram counts the chosen (key -1) real experts.
@@ -365,9 +365,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def route_fwd(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
-    """Launch 1: ``(topk_ids [T, k] int32, topk_weights [T, k] fp32, block_counts [NB, E+1] int32,
-    p_partial [NB, E] fp32, lse_partial [NB] fp32)``; see the module docstring."""
+def route_fwd(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
+              weights_dtype: torch.dtype = torch.float32):
+    """Launch 1: ``(topk_ids [T, k] int32, topk_weights [T, k], block_counts [NB, E+1] int32,
+    p_partial [NB, E] fp32, lse_partial [NB] fp32)``; see the module docstring. The weights are
+    computed in fp32 and stored in ``weights_dtype``, the experts' dtype, so that no cast kernel
+    runs between the router and the experts."""
     _check(logits, k, router)
     logits = _rows(logits)
     T, E = logits.shape
@@ -375,7 +378,7 @@ def route_fwd(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
     NB = max(triton.cdiv(T, BT), 1)  # one all-masked program writes zero statistics when T = 0
     dev = logits.device
     ids = new_empty((T, k), torch.int32, dev)
-    weights = new_empty((T, k), torch.float32, dev)
+    weights = new_empty((T, k), weights_dtype, dev)
     block_counts = new_empty((NB, E + 1), torch.int32, dev)
     p_partial = new_empty((NB, E), torch.float32, dev)
     lse_partial = new_empty((NB,), torch.float32, dev)
@@ -469,14 +472,14 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
 
 
 def route_impl(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool, expert_widths,
-               group_sizes):
+               group_sizes, weights_dtype: torch.dtype = torch.float32):
     """The three forward launches, from the logits to everything the layer needs:
     ``(topk_weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, topk_ids, f_i)`` followed by
     the five routing arrays of :meth:`vmoe.routing.Routing.tensors`. The first six are
     differentiable (:class:`vmoe.autograd.RouteFunction`); the backward is :func:`route_bwd`."""
     T = logits.shape[0]
     ids, weights, block_counts, p_partial, lse_partial = route_fwd(logits, k, router,
-                                                                    norm_topk_prob)
+                                                                    norm_topk_prob, weights_dtype)
     (block_prefix, counts, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss,
      f_i) = route_stats(block_counts, p_partial, lse_partial, T, k, expert_widths, group_sizes)
     routing = scatter_routing(ids, block_prefix, counts, route_block_tokens(len(expert_widths), k) * k,
