@@ -119,11 +119,43 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
     widths = tuple(w for count, w in expert_sizes for _ in range(count))
     groups = tuple(count for count, _ in expert_sizes)
     (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, f_i,
-     *routing) = RouteFunction.apply(logits, k, router, norm_topk_prob, widths, groups,
-                                     torch.float32)
+     *routing) = apply_route(logits, k, router, norm_topk_prob, widths, groups, torch.float32)
     aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
     return RouterOutput(ids, weights, Routing.from_tensors(routing, widths, k, logits.shape[0]),
                         aux, f_i, p_sum, lse_sq_sum)
+
+
+def _eager_twin(function):
+    """``function`` with ``ctx`` as forward's first argument: the same forward, setup and backward.
+
+    ``autograd.Function.apply`` binds the signature of a forward that has a separate
+    ``setup_context`` with ``inspect`` on every call, measured at about 100 µs of host time per
+    call on the device's host; eager calls outside torch.func need no such binding. torch.func
+    (which requires ``setup_context``) and torch.compile get ``function`` itself."""
+
+    def forward(ctx, *args):
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return output
+
+    return type(f"{function.__name__}Eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
+                 "__doc__": _eager_twin.__doc__})
+
+
+def _pick(function, eager_twin):
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function
+    return eager_twin
+
+
+_ExpertMLPEager = _eager_twin(ExpertMLPFunction)
+_RouteEager = _eager_twin(RouteFunction)
+
+
+def apply_route(*args):
+    """``RouteFunction.apply``, through its eager twin outside torch.compile and torch.func."""
+    return _pick(RouteFunction, _RouteEager).apply(*args)
 
 
 def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:
@@ -175,9 +207,10 @@ def apply_experts(x, topk_weights, w1, w2, routing_tensors, expert_widths: tuple
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take {KERNEL_DTYPES} "
                         "(use impl='reference' for others)")
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2))
-    y, _, _ = ExpertMLPFunction.apply(x.contiguous(), topk_weights.contiguous(), w1.contiguous(),
-                                      w2.contiguous(), *routing_tensors, tuple(expert_widths),
-                                      activation, save)
+    function = _pick(ExpertMLPFunction, _ExpertMLPEager)
+    y, _, _ = function.apply(x.contiguous(), topk_weights.contiguous(), w1.contiguous(),
+                             w2.contiguous(), *routing_tensors, tuple(expert_widths), activation,
+                             save)
     return y
 
 

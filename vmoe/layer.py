@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .autograd import RouteFunction, apply_experts, autocast_inputs, use_triton
+from .autograd import apply_experts, apply_route, autocast_inputs, use_triton
 from .config import MoEConfig, gate_factor
 
 
@@ -85,9 +85,8 @@ class MoEMLP(nn.Module):
             # The weights come out in the experts' dtype (the autocast dtype under autocast).
             x2, _, w1, w2 = autocast_inputs(x2, None, self.w1, self.w2)
             (topk_weights, _, _, z_loss, lb_loss, compute_loss, _, f_i,
-             *routing) = RouteFunction.apply(logits, cfg.num_active_experts, cfg.router,
-                                             cfg.norm_topk_prob, widths, self._group_sizes,
-                                             x2.dtype)
+             *routing) = apply_route(logits, cfg.num_active_experts, cfg.router,
+                                     cfg.norm_topk_prob, widths, self._group_sizes, x2.dtype)
             aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
                    "compute_loss": compute_loss}
             out = apply_experts(x2, topk_weights, w1, w2, routing, widths, cfg.activation)

@@ -68,6 +68,8 @@ def _outside_transforms(impl):
     """Run ``impl`` on plain tensors with torch.func's transforms switched off, so that what it
     allocates is plain too (gradients flow through the autograd.Function around it)."""
     def run(*args):
+        if not torch._C._are_functorch_transforms_active():
+            return impl(*args)  # the common case, at no cost
         with torch._C._DisableFuncTorch():
             return impl(*(_plain(a) for a in args))
     run.__name__ = run.__qualname__ = impl.__name__
