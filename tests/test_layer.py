@@ -240,3 +240,23 @@ def test_launch_budget(activation, router, monkeypatch):
     print(f"\nforward {len(forward)} launches: {forward}\nbackward {len(backward)} launches: {backward}")
     assert len(forward) <= 8, forward
     assert len(backward) <= 12, backward
+
+
+def test_backward_fills_no_zero_gradients(monkeypatch):
+    """The layer's backward allocates no zero-filled gradient for its non-differentiable outputs
+    (the ragged Z, the rows ys, the routing arrays): on a GPU each would be a memset launch, the
+    one of Z as large as the worst-case ragged buffer. Counted at the aten level, so it runs on the
+    CPU too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("VMOE_POISON", "0")  # the tests' NaN fills are not the layer's
+    moe = MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 16), (2, 8)], num_active_experts=2))
+    moe = moe.to(DEVICE)
+    x = torch.randn(20, 16, device=DEVICE, requires_grad=True)
+    out, aux, _ = moe(x)
+    grads = [torch.randn_like(out)] + [torch.ones((), device=DEVICE) for _ in aux]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.backward([out, *aux.values()], grads)
+    fills = [e.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_")]
+    assert fills == [], fills

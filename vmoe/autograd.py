@@ -41,6 +41,9 @@ class ExpertMLPFunction(torch.autograd.Function):
         x, topk_weights, w1, w2, *routing, expert_widths, activation, _ = inputs
         _, z, ys = output
         ctx.mark_non_differentiable(z, ys)
+        # Else autograd hands the backward zero-filled gradients for z and ys: two memsets of the
+        # worst-case ragged buffer and of [A, d], for nothing.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, topk_weights, w1, w2, z, ys, *routing)
         ctx.expert_widths, ctx.activation = expert_widths, activation
 
