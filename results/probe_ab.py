@@ -5,9 +5,9 @@ also runs one training step under torch.cuda.set_sync_debug_mode("error"), which
 host synchronization."""
 import json
 import sys
-import time
 
 import torch
+from probe_before_after import host_and_total_us  # beside this file
 
 import vmoe
 from vmoe import MoEConfig, MoEMLP
@@ -31,18 +31,9 @@ def layer():
     return moe(x)
 
 
-def host_us(fn, grad, n=300):
+def host_us(fn, grad):
     with torch.set_grad_enabled(grad):
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t) / n * 1e6
-        torch.cuda.synchronize()
-        total = (time.perf_counter() - t) / n * 1e6
-    return round(host, 1), round(total, 1)
+        return host_and_total_us(fn, n=300)
 
 
 row = {"tag": tag}

@@ -226,13 +226,20 @@ def test_markdown_table_names_the_gpu_and_the_ratios():
     assert "grouped_mm n/a" in md
 
 
-def test_readme_block_is_regenerated(tmp_path):
+def _regenerate(tmp_path, readme_text: str):
+    """Write the synthetic CSV and a README, run ``--from-csv --readme``; return the README path."""
     df, _ = _synthetic()
     path = tmp_path / "results.csv"
     df.to_csv(path, index=False)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# vmoe\n\nintro\n\n{report.README_START}\nold table\n{report.README_END}\n\nafter\n")
+    readme.write_text(readme_text)
     assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    return readme
+
+
+def test_readme_block_is_regenerated(tmp_path):
+    readme = _regenerate(tmp_path, f"# vmoe\n\nintro\n\n{report.README_START}\nold table\n"
+                                   f"{report.README_END}\n\nafter\n")
     text = readme.read_text()
     assert "old table" not in text and "Test GPU 9000" in text
     assert text.startswith("# vmoe\n\nintro\n\n") and text.endswith("\n\nafter\n")
@@ -243,15 +250,10 @@ def test_readme_block_is_regenerated(tmp_path):
 
 
 def test_an_unchanged_readme_says_so(tmp_path, capsys):
-    df, _ = _synthetic()
-    path = tmp_path / "results.csv"
-    df.to_csv(path, index=False)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# vmoe\n\n{report.README_START}\nold table\n{report.README_END}\n")
-    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    readme = _regenerate(tmp_path, f"# vmoe\n\n{report.README_START}\nold table\n{report.README_END}\n")
     assert "rewrote the results block" in capsys.readouterr().out
     text, mtime = readme.read_text(), readme.stat().st_mtime_ns
-    assert bench.main(["--from-csv", str(path), "--readme", str(readme)]) == 0
+    assert bench.main(["--from-csv", str(tmp_path / "results.csv"), "--readme", str(readme)]) == 0
     printed = capsys.readouterr().out
     assert "unchanged" in printed and "rewrote" not in printed
     assert readme.read_text() == text and readme.stat().st_mtime_ns == mtime
