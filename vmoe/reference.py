@@ -66,11 +66,12 @@ def expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple
             out = h @ w2[offset: offset + f]
             y.index_add_(0, tok, out * topk_weights[tok, slot].unsqueeze(-1))
         offset += f
-    if not y.requires_grad:
+    inputs = (x, topk_weights, w1, w2)
+    if not y.requires_grad and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         # No expert received a token: the output is still a function of the inputs, with zero
         # gradients. Sums of empty slices are exact zeros that carry the graph (and, unlike
         # 0 * x, no NaN of x).
-        y = y + sum(t[:0].sum() for t in (x, topk_weights, w1, w2))
+        y = y + sum(t[:0].sum() for t in inputs)
     return y
 
 
