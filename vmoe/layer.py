@@ -17,6 +17,18 @@ def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
     return torch.sigmoid(logits) if router == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
+def add_router_state(module: nn.Module, config: MoEConfig) -> None:
+    """What :meth:`MoEMLP.route` and :meth:`MoEMLP.aux_losses` read besides the weights: the
+    widths as a float buffer, and the load-balance groups (one per ``(count, width)`` pair)."""
+    module.register_buffer("expert_widths_f", torch.tensor(config.expert_widths,
+                                                           dtype=torch.float32), persistent=False)
+    starts = [0]
+    for count, _ in config.expert_sizes:
+        starts.append(starts[-1] + count)
+    module._groups = list(zip(starts[:-1], starts[1:]))
+    module._group_sizes = tuple(count for count, _ in config.expert_sizes)
+
+
 class MoEMLP(nn.Module):
     """A Mixture-of-Experts MLP whose experts may have different widths.
 
@@ -49,14 +61,7 @@ class MoEMLP(nn.Module):
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(d, g * F))
         self.w2 = nn.Parameter(torch.empty(F, d))
-        widths = torch.tensor(config.expert_widths, dtype=torch.float32)
-        self.register_buffer("expert_widths_f", widths, persistent=False)
-        groups, start = [], 0
-        for count, _ in config.expert_sizes:
-            groups.append((start, start + count))
-            start += count
-        self._groups = groups
-        self._group_sizes = tuple(count for count, _ in config.expert_sizes)
+        add_router_state(self, config)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -75,31 +80,37 @@ class MoEMLP(nn.Module):
             raise ValueError(f"x must be [B, S, n_embd] or [T, n_embd] with n_embd={cfg.n_embd}, "
                              f"got shape {tuple(x.shape)}")
         shape = x.shape
-        x2 = x.reshape(-1, cfg.n_embd)
-        widths = cfg.expert_widths
-        logits = self.router(x2)                                           # [T, E]
-        if use_triton(x2, cfg.impl):
-            # The fused router (vmoe.router): probabilities, top-k, weights, counts, routing and
-            # the aux losses in three launches, in float32 whatever the logits' dtype, so also
-            # under autocast, where the router GEMM runs in the autocast dtype.
-            # The weights come out in the experts' dtype (the autocast dtype under autocast).
-            x2, _, w1, w2 = autocast_inputs(x2, None, self.w1, self.w2)
-            (topk_weights, _, _, z_loss, lb_loss, compute_loss, _, f_i,
-             *routing) = apply_route(logits, cfg.num_active_experts, cfg.router,
-                                     cfg.norm_topk_prob, widths, self._group_sizes, x2.dtype)
-            aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
-                   "compute_loss": compute_loss}
-            out = apply_experts(x2, topk_weights, w1, w2, routing, widths, cfg.activation)
+        x2, w1, w2, topk_ids, topk_weights, routing, _, aux, f_i = self.route(
+            x.reshape(-1, cfg.n_embd))
+        if routing is not None:
+            out = apply_experts(x2, topk_weights, w1, w2, routing, cfg.expert_widths,
+                                cfg.activation)
         else:
-            out, aux, f_i = self._forward_torch(x2, logits.float())
+            out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights, w1, w2,
+                                                 cfg.expert_widths, cfg.activation)
         return out.reshape(shape), aux, f_i
 
-    def _forward_torch(self, x2: torch.Tensor, logits: torch.Tensor):
-        """The same layer in torch ops and the reference expert loop (``impl="reference"``, or no
-        GPU and no interpreter): the oracle of the fused path. Top-k ties may break differently
-        from the fused router's lower-id rule (torch.topk does not promise an order)."""
+    def route(self, x2: torch.Tensor):
+        """The router on ``[T, d]`` tokens: ``(x2, w1, w2, topk_ids, topk_weights, routing, counts,
+        aux, f_i)``, with x2, w1, w2 and the weights in the experts' dtype (the autocast dtype
+        under autocast). On the kernel path, the fused router (:mod:`vmoe.router`): probabilities,
+        top-k, weights, counts, the five routing arrays and the aux losses in three launches, in
+        float32 whatever the logits' dtype. Otherwise (``impl="reference"``, or no GPU and no
+        interpreter) the same in torch ops, ``routing`` None: the oracle of the fused path, whose
+        top-k ties may break differently (torch.topk promises no order; the fused router picks
+        the lower id)."""
         cfg = self.config
         T, E, k = x2.shape[0], cfg.num_experts, cfg.num_active_experts
+        logits = self.router(x2)                                           # [T, E]
+        if use_triton(x2, cfg.impl):
+            x2, _, w1, w2 = autocast_inputs(x2, None, self.w1, self.w2)
+            (topk_weights, _, _, z_loss, lb_loss, compute_loss, topk_ids, f_i,
+             *routing) = apply_route(logits, k, cfg.router, cfg.norm_topk_prob, cfg.expert_widths,
+                                     self._group_sizes, x2.dtype)
+            aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
+                   "compute_loss": compute_loss}
+            return x2, w1, w2, topk_ids, topk_weights, routing, routing[0], aux, f_i
+        logits = logits.float()
         probs = router_probs(logits, cfg.router)
         topk_probs, topk_ids = probs.topk(k, dim=-1)
         if cfg.norm_topk_prob:
@@ -107,9 +118,9 @@ class MoEMLP(nn.Module):
         x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_probs, self.w1, self.w2)
         counts = torch.zeros(E, device=x2.device).scatter_add_(
             0, topk_ids.reshape(-1), torch.ones(T * k, device=x2.device))
-        out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights.to(x2.dtype), w1, w2,
-                                             cfg.expert_widths, cfg.activation)
-        return out, self.aux_losses(logits, probs, counts), counts / max(T * k, 1)
+        aux = self.aux_losses(logits, probs, counts)
+        return (x2, w1, w2, topk_ids, topk_weights.to(x2.dtype), None, counts, aux,
+                counts / max(T * k, 1))
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
         """The three auxiliary losses (see the class docstring) from ``[T, E]`` logits and

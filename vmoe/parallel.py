@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .autograd import apply_route, autocast_inputs, expert_mlp, use_triton
+from .autograd import expert_mlp
 from .config import MoEConfig, gate_factor
-from .layer import MoEMLP, router_probs
+from .layer import MoEMLP, add_router_state
 
 
 def place_experts(expert_widths, world_size: int, token_counts=None) -> list[list[int]]:
@@ -192,6 +192,8 @@ class ExpertParallelMoEMLP(nn.Module):
 
     # The torch path's losses (impl="reference") read only _groups and expert_widths_f.
     aux_losses = MoEMLP.aux_losses
+    # MoEMLP's router, on the local tokens, with this shard's w1 and w2 cast for its experts.
+    route = MoEMLP.route
 
     def __init__(self, config: MoEConfig, local_experts, group=None):
         super().__init__()
@@ -206,10 +208,7 @@ class ExpertParallelMoEMLP(nn.Module):
         self.w1 = nn.Parameter(torch.empty(d, g * sum(self.local_widths)))
         self.w2 = nn.Parameter(torch.empty(sum(self.local_widths), d))
         placement = place_experts(widths, world)
-        owner, position = [0] * E, [0] * E
-        for r, experts in enumerate(placement):
-            for e in experts:
-                owner[e] = r
+        position = [0] * E
         # Sort key of an assignment: its owner rank, then the expert's local index there.
         for i, e in enumerate(e for experts in placement for e in experts):
             position[e] = i
@@ -217,14 +216,7 @@ class ExpertParallelMoEMLP(nn.Module):
         self.register_buffer("expert_position", torch.tensor(position), persistent=False)
         self.register_buffer("local_ids", torch.tensor(self.local_experts, dtype=torch.long),
                              persistent=False)
-        self.register_buffer("expert_widths_f", torch.tensor(widths, dtype=torch.float32),
-                             persistent=False)
-        groups, start = [], 0
-        for count, _ in config.expert_sizes:
-            groups.append((start, start + count))
-            start += count
-        self._groups = groups
-        self._group_sizes = tuple(count for count, _ in config.expert_sizes)
+        add_router_state(self, config)
 
     @classmethod
     def from_moe(cls, moe: MoEMLP, group=None) -> "ExpertParallelMoEMLP":
@@ -305,33 +297,6 @@ class ExpertParallelMoEMLP(nn.Module):
                 local += f
         return {"router.weight": self.router.weight.detach().clone(), "w1": w1, "w2": w2}
 
-    def _route(self, x2: torch.Tensor):
-        """MoEMLP's routing of the local tokens: ``(x2, topk_ids, topk_weights, counts, aux, f_i,
-        w1, w2)``, the floats in the experts' dtype (the autocast dtype under autocast)."""
-        cfg = self.config
-        logits = self.router(x2)                                           # [T, E]
-        if use_triton(x2, cfg.impl):
-            x2, _, w1, w2 = autocast_inputs(x2, None, self.w1, self.w2)
-            (topk_weights, _, _, z_loss, lb_loss, compute_loss, topk_ids, f_i,
-             counts, *_) = apply_route(logits, cfg.num_active_experts, cfg.router,
-                                       cfg.norm_topk_prob, cfg.expert_widths, self._group_sizes,
-                                       x2.dtype)
-            aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
-                   "compute_loss": compute_loss}
-            return x2, topk_ids, topk_weights, counts, aux, f_i, w1, w2
-        logits = logits.float()
-        T, E, k = x2.shape[0], cfg.num_experts, cfg.num_active_experts
-        probs = router_probs(logits, cfg.router)
-        topk_probs, topk_ids = probs.topk(k, dim=-1)
-        if cfg.norm_topk_prob:
-            topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
-        x2, topk_weights, w1, w2 = autocast_inputs(x2, topk_probs, self.w1, self.w2)
-        counts = torch.zeros(E, device=x2.device).scatter_add_(
-            0, topk_ids.reshape(-1), torch.ones(T * k, device=x2.device))
-        aux = self.aux_losses(logits, probs, counts)
-        return (x2, topk_ids, topk_weights.to(x2.dtype), counts, aux, counts / max(T * k, 1),
-                w1, w2)
-
     def forward(self, x_local: torch.Tensor):
         cfg = self.config
         d, E, k, W = cfg.n_embd, cfg.num_experts, cfg.num_active_experts, self.world_size
@@ -339,7 +304,7 @@ class ExpertParallelMoEMLP(nn.Module):
             raise ValueError(f"x must be [..., n_embd] with n_embd={d}, got shape "
                              f"{tuple(x_local.shape)}")
         shape = x_local.shape
-        x2, topk_ids, topk_weights, counts, aux, f_i, w1, w2 = self._route(x_local.reshape(-1, d))
+        x2, w1, w2, topk_ids, topk_weights, _, counts, aux, f_i = self.route(x_local.reshape(-1, d))
         T, device = x2.shape[0], x2.device
 
         # Destination order: owner rank, then local expert index there (stable: token order).
