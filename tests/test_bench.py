@@ -443,17 +443,26 @@ def test_markdown_table_adds_a_layer_table_and_keeps_the_expert_one():
     df, ms = _synthetic()
     layer = df[df["provider"].isin(["vmoe", "grouped_mm", "dense"])].assign(scope="layer")
     layer["ms_p50"] = layer["ms_p50"] * 2
-    both = pd.concat([df.assign(scope="expert"), layer], ignore_index=True)
+    compiled = layer[layer["provider"].isin(["vmoe", "grouped_mm"])].copy()
+    compiled["provider"] = compiled["provider"] + "_compiled"
+    compiled["ms_p50"] = compiled["ms_p50"] * 0.5
+    both = pd.concat([df.assign(scope="expert"), layer, compiled], ignore_index=True)
     md, expert_only = report.markdown_table(both), report.markdown_table(df)
     head, _, tail = md.partition("Layer scope:")
     assert tail, md
     for line in expert_only.splitlines():
         if line.startswith("| cfg-"):
             assert line in head
+    header = next(x for x in tail.splitlines() if x.startswith("| config"))
+    names = [c.strip() for c in header.strip("|").split("|")]
     line = next(x for x in tail.splitlines() if x.startswith("| cfg-a"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    assert float(cells[2]) == 2 * ms["cfg-a"]["vmoe"]
-    assert float(cells[-1].rstrip("×")) == pytest.approx(ms["cfg-a"]["grouped_mm"] / ms["cfg-a"]["vmoe"])
+    cells = dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+    a = ms["cfg-a"]
+    assert float(cells["vmoe ms"]) == 2 * a["vmoe"]
+    assert float(cells["vmoe compiled ms"]) == a["vmoe"]
+    assert float(cells["grouped_mm ÷ vmoe"].rstrip("×")) == pytest.approx(a["grouped_mm"] / a["vmoe"])
+    assert (float(cells["grouped_mm compiled ÷ vmoe compiled"].rstrip("×"))
+            == pytest.approx(a["grouped_mm"] / a["vmoe"], abs=5e-3))
 
 
 LAYER_CFG = [bench.BenchConfig("layer", 24, 32, 2, ((1, 16), (1, 32), (1, 16), (1, 8)), act)
@@ -515,3 +524,12 @@ def test_scope_layer_cli_writes_layer_rows(tmp_path):
         flops = (baselines.useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, r.mode)
                  + 2 * cfg.T * cfg.d * cfg.E)
         assert math.isclose(r.tflops * 1e12 * r.ms_p50 * 1e-3, flops, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("provider", ["vmoe_compiled", "grouped_mm_compiled"])
+def test_compiled_providers_are_gpu_only(provider):
+    logged = []
+    kept = baselines.available_providers([provider, "vmoe"], torch.device("cpu"), torch.bfloat16,
+                                         log=logged.append)
+    assert kept == ["vmoe"]
+    assert logged and provider in logged[0] and "GPU" in logged[0]

@@ -22,6 +22,7 @@ Layer scope (:func:`layer_provider`: ``out, aux, f_i = layer(x)``, as :class:`vm
     vmoe_compiled  ``torch.compile(MoEMLP)``, default mode.
     grouped_mm     :func:`grouped_mm_layer`: the same layer in torch ops (router, top-k, the three
                    aux losses), the experts through grouped_mm above.
+    grouped_mm_compiled  ``torch.compile`` of that layer, default mode: the baseline's own best.
     dense          dense above, plus the router GEMM.
 
 Shape letters: see :mod:`vmoe.config`.
@@ -87,7 +88,7 @@ def applicability(provider: str, cfg, dtype: torch.dtype) -> tuple[bool, str]:
             return False, f"stk needs expert widths that are multiples of {STK_BLOCK}, got {bad}"
         if cfg.d % STK_BLOCK:
             return False, f"stk needs d to be a multiple of {STK_BLOCK} (dsd's column tile), got {cfg.d}"
-    if provider == "grouped_mm":
+    if provider in ("grouped_mm", "grouped_mm_compiled"):
         size = torch.empty((), dtype=dtype).element_size()
         per = 16 // size
         bad = sorted({f for f in cfg.widths if (f * size) % 16})
@@ -341,13 +342,13 @@ def available_providers(requested, device, dtype, log=print) -> list[str]:
             if device.type != "cuda" and not interpreting():
                 log("skipping stk: its Triton kernels need CUDA or TRITON_INTERPRET=1")
                 continue
-        if p == "vmoe_compiled" and device.type != "cuda":
-            log("skipping vmoe_compiled: torch.compile(MoEMLP) is measured on a GPU only")
+        if p.endswith("_compiled") and device.type != "cuda":
+            log(f"skipping {p}: torch.compile is measured on a GPU only")
             continue
         if p == "vmoe_graph" and device.type != "cuda":
             log("skipping vmoe_graph: CUDA graphs need a GPU")
             continue
-        if p == "grouped_mm":
+        if p in ("grouped_mm", "grouped_mm_compiled"):
             reason = grouped_mm_unavailable(device, dtype)
             if reason:
                 log(f"skipping grouped_mm: {reason}")
@@ -401,14 +402,18 @@ def layer_provider(provider: str, moe, x: torch.Tensor, dense: dict | None = Non
             return dense_mlp(lv["xd"], lv["w1"], lv["w2"], cfg.activation), {"router": logits.mean()}, None
 
         return lv, forward
-    if provider != "grouped_mm":
+    if provider not in ("grouped_mm", "grouped_mm_compiled"):
         raise ValueError(f"no layer-scope provider {provider!r}")
     buckets = to_buckets(moe.w1.detach(), moe.w2.detach(), cfg.expert_widths, cfg.activation)
     for i, (b1, b2) in enumerate(buckets):
         lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
     b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
     b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
-    return lv, lambda: grouped_mm_layer(x, lv["router"], b1s, b2s, cfg)
+    layer = grouped_mm_layer
+    if provider == "grouped_mm_compiled":
+        torch._dynamo.reset()  # as for vmoe_compiled
+        layer = torch.compile(grouped_mm_layer)
+    return lv, lambda: layer(x, lv["router"], b1s, b2s, cfg)
 
 
 def grouped_mm_layer(x, router_w, b1s, b2s, cfg: MoEConfig):

@@ -57,10 +57,11 @@ README_START, README_END, gpu_slug = report.README_START, report.README_END, rep
 load_results, speedup_table, markdown_table = (report.load_results, report.speedup_table,
                                                report.markdown_table)
 
-PROVIDERS = ("vmoe", "vmoe_graph", "vmoe_compiled", "naive", "stk", "grouped_mm", "dense")
 SCOPES = ("expert", "layer")
 SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense"),
-                   "layer": ("vmoe", "vmoe_graph", "vmoe_compiled", "grouped_mm", "dense")}
+                   "layer": ("vmoe", "vmoe_graph", "vmoe_compiled", "grouped_mm",
+                             "grouped_mm_compiled", "dense")}
+PROVIDERS = tuple(dict.fromkeys(SCOPE_PROVIDERS["expert"] + SCOPE_PROVIDERS["layer"]))
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
@@ -448,12 +449,12 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp, ref: dict | None, d
         return row
     try:
         case = (_Case if scope == "expert" else _LayerCase)(provider, cfg, inp, mode)
-        if provider == "vmoe_compiled":
+        if provider.endswith("_compiled"):
             try:
                 case()  # compiles
             except Exception as exc:  # noqa: BLE001 (torch.compile raises anything; the row says what)
-                row.update(applicable=False, reason=f"torch.compile(MoEMLP) raised {_first_line(exc)}")
-                log(f"skipping vmoe_compiled on {cfg.name} {mode}: {row['reason']}")
+                row.update(applicable=False, reason=f"torch.compile raised {_first_line(exc)}")
+                log(f"skipping {provider} on {cfg.name} {mode}: {row['reason']}")
                 return row
         if provider == "vmoe_graph":
             case = _GraphCase(case, device)

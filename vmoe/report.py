@@ -194,7 +194,8 @@ GRAPH_NOTE = ("vmoe graph ms is the same computation captured in a CUDA graph an
 LAYER_INTRO = ("Layer scope: the whole `MoEMLP` as a training step calls it (router, top-k, aux losses, "
                "experts; fwdbwd also backpropagates `(out*dy).sum() + sum(aux)`). grouped_mm is the same "
                "layer in torch ops, dense a dense MLP of the same useful FLOPs plus the router GEMM; "
-               "vmoe compiled ms is `torch.compile(MoEMLP)`.")
+               "vmoe compiled ms is `torch.compile(MoEMLP)`, and grouped_mm compiled the grouped_mm layer "
+               "under `torch.compile` (both default mode).")
 # (header, format, cell) per column; ``cell(r, extra)`` reads a speedup-table row and the other
 # providers' times.
 _EXPERT_COLS = [("vmoe ms", "{:.3f}", lambda r, x: r.vmoe_ms),
@@ -204,8 +205,10 @@ _EXPERT_COLS = [("vmoe ms", "{:.3f}", lambda r, x: r.vmoe_ms),
                 ("stk ÷ vmoe", "{:.2f}×", lambda r, x: r.stk_over_vmoe),
                 ("grouped_mm ÷ vmoe", "{:.2f}×", lambda r, x: r.grouped_mm_over_vmoe),
                 ("naive ÷ vmoe", "{:.2f}×", lambda r, x: r.naive_over_vmoe)]
-_LAYER_COLS = _EXPERT_COLS[:2] + [("vmoe compiled ms", "{:.3f}", lambda r, x: x["vmoe_compiled"])] + \
-    _EXPERT_COLS[2:4] + _EXPERT_COLS[5:6]
+_LAYER_COLS = (_EXPERT_COLS[:2] + [("vmoe compiled ms", "{:.3f}", lambda r, x: x["vmoe_compiled"])]
+               + _EXPERT_COLS[2:4] + _EXPERT_COLS[5:6]
+               + [("grouped_mm compiled ÷ vmoe compiled", "{:.2f}×",
+                   lambda r, x: x["grouped_mm_compiled"] / x["vmoe_compiled"])])
 
 
 def _table(df, scope: str, cols) -> list[str]:
@@ -214,7 +217,7 @@ def _table(df, scope: str, cols) -> list[str]:
     # The CUDA-graph replay and the compiled layer, where measured: they have no speedup column.
     extra = {p: {(r.dtype, r.config, r.mode): r.ms_p50
                  for r in passed[passed["provider"] == p].itertuples(index=False)}
-             for p in ("vmoe_graph", "vmoe_compiled")}
+             for p in ("vmoe_graph", "vmoe_compiled", "grouped_mm_compiled")}
     lines = ["| config | mode | " + " | ".join(h for h, _, _ in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for r in speedup_table(df, scope).itertuples(index=False):
