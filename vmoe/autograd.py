@@ -132,8 +132,9 @@ def _eager_twin(function):
     """``function`` with ``ctx`` as forward's first argument: the same forward, setup and backward.
 
     ``autograd.Function.apply`` binds the signature of a forward that has a separate
-    ``setup_context`` with ``inspect`` on every call, measured at about 100 µs of host time per
-    call on the device's host; eager calls outside torch.func need no such binding. torch.func
+    ``setup_context`` with ``inspect`` on every call (cProfile on the device's host attributed
+    about 0.2 ms a call to it, profiler overhead included); eager calls outside torch.func need no
+    such binding. torch.func
     (which requires ``setup_context``) and torch.compile get ``function`` itself."""
 
     def forward(ctx, *args):
