@@ -54,8 +54,7 @@ from .testing import rel_err, tolerance
 
 # notebooks/07_benchmarks.ipynb and the tests read the results through vmoe.bench.
 README_START, README_END, gpu_slug = report.README_START, report.README_END, report.gpu_slug
-load_results, speedup_table, markdown_table = (report.load_results, report.speedup_table,
-                                               report.markdown_table)
+load_results, speedup_table, markdown_table = report.load_results, report.speedup_table, report.markdown_table
 
 SCOPES = ("expert", "layer")
 SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense"),
