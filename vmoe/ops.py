@@ -100,15 +100,11 @@ def routing(topk_ids: torch.Tensor, expert_widths: Sequence[int]) -> tuple:
     return dispatch(routing_op, routing_impl, topk_ids, tuple(expert_widths))
 
 
-def _routing(tensors, expert_widths, k: int, num_tokens: int) -> Routing:
-    return Routing.from_tensors(tensors, tuple(expert_widths), k, num_tokens)
-
-
 @_outside_transforms
 def expert_mlp_impl(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign, assign_to_sorted,
                     ragged_offsets, expert_widths: Sequence[int], activation: str, save: bool):
-    r = _routing((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
-                 expert_widths, topk_weights.shape[1], x.shape[0])
+    r = Routing.from_tensors((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
+                             expert_widths, topk_weights.shape[1], x.shape[0])
     h, z = up_proj(x, w1, r, activation, save_z=save)
     ys = down_proj(h, w2, r)
     y = combine(ys, r, topk_weights.reshape(-1))
@@ -148,8 +144,8 @@ def expert_mlp_backward_impl(dy, x, topk_weights, w1, w2, z, ys, counts, offsets
                              assign_to_sorted, ragged_offsets, expert_widths: Sequence[int],
                              activation: str, needs: Sequence[bool]):
     """Gradients of x, topk_weights, w1 and w2, each only where ``needs`` asks (else empty)."""
-    r = _routing((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
-                 expert_widths, topk_weights.shape[1], x.shape[0])
+    r = Routing.from_tensors((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
+                             expert_widths, topk_weights.shape[1], x.shape[0])
     need_x, need_w, need_w1, need_w2 = needs
     d_x = d_w = d_w1 = d_w2 = None
     if need_w:
