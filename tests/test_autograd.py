@@ -108,6 +108,13 @@ def _edge_cases():
         ("T1", 1, 16, E4, 2, "swiglu", torch.bfloat16, None),
         ("repeated-ids", 5, 16, E4, 3, "relu2", torch.float32,
          lambda T, E, k: torch.tensor([[2, 2, 0], [1, 1, 1], [3, 0, 3], [0, 1, 2], [3, 3, 3]])),
+        # Null experts (width 0): no columns, no tiles, exactly nothing added.
+        ("null-experts", 13, 24, (7, 0, 33, 0, 1), 2, "relu2", torch.float32, None),
+        ("null-experts", 13, 24, (7, 0, 33, 0, 1), 2, "swiglu", torch.bfloat16, None),
+        ("null-first-and-last", 8, 16, (0, 5, 0), 1, "swiglu", torch.float32, None),
+        ("null-k-equals-E", 6, 16, (7, 0, 12, 0), 4, "gelu", torch.float32, None),
+        ("null-all-tokens-null", 9, 16, (0, 7, 0, 20), 2, "silu", torch.float32,
+         lambda T, E, k: torch.tensor([[0, 2], [2, 0], [1, 3]]).repeat(3, 1)),
     ]
     params, ids = [], []
     for name, T, d, widths, k, act, dtype, make_ids in cases:
@@ -134,6 +141,25 @@ def test_edge_case(T, d, widths, k, activation, dtype, make_ids):
                 assert bool((out[3][:, g * o:g * (o + f)] == 0).all()), f"dw1 of empty expert {e}"
                 assert bool((out[4][o:o + f] == 0).all()), f"dw2 of empty expert {e}"
             o += f
+
+
+@pytest.mark.parametrize("activation,dtype", [("relu2", torch.float32), ("swiglu", torch.bfloat16)],
+                         ids=["relu2-fp32", "swiglu-bf16"])
+def test_null_experts_add_exactly_zero(activation, dtype):
+    """A token whose k choices are all null gets exactly 0 (and a zero input gradient), and a null
+    slot's weight gradient is exactly 0."""
+    widths, d = (5, 0, 9, 0, 0), 16
+    ids = torch.tensor([[1, 3], [0, 4], [4, 1], [2, 3], [0, 2], [3, 4]], device=DEVICE)
+    x, _, w, w1, w2 = make_inputs(6, d, widths, 2, activation, dtype, ids=ids.cpu(), device=DEVICE)
+    dy = torch.randn(6, d, device=DEVICE).to(dtype)
+    y, dx, dw, dw1, dw2 = run_vmoe(x, ids, w, w1, w2, widths, activation, dy)
+    all_null = torch.tensor([True, False, True, False, False, True], device=DEVICE)
+    assert bool((y[all_null] == 0).all()), "tokens routed only to null experts must get exactly 0"
+    assert bool((dx[all_null] == 0).all()), "and exactly zero input gradient"
+    null_slot = torch.tensor([f == 0 for f in widths], device=DEVICE)[ids]
+    assert bool((dw[null_slot] == 0).all()), "a null slot's weight gradient must be exactly 0"
+    assert bool((dw[~null_slot] != 0).all()), "a real slot's weight gradient is not 0 here"
+    assert bool((y[~all_null] != 0).any(1).all()), "tokens with a real expert must get output"
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's pinned row block")

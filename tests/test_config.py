@@ -14,7 +14,8 @@ WIDTHS = (7, 33, 1)
     (dict(expert_sizes=[]), ValueError, "expert_sizes"),
     (dict(expert_sizes=[(0, 8)]), ValueError, "expert_sizes count"),
     (dict(expert_sizes=[(2, 8), (-1, 4)]), ValueError, "expert_sizes count"),
-    (dict(expert_sizes=[(2, 0)]), ValueError, "expert_sizes width"),
+    (dict(expert_sizes=[(2, 0)]), ValueError, "expert_sizes has only null experts"),
+    (dict(expert_sizes=[(2, 0), (1, 0)]), ValueError, "expert_sizes has only null experts"),
     (dict(expert_sizes=[(2, 8), (1, -3)]), ValueError, "expert_sizes width"),
     (dict(expert_sizes=[(2, 8.0)]), TypeError, "expert_sizes"),
     (dict(expert_sizes=[(2, 8, 1)]), TypeError, "expert_sizes"),
@@ -27,9 +28,15 @@ WIDTHS = (7, 33, 1)
     (dict(router="relu"), ValueError, "router"),
     (dict(impl="cuda"), ValueError, "impl"),
     (dict(n_embd=0), ValueError, "n_embd"),
-], ids=["sizes-empty", "count-0", "count-neg", "width-0", "width-neg", "width-float", "triple",
+    (dict(shared_expert_width=-1), ValueError, "shared_expert_width"),
+    (dict(shared_expert_width=8.0), ValueError, "shared_expert_width"),
+    (dict(shared_expert_width=True), ValueError, "shared_expert_width"),
+    (dict(shared_expert_gate=True), ValueError, "shared_expert_gate"),
+    (dict(shared_expert_width=8, shared_expert_gate=1), TypeError, "shared_expert_gate"),
+], ids=["sizes-empty", "count-0", "count-neg", "all-null", "all-null-2", "width-neg", "width-float", "triple",
         "not-a-list", "k-0", "k-gt-E", "k-float", "activation", "activation-case", "router", "impl",
-        "n_embd-0"])
+        "n_embd-0", "shared-neg", "shared-float", "shared-bool", "gate-without-shared",
+        "gate-int"])
 def test_config_rejects(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         MoEConfig(**{"n_embd": 16, **kwargs})
@@ -37,8 +44,22 @@ def test_config_rejects(kwargs, exc, match):
 
 def test_config_accepts_and_expands():
     cfg = MoEConfig(n_embd=16, expert_sizes=[(2, 8), (3, 4)], num_active_experts=5)
-    assert cfg.expert_widths == (8, 8, 4, 4, 4)
+    assert cfg.expert_widths == (8, 8, 4, 4, 4) == cfg.kernel_widths
     assert cfg.num_experts == 5 and cfg.total_width == 28
+
+
+def test_config_null_and_shared_experts():
+    cfg = MoEConfig(n_embd=16, expert_sizes=[(2, 8), (3, 0)], num_active_experts=5,
+                    shared_expert_width=12, shared_expert_gate=True)
+    assert cfg.expert_widths == (8, 8, 0, 0, 0) and cfg.num_experts == 5
+    assert cfg.total_width == 16 and cfg.kernel_widths == (8, 8, 0, 0, 0, 12)
+    layer = MoEMLP(cfg)
+    assert tuple(layer.w1.shape) == (16, 28) and tuple(layer.w2.shape) == (28, 16)
+    assert tuple(layer.router.weight.shape) == (5, 16)
+    assert tuple(layer.shared_gate.weight.shape) == (1, 16)
+    swiglu = MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 8), (1, 0)], activation="swiglu",
+                              shared_expert_width=4))
+    assert tuple(swiglu.w1.shape) == (16, 2 * 20) and swiglu.shared_gate is None
 
 
 def test_layer_rejects_wrong_last_dim():
@@ -109,11 +130,11 @@ def test_swiglu_needs_two_columns_per_width():
 
 
 @pytest.mark.parametrize("widths,exc", [
-    ((), ValueError), ((7, 0, 1), ValueError), ((7, -2, 1), ValueError),
+    ((), ValueError), ((0, 0, 0), ValueError), ((7, -2, 1), ValueError),
     ((7.0, 33, 1), TypeError), ((True, 33, 1), TypeError), (7, TypeError),
     (torch.tensor([7.0, 33.0, 1.0]), TypeError), (torch.tensor([[7, 33, 1]]), TypeError),
-    (torch.tensor([7, 0, 1]), ValueError), (torch.tensor([], dtype=torch.long), ValueError),
-], ids=["empty", "zero", "negative", "float", "bool", "int", "float-tensor", "2d-tensor",
+    (torch.tensor([0, 0, 0]), ValueError), (torch.tensor([], dtype=torch.long), ValueError),
+], ids=["empty", "all-null", "negative", "float", "bool", "int", "float-tensor", "2d-tensor",
         "zero-tensor", "empty-tensor"])
 def test_expert_widths_rejected(widths, exc):
     args = _inputs()

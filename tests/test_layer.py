@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from vmoe import MoEConfig, MoEMLP
+from vmoe import MoEConfig, MoEMLP, reference
 from vmoe.testing import DEVICE, assert_close, sizes
 
 AUX_KEYS = {"router_z_loss", "load_balance_loss", "compute_loss"}
@@ -33,6 +33,25 @@ CASES = [
                                       activation="relu2", router="sigmoid", norm_topk_prob=True),
      (6, 16)),
 ]
+# Null experts (width 0) and the shared expert (issue: null and shared experts).
+NULL_SHARED_CASES = [
+    ("Td-sigmoid-norm-relu2-null", dict(expert_sizes=[(2, 16), (2, 8), (2, 0)],
+                                        num_active_experts=2, activation="relu2", router="sigmoid",
+                                        norm_topk_prob=True), (11, 16)),
+    ("Td-softmax-norm-swiglu-null-shared-gate",
+     dict(expert_sizes=[(2, 12), (3, 0)], num_active_experts=3, activation="swiglu",
+          router="softmax", norm_topk_prob=True, shared_expert_width=10, shared_expert_gate=True),
+     (9, 16)),
+    ("BSd-sigmoid-nonorm-gelu-shared", dict(expert_sizes=[(3, 8)], num_active_experts=1,
+                                            activation="gelu", router="sigmoid",
+                                            norm_topk_prob=False, shared_expert_width=20),
+     (2, 4, 16)),
+    ("Td-softmax-norm-relu2-null-kE-shared-gate",
+     dict(expert_sizes=[(1, 8), (2, 0)], num_active_experts=3, activation="relu2",
+          router="softmax", norm_topk_prob=True, shared_expert_width=5, shared_expert_gate=True),
+     (7, 16)),
+]
+CASES += NULL_SHARED_CASES
 if DEVICE == "cuda":
     CASES.append(("BSd-softmax-norm-swiglu-gpu",
                   dict(expert_sizes=[(4, 512), (8, 256), (4, 128)], num_active_experts=2,
@@ -53,14 +72,16 @@ def _forward_backward(layer, x, dout, coeffs):
     out, aux, f_i = layer(x)
     loss = (out.float() * dout).sum() + sum(c * aux[name] for name, c in coeffs.items())
     params = [layer.router.weight, layer.w1, layer.w2]
+    if layer.shared_gate is not None:
+        params.append(layer.shared_gate.weight)
     grads = torch.autograd.grad(loss, params + [x])
     return out, aux, f_i, grads
 
 
-# Every configuration in fp32; bf16 on two of them, to keep the interpreter suite short.
+# Every configuration in fp32; bf16 on three of them, to keep the interpreter suite short.
 MATCH_PARAMS = ([pytest.param(*c, torch.float32, id=f"{c[0]}-fp32") for c in CASES]
                 + [pytest.param(*c, torch.bfloat16, id=f"{c[0]}-bf16")
-                   for c in CASES[:2]])
+                   for c in CASES[:2] + NULL_SHARED_CASES[1:2]])
 
 
 @pytest.mark.parametrize("name,cfg_kwargs,shape,dtype", MATCH_PARAMS)
@@ -82,7 +103,9 @@ def test_matches_reference_layer(name, cfg_kwargs, shape, dtype):
     assert_close("f_i", f_i, r_f_i, torch.float32, tol=1e-6)
     for key in AUX_KEYS:
         assert_close(key, aux[key], r_aux[key], torch.float32, tol=1e-6)
-    for pname, g, r in zip(["router.weight", "w1", "w2", "x"], grads, r_grads):
+    names = ["router.weight", "w1", "w2"] + ["shared_gate.weight"] * (layer.shared_gate is not None)
+    assert len(grads) == len(names) + 1
+    for pname, g, r in zip(names + ["x"], grads, r_grads):
         assert_close(f"grad {pname}", g, r, dtype)
 
 
@@ -215,13 +238,20 @@ def _gpu_activities(fn) -> list[str]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA launches")
-@pytest.mark.parametrize("activation,router", [("relu2", "sigmoid"), ("swiglu", "softmax")])
-def test_launch_budget(activation, router, monkeypatch):
+@pytest.mark.parametrize("activation,router,extra", [
+    ("relu2", "sigmoid", {}), ("swiglu", "softmax", {}),
+    ("swiglu", "softmax", dict(shared_expert_width=768, shared_expert_gate=True))],
+    ids=["relu2-sigmoid", "swiglu-softmax", "swiglu-softmax-null-shared-gate"])
+def test_launch_budget(activation, router, extra, monkeypatch):
     """The whole layer in a training step: at most 8 GPU launches in the forward and 12 in the
-    backward (router GEMM, the fused router, the expert kernels, and their gradients)."""
+    backward (router GEMM, the fused router, the expert kernels, and their gradients). A gated
+    shared expert may add 4 to the forward (the routing's extra slot, the gate's GEMM, its sigmoid,
+    the weights' concatenation) and 6 to the backward (the gate's sigmoid, its two GEMMs, one
+    split-K reduction, the add into dx, and the copy of the routed slots' weight gradient)."""
     monkeypatch.setenv("VMOE_POISON", "0")  # the tests' NaN fills are launches of their own
-    cfg = MoEConfig(n_embd=256, expert_sizes=[(4, 512), (8, 256), (4, 128)], num_active_experts=2,
-                    activation=activation, router=router)
+    sizes_ = [(4, 512), (8, 256), (4, 128)] + ([(4, 0)] if extra else [])
+    cfg = MoEConfig(n_embd=256, expert_sizes=sizes_, num_active_experts=2,
+                    activation=activation, router=router, **extra)
     moe = MoEMLP(cfg).to(DEVICE, torch.bfloat16)
     x = torch.randn(4096, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
@@ -238,8 +268,8 @@ def test_launch_budget(activation, router, monkeypatch):
     grads = [dy] + [torch.ones((), device=DEVICE) for _ in result["aux"]]
     backward = _gpu_activities(lambda: torch.autograd.backward(outputs, grads))
     print(f"\nforward {len(forward)} launches: {forward}\nbackward {len(backward)} launches: {backward}")
-    assert len(forward) <= 8, forward
-    assert len(backward) <= 12, backward
+    assert len(forward) <= 8 + (4 if extra else 0), forward
+    assert len(backward) <= 12 + (6 if extra else 0), backward
 
 
 def test_backward_fills_no_zero_gradients(monkeypatch):
@@ -260,3 +290,42 @@ def test_backward_fills_no_zero_gradients(monkeypatch):
     fills = [e.name for e in prof.events()
              if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_")]
     assert fills == [], fills
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("activation,router,gate", [("swiglu", "softmax", True),
+                                                    ("relu2", "sigmoid", False)],
+                         ids=["swiglu-softmax-gate", "relu2-sigmoid-nogate"])
+def test_null_and_shared_by_hand(activation, router, gate, impl):
+    """The pinned semantics, token by token in float64: null experts add exactly nothing, the
+    weights are normalised over all k choices (nulls included), and the shared expert adds
+    ``gate * act(x @ w1[:, gF:]) @ w2[F:]`` with gate = sigmoid(shared_gate(x)) or 1."""
+    cfg = MoEConfig(n_embd=16, expert_sizes=[(2, 6), (2, 0), (1, 9)], num_active_experts=3,
+                    activation=activation, router=router, shared_expert_width=7,
+                    shared_expert_gate=gate, impl=impl)
+    dtype = torch.float64 if impl == "reference" else torch.float32
+    layer = MoEMLP(cfg).to(DEVICE, dtype)
+    x = torch.randn(10, 16, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        out, _, f_i = layer(x)
+        xd = x.double()
+        w1, w2 = layer.w1.double(), layer.w2.double()
+        logits = xd @ layer.router.weight.double().T
+        P = torch.softmax(logits, -1) if router == "softmax" else torch.sigmoid(logits)
+        g, widths = (2 if activation == "swiglu" else 1), cfg.kernel_widths
+        starts = [sum(widths[:e]) for e in range(len(widths))]
+        expected = torch.zeros_like(xd)
+        for t in range(10):
+            top = P[t].topk(3).indices.tolist()
+            for e in top:
+                o, f = starts[e], widths[e]
+                if f:
+                    h = reference.act(xd[t:t + 1] @ w1[:, g * o:g * (o + f)], activation)
+                    expected[t] += P[t, e] / P[t, top].sum() * (h @ w2[o:o + f])[0]
+            o, f = starts[-1], widths[-1]
+            h = reference.act(xd[t:t + 1] @ w1[:, g * o:], activation)
+            scale = torch.sigmoid(xd[t] @ layer.shared_gate.weight.double()[0]) if gate else 1.0
+            expected[t] += scale * (h @ w2[o:])[0]
+    assert f_i.shape == (cfg.num_experts,), "f_i covers the routed experts only"
+    # In float64 only the router's probabilities are rounded (MoEMLP computes them in fp32).
+    assert_close("out", out, expected, dtype, tol=1e-6 if dtype == torch.float64 else None)

@@ -46,7 +46,8 @@ def _expert_mlp_per_token(x, ids, w, w1, w2, widths, activation):
     return y
 
 
-CASES = [(9, 16, (7, 33, 1, 20), 2), (5, 8, (3,), 1), (6, 12, (4, 5, 6), 3)]
+CASES = [(9, 16, (7, 33, 1, 20), 2), (5, 8, (3,), 1), (6, 12, (4, 5, 6), 3),
+         (9, 16, (7, 0, 33, 0, 20), 2)]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -82,6 +83,37 @@ def test_routing_definition(T, k, E):
     expected_order = [a for e in range(E) for a in range(T * k) if flat[a] == e]
     assert s2a.tolist() == expected_order
     assert [expected_order.index(a) for a in range(T * k)] == a2s.tolist()
+
+
+def test_routing_definition_null_experts():
+    widths, T, k = (3, 0, 5, 0), 9, 2
+    ids = torch.randint(0, 4, (T, k), device=DEVICE)
+    counts, offsets, s2a, a2s = reference.routing(ids, 4, widths)
+    flat = ids.reshape(-1).tolist()
+    assert counts.tolist() == [flat.count(e) for e in range(4)], "nulls keep their counts"
+    live = [e for e in range(4) if widths[e]]
+    computed = [flat.count(e) if widths[e] else 0 for e in range(4)]
+    assert offsets.tolist() == [sum(computed[:e]) for e in range(5)]
+    expected_order = ([a for e in live for a in range(T * k) if flat[a] == e]
+                      + [a for a in range(T * k) if not widths[flat[a]]])
+    assert s2a.tolist() == expected_order
+    assert [expected_order.index(a) for a in range(T * k)] == a2s.tolist()
+
+
+def test_shared_expert_definition():
+    T, d, S = 5, 8, 6
+    for activation in ACTIVATIONS:
+        g = 2 if activation == "swiglu" else 1
+        x = torch.randn(T, d, dtype=F64, device=DEVICE)
+        w1s = torch.randn(d, g * S, dtype=F64, device=DEVICE)
+        w2s = torch.randn(S, d, dtype=F64, device=DEVICE)
+        gate = torch.rand(T, 1, dtype=F64, device=DEVICE)
+        y = reference.shared_expert(x, w1s, w2s, activation, gate)
+        for t in range(T):
+            row = reference.act(x[t:t + 1] @ w1s, activation) @ w2s * gate[t]
+            assert_close(f"shared {activation} t={t}", y[t:t + 1], row, F64, tol=1e-12)
+        assert torch.equal(reference.shared_expert(x, w1s, w2s, activation),
+                           reference.act(x @ w1s, activation) @ w2s)
 
 
 def test_gather_and_combine_definitions():

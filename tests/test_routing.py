@@ -7,7 +7,7 @@ import torch
 import triton
 
 from vmoe import expert_mlp, reference
-from vmoe.routing import build_routing, tile_schedule
+from vmoe.routing import add_shared_slot, build_routing, tile_schedule
 from vmoe.testing import DEVICE, assert_close, make_inputs, random_ids
 
 # (T, k, widths): several interpreter blocks of 16 assignments, ragged widths, more experts than
@@ -19,6 +19,9 @@ CASES = [
     (40, 3, (3, 5, 8, 13, 21)),
     (5, 4, (4, 4, 4, 4)),
     (9, 2, tuple(range(1, 21))),
+    # Null experts (width 0): counted, but their assignments sort after offsets[E].
+    (13, 2, (7, 0, 33, 0, 20)),
+    (20, 3, (0, 5, 0)),
 ]
 
 
@@ -39,10 +42,15 @@ def check_invariants(r, topk_ids, widths):
     s2a, a2s = r.sorted_to_assign.long().cpu(), r.assign_to_sorted.long().cpu()
     assert counts.shape == (E,) and offsets.shape == (E + 1,) and s2a.shape == (A,)
     assert int(counts.sum()) == A, "counts must sum to T*k"
-    assert offsets[0] == 0 and torch.equal(offsets.diff(), counts), "offsets diff must equal counts"
+    live = torch.tensor([f > 0 for f in widths])
+    assert offsets[0] == 0 and torch.equal(offsets.diff(), counts * live), \
+        "offsets diff must equal counts (0 for a null expert)"
     assert torch.equal(s2a[a2s], torch.arange(A)), "sorted_to_assign[assign_to_sorted] != arange"
     assert torch.equal(a2s[s2a], torch.arange(A)), "assign_to_sorted[sorted_to_assign] != arange"
     flat = topk_ids.reshape(-1).long().cpu()
+    tail = s2a[offsets[E]:]
+    assert bool((~live[flat[tail]]).all()), "only null experts' assignments may sort after offsets[E]"
+    assert bool((tail.diff() > 0).all()), "the null assignments must keep assignment order"
     for e in range(E):
         block = s2a[offsets[e]:offsets[e + 1]]
         assert bool((flat[block] == e).all()), f"expert {e}'s block holds other experts' assignments"
@@ -53,8 +61,8 @@ def check_invariants(r, topk_ids, widths):
     assert r.ragged_offsets.dtype == torch.int64
 
 
-def check_against_reference(r, topk_ids, E):
-    counts, offsets, s2a, a2s = reference.routing(topk_ids, E)
+def check_against_reference(r, topk_ids, E, widths=None):
+    counts, offsets, s2a, a2s = reference.routing(topk_ids, E, widths)
     assert torch.equal(r.counts.long(), counts), f"counts {r.counts.tolist()} != {counts.tolist()}"
     assert torch.equal(r.offsets.long(), offsets)
     assert torch.equal(r.sorted_to_assign.long(), s2a)
@@ -66,7 +74,7 @@ def test_build_routing_matches_reference(case):
     T, k, widths = case
     ids = _random_ids_with_repeats(T, len(widths), k)
     r = build_routing(ids, widths)
-    check_against_reference(r, ids, len(widths))
+    check_against_reference(r, ids, len(widths), widths)
     check_invariants(r, ids, widths)
     assert r.k == k and r.num_tokens == T and r.expert_widths == widths
 
@@ -218,3 +226,21 @@ def test_tile_schedule_zero_tokens():
     r = build_routing(torch.zeros(0, 2, dtype=torch.long, device=DEVICE), (7, 33))
     sched = tile_schedule(r, 16, 16)
     assert sched.shape[1] == 3 and bool((sched == -1).all())
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[-2], CASES[-1]], ids=_id)
+@pytest.mark.parametrize("shared_width", [1, 24])
+def test_add_shared_slot_equals_build_routing(case, shared_width):
+    """The one-launch extension equals the routing of [T, k+1] ids whose last slot is id E, with
+    null experts and out-of-range ids in the routed slots."""
+    T, k, widths = case
+    E = len(widths)
+    ids = _random_ids_with_repeats(T, E, k)
+    ids[::5, 0] = E + 3                                         # dropped ids move down by T too
+    ext_ids = torch.cat([ids, torch.full((T, 1), E, device=DEVICE)], 1)
+    want = build_routing(ext_ids, widths + (shared_width,))
+    got = add_shared_slot(build_routing(ids, widths), shared_width)
+    assert got.k == k + 1 and got.num_tokens == T and got.expert_widths == widths + (shared_width,)
+    for name, a, b in zip(("counts", "offsets", "sorted_to_assign", "assign_to_sorted",
+                           "ragged_offsets"), got.tensors(), want.tensors()):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {a.tolist()} != {b.tolist()}"

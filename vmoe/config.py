@@ -5,6 +5,10 @@ Shape letters used across vmoe (see notebooks/01_naive_moe.ipynb):
     E    experts           k    experts per token (num_active_experts)
     f_e  width of expert e F    total width, sum of f_e
     o_e  column offset of expert e, sum of f_j for j < e
+    S    width of the shared (always-on) expert, 0 for none
+
+A width of 0 is a null expert: it owns no columns, costs nothing, and adds exactly 0 to the
+tokens routed to it (notebooks/06_moe_layer.ipynb).
 """
 from __future__ import annotations
 
@@ -52,9 +56,13 @@ def check_expert_widths(expert_widths) -> tuple[int, ...]:
         widths = tuple(int(w) for w in widths)  # host-ok: widths are static shapes, read once
     if len(widths) == 0:
         raise ValueError("expert_widths must name at least one expert, got an empty sequence")
-    bad = [w for w in widths if w < 1]
+    bad = [w for w in widths if w < 0]
     if bad:
-        raise ValueError(f"expert_widths must all be >= 1, got {bad[0]} in {list(widths)}")
+        raise ValueError(f"expert_widths must all be >= 0 (0 is a null expert), got {bad[0]} "
+                         f"in {list(widths)}")
+    if not any(widths):
+        raise ValueError(f"expert_widths are all 0 (null experts): at least one expert must have "
+                         f"a width >= 1, got {list(widths)}")
     return widths
 
 
@@ -67,7 +75,8 @@ class MoEConfig:
         n_embd: model width d.
         expert_sizes: ``[(count, width), ...]``; experts are numbered in the order this expands,
             so ``[(4, 512), (8, 256)]`` is experts 0-3 of width 512 then 4-11 of width 256.
-            Stored as a tuple of pairs.
+            Stored as a tuple of pairs. A width of 0 makes null experts: they keep their router
+            logit and their place in the aux losses, but own no weights and add 0 to a token.
         num_active_experts: k, experts per token (top-k), 1 <= k <= E.
         activation: ``"relu2"`` (relu(z)**2), ``"gelu"`` (exact, erf), ``"silu"`` or ``"swiglu"``
             (gated: silu(gate) * up, so w1 has two columns per unit of width).
@@ -75,6 +84,11 @@ class MoEConfig:
         norm_topk_prob: renormalise the k selected probabilities to sum to 1.
         impl: ``"auto"`` (Triton on CUDA, and on CPU when TRITON_INTERPRET=1; the reference loop
             otherwise), ``"triton"`` or ``"reference"``.
+        shared_expert_width: S, the width of an always-on expert that every token gets, stored
+            after the routed experts (columns ``[g*F, g*(F+S))`` of w1, rows ``[F, F+S)`` of w2)
+            and computed in the same launches; 0 for none.
+        shared_expert_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (a
+            ``Linear(d, 1)``, as Qwen2-MoE does) instead of 1.
     """
 
     n_embd: int = 768
@@ -84,6 +98,8 @@ class MoEConfig:
     router: str = "sigmoid"
     norm_topk_prob: bool = True
     impl: str = "auto"
+    shared_expert_width: int = 0
+    shared_expert_gate: bool = False
 
     def __post_init__(self):
         if isinstance(self.n_embd, bool) or not isinstance(self.n_embd, int) or self.n_embd < 1:
@@ -100,8 +116,12 @@ class MoEConfig:
                 raise TypeError(f"expert_sizes entries must be (count, width) int pairs, got {s!r}")
             if s[0] < 1:
                 raise ValueError(f"expert_sizes count must be >= 1, got {s[0]} in {s}")
-            if s[1] < 1:
-                raise ValueError(f"expert_sizes width must be >= 1, got {s[1]} in {s}")
+            if s[1] < 0:
+                raise ValueError(f"expert_sizes width must be >= 0 (0 is a null expert), "
+                                 f"got {s[1]} in {s}")
+        if not any(w for _, w in sizes):
+            raise ValueError(f"expert_sizes has only null experts (width 0): at least one expert "
+                             f"must have a width >= 1, got {sizes}")
         object.__setattr__(self, "expert_sizes", tuple(sizes))  # frozen: normalise once, here
         E = self.num_experts
         if (isinstance(self.num_active_experts, bool) or not isinstance(self.num_active_experts, int)
@@ -115,6 +135,14 @@ class MoEConfig:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        S = self.shared_expert_width
+        if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+            raise ValueError(f"shared_expert_width must be an int >= 0 (0 for none), got {S!r}")
+        if not isinstance(self.shared_expert_gate, bool):
+            raise TypeError(f"shared_expert_gate must be a bool, got {self.shared_expert_gate!r}")
+        if self.shared_expert_gate and S == 0:
+            raise ValueError("shared_expert_gate=True needs a shared expert: set "
+                             "shared_expert_width >= 1")
 
     @property
     def expert_widths(self) -> tuple[int, ...]:
@@ -127,8 +155,15 @@ class MoEConfig:
 
     @property
     def total_width(self) -> int:
-        """F = sum of f_e."""
+        """F = sum of f_e (the routed experts)."""
         return sum(count * w for count, w in self.expert_sizes)
+
+    @property
+    def kernel_widths(self) -> tuple[int, ...]:
+        """The widths the expert kernels run: the routed f_e, then S when there is a shared
+        expert (expert id E, which every token gets as its slot k)."""
+        S = self.shared_expert_width
+        return self.expert_widths + ((S,) if S else ())
 
 
 def check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation):

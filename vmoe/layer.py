@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import ops, reference
 from .autograd import apply_experts, apply_route, autocast_inputs, use_triton
 from .config import MoEConfig, gate_factor
 
@@ -33,9 +33,16 @@ class MoEMLP(nn.Module):
     """A Mixture-of-Experts MLP whose experts may have different widths.
 
     Attributes:
-        router: ``nn.Linear(d, E, bias=False)``.
-        w1: ``[d, g*F]`` expert up projections, expert e owning columns ``[g*o_e, g*(o_e+f_e))``.
-        w2: ``[F, d]`` expert down projections, expert e owning rows ``[o_e, o_e+f_e)``.
+        router: ``nn.Linear(d, E, bias=False)``, one logit per expert, null experts included.
+        w1: ``[d, g*(F+S)]`` expert up projections, expert e owning columns
+            ``[g*o_e, g*(o_e+f_e))`` and the shared expert, if any, the last g*S.
+        w2: ``[F+S, d]`` expert down projections, expert e owning rows ``[o_e, o_e+f_e)`` and the
+            shared expert the last S.
+        shared_gate: ``nn.Linear(d, 1, bias=False)`` when ``config.shared_expert_gate``, else None.
+
+    The shared expert (``config.shared_expert_width`` S > 0) is one more ragged group of the same
+    launches, expert id E, that every token gets with weight 1 or ``sigmoid(shared_gate(x))``. It
+    takes no part in routing, counts, f_i or the aux losses.
 
     ``forward(x)`` takes ``[B, S, d]`` or ``[T, d]`` and returns ``(out, aux_loss, f_i)``:
         * ``out``: x's shape.
@@ -56,11 +63,13 @@ class MoEMLP(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
-        d, F, E = config.n_embd, config.total_width, config.num_experts
+        d, E = config.n_embd, config.num_experts
+        F = config.total_width + config.shared_expert_width
         g = gate_factor(config.activation)
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(d, g * F))
         self.w2 = nn.Parameter(torch.empty(F, d))
+        self.shared_gate = nn.Linear(d, 1, bias=False) if config.shared_expert_gate else None
         add_router_state(self, config)
         self.reset_parameters()
 
@@ -69,10 +78,13 @@ class MoEMLP(nn.Module):
         d = self.config.n_embd
         nn.init.normal_(self.w1, std=d ** -0.5)
         o = 0
-        for f in self.config.expert_widths:
-            nn.init.normal_(self.w2[o:o + f], std=f ** -0.5)
+        for f in self.config.kernel_widths:
+            if f:  # a null expert owns no rows
+                nn.init.normal_(self.w2[o:o + f], std=f ** -0.5)
             o += f
         nn.init.normal_(self.router.weight, std=d ** -0.5)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=d ** -0.5)
 
     def forward(self, x: torch.Tensor):
         cfg = self.config
@@ -82,13 +94,34 @@ class MoEMLP(nn.Module):
         shape = x.shape
         x2, w1, w2, topk_ids, topk_weights, routing, _, aux, f_i = self.route(
             x.reshape(-1, cfg.n_embd))
+        S = cfg.shared_expert_width
         if routing is not None:
-            out = apply_experts(x2, topk_weights, w1, w2, routing, cfg.expert_widths,
+            if S:
+                routing = ops.shared_slot(routing, cfg.expert_widths, S, cfg.num_active_experts)
+                topk_weights = self.with_shared_weight(x2, topk_weights)
+            out = apply_experts(x2, topk_weights, w1, w2, routing, cfg.kernel_widths,
                                 cfg.activation)
         else:
-            out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights, w1, w2,
-                                                 cfg.expert_widths, cfg.activation)
+            g, F = gate_factor(cfg.activation), cfg.total_width
+            out = reference.expert_mlp_unchecked(x2, topk_ids, topk_weights, w1[:, :g * F],
+                                                 w2[:F], cfg.expert_widths, cfg.activation)
+            if S:
+                out = out + reference.shared_expert(x2, w1[:, g * F:], w2[F:], cfg.activation,
+                                                    self.shared_weight(x2))
         return out.reshape(shape), aux, f_i
+
+    def shared_weight(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """``[T, 1]`` ``sigmoid(shared_gate(x))`` in the gate's output dtype (the experts' dtype,
+        which the weights take anyway), or None without a gate (weight 1)."""
+        if self.shared_gate is None:
+            return None
+        return torch.sigmoid(self.shared_gate(x2))
+
+    def with_shared_weight(self, x2, topk_weights):
+        """``[T, k+1]`` weights: slot k is the shared expert's, 1 or the gate."""
+        gate = self.shared_weight(x2)
+        gate = topk_weights.new_ones(x2.shape[0], 1) if gate is None else gate.to(topk_weights.dtype)
+        return torch.cat([topk_weights, gate], 1)
 
     def route(self, x2: torch.Tensor):
         """The router on ``[T, d]`` tokens: ``(x2, w1, w2, topk_ids, topk_weights, routing, counts,

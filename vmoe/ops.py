@@ -6,6 +6,8 @@ operator               what it computes
 =====================  =================================================================
 ``vmoe::routing``      ``(counts, offsets, sorted_to_assign, assign_to_sorted,
                        ragged_offsets)`` of ``topk_ids`` (:func:`vmoe.routing.build_routing`)
+``vmoe::add_shared_    the routing arrays with one more slot per token, for the shared
+slot``                 expert (:func:`vmoe.routing.add_shared_slot`)
 ``vmoe::expert_mlp``   ``(y, z, ys)``: the forward of :func:`vmoe.expert_mlp` from the
                        routing arrays; z (ragged pre-activation) and ys (unweighted rows)
                        are what the backward needs, empty when ``save`` is False
@@ -42,7 +44,7 @@ from .config import gate_factor
 from .gather_scatter import combine, combine_weight_grad
 from .grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_grad, w2_grad
 from .router import route_bwd, route_impl
-from .routing import Routing, build_routing
+from .routing import Routing, add_shared_slot, build_routing
 
 
 def dispatch(op, impl, *args):
@@ -98,6 +100,39 @@ def _(topk_ids, expert_widths):
 def routing(topk_ids: torch.Tensor, expert_widths: Sequence[int]) -> tuple:
     """The routing arrays of ``topk_ids``: through the operator when compiling, directly otherwise."""
     return dispatch(routing_op, routing_impl, topk_ids, tuple(expert_widths))
+
+
+@_outside_transforms
+def shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
+                     expert_widths: Sequence[int], shared_width: int, k: int):
+    T = assign_to_sorted.shape[0] // k
+    r = Routing.from_tensors((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
+                             tuple(expert_widths), k, T)
+    return add_shared_slot(r, shared_width).tensors()
+
+
+@torch.library.custom_op("vmoe::add_shared_slot", mutates_args=())
+def shared_slot_op(counts: torch.Tensor, offsets: torch.Tensor, sorted_to_assign: torch.Tensor,
+                   assign_to_sorted: torch.Tensor, ragged_offsets: torch.Tensor,
+                   expert_widths: Sequence[int], shared_width: int, k: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
+                            expert_widths, shared_width, k)
+
+
+@shared_slot_op.register_fake
+def _(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets, expert_widths,
+      shared_width, k):
+    E, A = len(expert_widths), assign_to_sorted.shape[0] // k * (k + 1)
+    return (counts.new_empty(E + 1), offsets.new_empty(E + 2), sorted_to_assign.new_empty(A),
+            assign_to_sorted.new_empty(A), ragged_offsets.new_empty(E + 2))
+
+
+def shared_slot(routing_tensors, expert_widths: Sequence[int], shared_width: int, k: int) -> tuple:
+    """The routing arrays of the routed ids plus the shared expert's slot (id E, every token):
+    through the operator when compiling, directly otherwise."""
+    return dispatch(shared_slot_op, shared_slot_impl, *routing_tensors, tuple(expert_widths),
+                    shared_width, k)
 
 
 @_outside_transforms

@@ -27,17 +27,27 @@ def act(z: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def routing(topk_ids: torch.Tensor, num_experts: int):
+def routing(topk_ids: torch.Tensor, num_experts: int, expert_widths=None):
     """Counts, offsets and the stable expert-sorted permutation, by sort + bincount + cumsum.
 
     Returns ``(counts [E], offsets [E+1], sorted_to_assign [T*k], assign_to_sorted [T*k])``, where
-    assignment ``a = t*k + j`` is slot j of token t.
+    assignment ``a = t*k + j`` is slot j of token t. ``counts`` are the assignments that chose
+    each expert. Assignments that compute nothing, ids outside [0, E) and, given
+    ``expert_widths``, the null experts' (width 0), own no sorted rows: they sort after
+    ``offsets[E]``, in assignment order.
     """
     flat = topk_ids.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts)
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    computed = counts.clone()
+    key = torch.where(valid, flat, num_experts)
+    if expert_widths is not None:
+        null = torch.tensor([f == 0 for f in expert_widths], device=flat.device)
+        computed[null] = 0
+        key = torch.where(valid & null[flat.clamp(0, num_experts - 1)], num_experts, key)
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    sorted_to_assign = torch.sort(flat, stable=True).indices
+    offsets[1:] = torch.cumsum(computed, 0)
+    sorted_to_assign = torch.sort(key, stable=True).indices
     assign_to_sorted = torch.empty_like(sorted_to_assign)
     assign_to_sorted[sorted_to_assign] = torch.arange(flat.numel(), device=flat.device)
     return counts, offsets, sorted_to_assign, assign_to_sorted
@@ -61,7 +71,7 @@ def expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple
     offset = 0
     for e, f in enumerate(expert_widths):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        if tok.numel():
+        if tok.numel() and f:  # a null expert (f = 0) adds exactly nothing
             h = act(x[tok] @ w1[:, g * offset: g * (offset + f)], activation)
             out = h @ w2[offset: offset + f]
             y.index_add_(0, tok, out * topk_weights[tok, slot].unsqueeze(-1))
@@ -73,6 +83,14 @@ def expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple
         # 0 * x, no NaN of x).
         y = y + sum(t[:0].sum() for t in inputs)
     return y
+
+
+def shared_expert(x: torch.Tensor, w1_shared: torch.Tensor, w2_shared: torch.Tensor,
+                  activation: str, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The always-on expert, as a dense MLP: ``gate * act(x @ W1_s) @ W2_s`` (gate ``[T, 1]``, or
+    1 when None), with ``W1_s = w1[:, g*F:]`` and ``W2_s = w2[F:]`` of a layer that has one."""
+    y = act(x @ w1_shared, activation) @ w2_shared
+    return y if gate is None else y * gate.to(y.dtype)
 
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
