@@ -181,6 +181,9 @@ def _check_layer(rank, world, activation, router, widths, tokens, batch_dim, imp
 
 
 def _check_bad_inputs(rank, world):
+    shared = MoEMLP(MoEConfig(n_embd=16, expert_sizes=((4, 8),), shared_expert_width=8))
+    with pytest.raises(NotImplementedError, match="shared_expert_width=8"):
+        ExpertParallelMoEMLP.from_moe(shared)
     # Configs that differ across ranks: every rank raises (one all_gather, then all compare).
     activation = "swiglu" if rank == world - 1 else "relu2"
     with pytest.raises(ValueError, match="MoEConfig differs across ranks"):
@@ -198,7 +201,8 @@ def _check_bad_inputs(rank, world):
 SHUFFLED = [20, 7, 33, 1, 16]
 LAYER_CASES = {
     2: [("relu2", "sigmoid", WIDTHS, [5, 2], False), ("swiglu", "softmax", SHUFFLED, [3, 6], True),
-        ("gelu", "softmax", SHUFFLED, [4, 1], False, "reference")],
+        ("gelu", "softmax", SHUFFLED, [4, 1], False, "reference"),
+        ("relu2", "softmax", [7, 0, 33, 0, 16], [4, 3], False)],   # null experts
     3: [("swiglu", "sigmoid", WIDTHS, [4, 0, 5], False),
         ("relu2", "softmax", WIDTHS, [0, 3, 2], True)],
 }

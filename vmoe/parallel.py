@@ -98,6 +98,20 @@ def place_experts(expert_widths, world_size: int, token_counts=None) -> list[lis
     return [sorted(r) for r in ranks]
 
 
+def _check_placement(placement, widths, world: int) -> list[list[int]]:
+    """``placement`` as lists of ints, checked: ``world`` ranks, every expert of ``widths`` on
+    exactly one, and an expert of nonzero width on every rank (as :func:`place_experts` ensures)."""
+    out = [list(r) for r in placement]
+    if len(out) != world:
+        raise ValueError(f"placement must have one list of experts per rank ({world}), got {len(out)}")
+    flat = sorted(e for r in out for e in r)
+    if flat != list(range(len(widths))):
+        raise ValueError(f"placement must hold every expert 0..{len(widths) - 1} exactly once, got {out}")
+    if any(not any(widths[e] > 0 for e in r) for r in out):
+        raise ValueError(f"every rank needs an expert of nonzero width, got {out} for widths {widths}")
+    return out
+
+
 def _int_list(values, name: str) -> list[int]:
     if isinstance(values, torch.Tensor):
         if values.dim() != 1 or values.is_floating_point() or values.is_complex():
@@ -176,7 +190,9 @@ class ExpertParallelMoEMLP(nn.Module):
 
     Attributes:
         config: the full layer's :class:`vmoe.MoEConfig`.
-        local_experts: this rank's global expert ids, ascending: ``place_experts(widths, W)[rank]``.
+        placement: every rank's global expert ids, ``place_experts(widths, W)`` unless another
+            placement was given (the same one on every rank: it orders the exchanges).
+        local_experts: this rank's global expert ids: ``placement[rank]``.
         local_widths: their widths.
         router: ``nn.Linear(d, E, bias=False)``, replicated (a copy of the full layer's).
         w1: ``[d, g * sum(local_widths)]``: the full w1's column block of each local expert
@@ -195,19 +211,27 @@ class ExpertParallelMoEMLP(nn.Module):
     # MoEMLP's router, on the local tokens, with this shard's w1 and w2 cast for its experts.
     route = MoEMLP.route
 
-    def __init__(self, config: MoEConfig, local_experts, group=None):
+    def __init__(self, config: MoEConfig, local_experts, group=None, placement=None):
         super().__init__()
+        if config.shared_expert_width:
+            raise NotImplementedError(
+                f"ExpertParallelMoEMLP does not shard a layer with a shared expert yet "
+                f"(shared_expert_width={config.shared_expert_width}); null experts are supported")
         rank, world = _world(group)
         widths = config.expert_widths
         g = gate_factor(config.activation)
         d, E = config.n_embd, config.num_experts
         self.config, self.group, self.rank, self.world_size = config, group, rank, world
         self.local_experts = list(local_experts)
+        placement = (place_experts(widths, world) if placement is None
+                     else _check_placement(placement, widths, world))
+        if self.local_experts != placement[rank]:
+            raise ValueError(f"local_experts {self.local_experts} are not rank {rank}'s experts "
+                             f"{placement[rank]} in the placement {placement}")
         self.local_widths = tuple(widths[e] for e in self.local_experts)
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(d, g * sum(self.local_widths)))
         self.w2 = nn.Parameter(torch.empty(sum(self.local_widths), d))
-        placement = place_experts(widths, world)
         position = [0] * E
         # Sort key of an assignment: its owner rank, then the expert's local index there.
         for i, e in enumerate(e for experts in placement for e in experts):
@@ -219,16 +243,20 @@ class ExpertParallelMoEMLP(nn.Module):
         add_router_state(self, config)
 
     @classmethod
-    def from_moe(cls, moe: MoEMLP, group=None) -> "ExpertParallelMoEMLP":
+    def from_moe(cls, moe: MoEMLP, group=None, placement=None) -> "ExpertParallelMoEMLP":
         """This rank's shard of ``moe`` in ``group`` (the default process group when None).
 
-        Collective: every rank calls it. Raises ValueError on every rank when the configs differ
-        across ranks, or when there are more ranks than experts.
+        ``placement``: which experts each rank holds, ``world_size`` lists of global expert ids
+        (every expert exactly once; the same on every rank); ``place_experts(widths, W)`` when
+        None. Collective: every rank calls it. Raises ValueError on every rank when the configs
+        differ across ranks, or when there are more ranks than experts.
         """
         _world(group)
         _check_same_config(moe.config, group)
-        placement = place_experts(moe.config.expert_widths, dist.get_world_size(group))
-        shard = cls(moe.config, placement[dist.get_rank(group)], group)
+        if placement is None:
+            placement = place_experts(moe.config.expert_widths, dist.get_world_size(group))
+        placement = _check_placement(placement, moe.config.expert_widths, dist.get_world_size(group))
+        shard = cls(moe.config, placement[dist.get_rank(group)], group, placement)
         shard.to(device=moe.w1.device, dtype=moe.w1.dtype)
         shard.load_full_state_dict(moe.state_dict())
         return shard

@@ -1,0 +1,485 @@
+"""Expert parallelism on W GPUs against the full layer on one: step time, exchange, balance.
+
+Run as (one CSV per GPU kind; ``--help`` for the options)::
+
+    torchrun --nproc_per_node 2 -m vmoe.bench_parallel          # -> results/parallel/<gpu>.csv
+    TRITON_INTERPRET=1 torchrun --nproc_per_node 2 -m vmoe.bench_parallel --smoke --out /tmp/x.csv
+
+``--nproc_per_node 1`` (or plain ``python -m``) measures the one-GPU rows alone.
+``notebooks/09_parallel.ipynb`` draws its figure from ``results/parallel/*.csv``, a folder of its
+own because ``results/*.csv`` are vmoe.bench's (its ``--reproduce`` and notebook 07 read every one
+of them). Shape letters: see :mod:`vmoe.config`; W ranks.
+
+**Configs.** vmoe.bench's large relu2 configs of the same expert mixes (T = 16384 tokens per rank,
+d = 2048, k = 8, bf16): ``128x768`` and ``32x1536+32x768+64x384``, as a MoEMLP with a softmax
+router and renormalised top-k (vmoe.bench's layer scope). ``--smoke``: the same mixes at toy
+sizes, in float32, meant for the CPU (gloo, Triton interpreter) to check the script end to end.
+
+**What runs, in one process group, in this order:**
+
+1. ``single``: the full :class:`vmoe.MoEMLP` on rank 0's GPU alone (the other ranks wait at a
+   barrier), on W*T tokens (the global batch: every rank's tokens, concatenated) and on T tokens
+   (one rank's batch). Rows with ``world_size`` 1.
+2. For each placement, ``balanced`` (:func:`vmoe.parallel.place_experts`, by width) and
+   ``contiguous`` (experts in id order, E/W per rank: :func:`contiguous_placement`), an
+   :class:`vmoe.parallel.ExpertParallelMoEMLP` shard per rank, each on its own T tokens. Before
+   timing, each rank checks the shard's output against the full layer's on its tokens
+   (``rel_err``, ``ok``, with :func:`vmoe.testing.tolerance`).
+
+**Passes:** ``fwd`` (under no_grad) and ``fwdbwd`` (the backward of ``(out * dy).sum() +
+sum(aux.values())``), as vmoe.bench's layer scope.
+
+**Timing.** ``--warmup`` calls first (compilation, autotuning), then ``--iters`` timed steps, each
+started from idle devices: ``torch.cuda.synchronize()``, a barrier (so the ranks start together),
+a CUDA event before and one after the step on the current stream. ``ms`` is the median over the
+steps, per rank; the aggregate row (``rank`` = ``all``) takes the max over the ranks of that
+median (a step ends when the slowest rank ends) with the slowest rank's split. The one-GPU rows
+use the same timer (without the barrier), so the two compare like with like. On the CPU the
+events are ``time.perf_counter``.
+
+**Exchange against compute.** During the timed steps :class:`vmoe.parallel.AllToAll` is replaced
+by a subclass that records an event pair around each of its ``all_to_all_single`` calls (two in
+the forward, two in the backward); ``exchange_ms`` is their sum per step (median over steps). An
+exchange starts when this rank issues it and ends when every peer's rows have arrived, so it
+includes the wait for a slower peer: imbalance in compute shows up as exchange time on the
+faster rank. ``compute_ms`` is the rest of the step (routing, the all_gather of the [E] counts
+and its host sync, the local experts, the combine). ``a2a_alone_ms`` times the same exchanges
+(the same split sizes and row widths) alone, after a barrier, with nothing around them: the
+transfer itself. The swap touches nothing but the timing; it is undone after each measurement.
+
+**Balance.** Per rank: ``experts`` held, their total width ``width_total`` (Σ f_e),
+``recv_rows`` (R, the assignments of every rank's tokens routed to its experts) and
+``sent_rows`` (T*k); ``width_max_over_min`` and ``recv_max_over_min`` over the ranks.
+
+**Throughput.** ``tokens_per_s_per_gpu`` = tokens per GPU / ``ms``; ``tflops_per_gpu`` counts
+the useful FLOPs of the GPU's own work (its experts on the rows it received, ``(2g+2) d Σ n_e f_e``
+with g = 2 for swiglu else 1, plus the router's ``2 T d E``; 3 times that for fwdbwd), as
+vmoe.bench does. ``efficiency`` = tokens/s per GPU with W GPUs over tokens/s of the full layer on
+one GPU at the same global batch (W*T tokens); ``efficiency_same_T`` over one GPU at T tokens
+(the same work per GPU). Both are 1 for perfect scaling.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import triton
+
+from . import parallel, report
+from ._utils import interpreting, reexec_with_interpreter
+from .bench import BenchConfig, configs, gpu_name, gpu_slug
+from .config import MoEConfig, gate_factor
+from .layer import MoEMLP
+from .testing import rel_err, tolerance
+
+PASSES = ("fwd", "fwdbwd")
+PLACEMENTS = ("balanced", "contiguous")
+LARGE = r"^large-(128x768|32x1536\+32x768\+64x384)-k8-relu2$"
+COLUMNS = ("config", "placement", "pass", "rank", "world_size", "T_per_gpu", "T_global", "d", "k", "E",
+           "widths", "activation", "dtype", "experts", "width_total", "width_max_over_min",
+           "recv_rows", "recv_max_over_min", "sent_rows", "ms", "exchange_ms", "compute_ms",
+           "a2a_alone_ms", "tokens_per_s_per_gpu", "tflops_per_gpu", "efficiency",
+           "efficiency_same_T", "rel_err", "ok", "iters", "timer", "gpu", "torch", "triton",
+           "vmoe_commit")
+
+
+def contiguous_placement(E: int, world: int) -> list[list[int]]:
+    """The naive split: experts in id order, ``E // world`` per rank, the remainder to the last.
+
+    Example:
+        >>> contiguous_placement(10, 3)
+        [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    """
+    n = E // world
+    return [list(range(r * n, E if r == world - 1 else (r + 1) * n)) for r in range(world)]
+
+
+def smoke_configs() -> list[BenchConfig]:
+    """The two expert mixes at toy sizes, for the interpreter (T per rank, d, k = 32, 16, 2)."""
+    return [BenchConfig(f"smoke-{'+'.join(f'{n}x{f}' for n, f in sizes)}-k2-relu2", 32, 16, 2, sizes,
+                        "relu2")
+            for sizes in (((8, 24),), ((2, 48), (2, 24), (4, 12)))]
+
+
+class _Clock:
+    """CUDA events on the current stream, or ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.name = "cuda events, median" if self.cuda else "perf_counter (cpu), median"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()  # host-ok: the timer, outside vmoe
+
+
+class _Exchanges:
+    """The (start, end) marks of the current step's exchanges, while recording."""
+
+    clock: _Clock | None = None
+    marks: list | None = None
+
+
+_ORIGINAL_ALL_TO_ALL = parallel.AllToAll
+
+
+class _TimedAllToAll(torch.autograd.Function):
+    """vmoe.parallel.AllToAll with a mark before and after each exchange, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        start = _mark()
+        out = _ORIGINAL_ALL_TO_ALL.forward(ctx, x, send_splits, recv_splits, group)
+        _record(start)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        start = _mark()
+        grads = _ORIGINAL_ALL_TO_ALL.backward(ctx, dy)
+        _record(start)
+        return grads
+
+
+def _mark():
+    return _Exchanges.clock.mark() if _Exchanges.marks is not None else None
+
+
+def _record(start) -> None:
+    if _Exchanges.marks is not None:
+        _Exchanges.marks.append((start, _Exchanges.clock.mark()))
+
+
+@contextlib.contextmanager
+def _timed_exchanges(clock: _Clock):
+    parallel.AllToAll, _Exchanges.clock = _TimedAllToAll, clock
+    try:
+        yield
+    finally:
+        parallel.AllToAll, _Exchanges.clock, _Exchanges.marks = _ORIGINAL_ALL_TO_ALL, None, None
+
+
+def _time_steps(step, clear, clock: _Clock, iters: int, warmup: int, barrier: bool,
+                exchanges: bool = False) -> dict:
+    """Median ms of ``step`` (and of its exchanges and the rest when ``exchanges``)."""
+    for _ in range(warmup):
+        step()
+        clear()
+    marks, exchange_marks = [], []
+    for _ in range(iters):
+        clock.sync()
+        if barrier:
+            dist.barrier()
+        if exchanges:
+            _Exchanges.marks = []
+        start = clock.mark()
+        step()
+        end = clock.mark()
+        marks.append((start, end))
+        if exchanges:
+            exchange_marks.append(_Exchanges.marks)
+            _Exchanges.marks = None
+        clear()
+    clock.sync()
+    steps = [clock.ms(a, b) for a, b in marks]
+    out = {"ms": statistics.median(steps)}
+    if exchanges:
+        ex = [sum(clock.ms(a, b) for a, b in pairs) for pairs in exchange_marks]
+        out["exchange_ms"] = statistics.median(ex)
+        out["compute_ms"] = statistics.median(s - e for s, e in zip(steps, ex))
+    return out
+
+
+def _time_a2a_alone(send: list, recv: list, d: int, dtype, device, clock: _Clock, iters: int,
+                    warmup: int, n_exchanges: int) -> float:
+    """Median ms of the layer's exchanges alone: [A, d+1] out and [R, d] back (the forward), then
+    [A, d] out and [R, d+1] back (the backward), the first ``n_exchanges`` of them."""
+    A, R = sum(send), sum(recv)
+    a1, r1 = (torch.zeros(n, d + 1, dtype=dtype, device=device) for n in (A, R))  # x and weight
+    a0, r0 = (torch.zeros(n, d, dtype=dtype, device=device) for n in (A, R))
+    calls = [(r1, a1, recv, send), (a0, r0, send, recv), (r0, a0, recv, send), (a1, r1, send, recv)]
+
+    def step():
+        for out, inp, out_splits, in_splits in calls[:n_exchanges]:
+            dist.all_to_all_single(out, inp, out_splits, in_splits)
+
+    return _time_steps(step, lambda: None, clock, iters, warmup, barrier=True)["ms"]
+
+
+def _make_moe(cfg: BenchConfig, device, dtype, seed: int) -> MoEMLP:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moe = MoEMLP(MoEConfig(n_embd=cfg.d, expert_sizes=list(cfg.expert_sizes), num_active_experts=cfg.k,
+                               activation=cfg.activation, router="softmax", norm_topk_prob=True))
+    return moe.to(device=device, dtype=dtype)
+
+
+def _tokens(cfg: BenchConfig, rank: int, device, dtype, seed: int):
+    """Rank ``rank``'s x and dy, [T, d] ~ N(0, 1): the same on every process that asks."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1000 * (rank + 1))
+    x = torch.randn(cfg.T, cfg.d, generator=gen, device=device).to(dtype)
+    dy = torch.randn(cfg.T, cfg.d, generator=gen, device=device).to(dtype)
+    return x, dy
+
+
+def _step(layer, x, dy, pass_: str):
+    """(step, clear): one call of the layer as a training step makes it, and the reset after it."""
+    x = x.detach().requires_grad_(pass_ == "fwdbwd")
+    leaves = [x, *layer.parameters()]
+
+    def step():
+        if pass_ == "fwd":
+            with torch.no_grad():
+                layer(x)
+            return
+        out, aux, _ = layer(x)
+        ((out * dy).sum() + sum(aux.values())).backward()
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    return step, clear
+
+
+def _counts(layer, x) -> list[int]:
+    """n_e: this batch's assignments per expert, by the layer's own router."""
+    with torch.no_grad():
+        counts = layer.route(x.reshape(-1, x.shape[-1]))[6]
+    return counts.tolist()  # host-ok: the benchmark's bookkeeping, outside the timed steps
+
+
+def _flops(cfg: BenchConfig, T: int, counts: list[int], experts, pass_: str) -> float:
+    g = gate_factor(cfg.activation)
+    widths = cfg.widths
+    forward = (2 * g + 2) * cfg.d * sum(counts[e] * widths[e] for e in experts) + 2 * T * cfg.d * cfg.E
+    return forward * (3 if pass_ == "fwdbwd" else 1)
+
+
+def _ratio(values) -> float:
+    return max(values) / min(values) if min(values) > 0 else float("inf")
+
+
+def _free(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_single(cfg: BenchConfig, world: int, device, dtype, clock: _Clock, iters: int, warmup: int,
+                   seed: int) -> list[dict]:
+    """The full layer on this GPU alone, on T and on W*T tokens (every rank's x, concatenated)."""
+    rows = []
+    moe = _make_moe(cfg, device, dtype, seed)
+    for n_ranks in sorted({1, world}):
+        xs, dys = zip(*(_tokens(cfg, r, device, dtype, seed) for r in range(n_ranks)))
+        x, dy = torch.cat(xs), torch.cat(dys)
+        T = x.shape[0]
+        counts = _counts(moe, x)
+        for pass_ in PASSES:
+            step, clear = _step(moe, x, dy, pass_)
+            t = _time_steps(step, clear, clock, iters, warmup, barrier=False)
+            rows.append(dict(placement="single", **{"pass": pass_}, rank="0", world_size=1, T_per_gpu=T,
+                             T_global=T, experts=cfg.E, width_total=sum(cfg.widths), width_max_over_min=1.0,
+                             recv_rows=T * cfg.k, recv_max_over_min=1.0, sent_rows=0, ms=t["ms"],
+                             exchange_ms=0.0, compute_ms=t["ms"],
+                             tokens_per_s_per_gpu=T / t["ms"] * 1e3,
+                             tflops_per_gpu=_flops(cfg, T, counts, range(cfg.E), pass_) / t["ms"] / 1e9))
+        del xs, dys, x, dy
+    del moe
+    _free(device)
+    return rows
+
+
+def measure_parallel(cfg: BenchConfig, placement_name: str, rank: int, world: int, device, dtype,
+                     clock: _Clock, iters: int, warmup: int, seed: int) -> list[dict]:
+    """This rank's measurements of one placement, gathered to every rank: one dict per (pass, rank)."""
+    placement = (parallel.place_experts(cfg.widths, world) if placement_name == "balanced"
+                 else contiguous_placement(cfg.E, world))
+    moe = _make_moe(cfg, device, dtype, seed)
+    for p in moe.parameters():  # identical on every rank by seeding; made certain
+        dist.broadcast(p.data, src=0)
+    shard = parallel.ExpertParallelMoEMLP.from_moe(moe, placement=placement)
+    x, dy = _tokens(cfg, rank, device, dtype, seed)
+    with torch.no_grad():
+        err = rel_err(shard(x)[0], moe(x)[0])
+    del moe
+    _free(device)
+
+    counts = [None] * world
+    dist.all_gather_object(counts, _counts(shard, x))
+    send = [sum(counts[rank][e] for e in experts) for experts in placement]
+    recv = [sum(row[e] for e in placement[rank]) for row in counts]
+    n_e = [sum(row[e] for row in counts) for e in range(cfg.E)]
+    mine = []
+    for pass_ in PASSES:
+        step, clear = _step(shard, x, dy, pass_)
+        with _timed_exchanges(clock):
+            t = _time_steps(step, clear, clock, iters, warmup, barrier=True, exchanges=True)
+        n_exchanges = 2 if pass_ == "fwd" else 4
+        t["a2a_alone_ms"] = _time_a2a_alone(send, recv, cfg.d, dtype, device, clock, iters, warmup,
+                                            n_exchanges)
+        mine.append(dict(t, **{"pass": pass_}, rank=rank, experts=len(placement[rank]),
+                         width_total=sum(cfg.widths[e] for e in placement[rank]),
+                         recv_rows=sum(recv), sent_rows=sum(send), rel_err=err,
+                         ok=err <= tolerance(dtype),
+                         tflops_per_gpu=_flops(cfg, cfg.T, n_e, placement[rank], pass_) / t["ms"] / 1e9))
+    del shard, x, dy
+    _free(device)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return [row for per_rank in gathered for row in per_rank]
+
+
+def parallel_rows(cfg: BenchConfig, placement_name: str, per_rank: list[dict], world: int,
+                  single: list[dict]) -> list[dict]:
+    """CSV rows of one placement: one per (pass, rank) and one per pass over the ranks (``all``)."""
+    baseline = {(r["pass"], r["T_global"]): r["tokens_per_s_per_gpu"] for r in single}
+    rows = []
+    for pass_ in PASSES:
+        ranks = [r for r in per_rank if r["pass"] == pass_]
+        slowest = max(ranks, key=lambda r: r["ms"])
+        total = dict(slowest, rank="all", width_total=max(r["width_total"] for r in ranks),
+                     recv_rows=max(r["recv_rows"] for r in ranks),
+                     a2a_alone_ms=max(r["a2a_alone_ms"] for r in ranks),
+                     rel_err=max(r["rel_err"] for r in ranks), ok=all(r["ok"] for r in ranks),
+                     tflops_per_gpu=statistics.mean(r["tflops_per_gpu"] * r["ms"] for r in ranks)
+                     / slowest["ms"])
+        for r in ranks + [total]:
+            tps = cfg.T / r["ms"] * 1e3
+            rows.append(dict(r, placement=placement_name, rank=str(r["rank"]), world_size=world,
+                             T_per_gpu=cfg.T, T_global=world * cfg.T,
+                             width_max_over_min=_ratio([q["width_total"] for q in ranks]),
+                             recv_max_over_min=_ratio([q["recv_rows"] for q in ranks]),
+                             tokens_per_s_per_gpu=tps,
+                             efficiency=tps / baseline[(pass_, world * cfg.T)],
+                             efficiency_same_T=tps / baseline[(pass_, cfg.T)]))
+    return rows
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return value
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
+
+
+def _summary(row: dict) -> str:
+    ex = f", exchange {row['exchange_ms']:.3f} ms" if row["placement"] != "single" else ""
+    eff = f", efficiency {row['efficiency']:.2f}" if row.get("efficiency", "") != "" else ""
+    return (f"{row['config']} {row['placement']:10s} {row['pass']:6s} rank {row['rank']:3s} "
+            f"W={row['world_size']} T/gpu={row['T_per_gpu']}: {row['ms']:.3f} ms{ex}, "
+            f"{row['tokens_per_s_per_gpu'] / 1e6:.2f} Mtok/s/gpu, {row['tflops_per_gpu']:.0f} TFLOP/s{eff}")
+
+
+def _init(device_kind: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device); a process group when started by torchrun (WORLD_SIZE set)."""
+    env = os.environ
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))  # host-ok: torchrun's strings
+    local = int(env.get("LOCAL_RANK", 0))  # host-ok: torchrun's string
+    if device_kind == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "WORLD_SIZE" in os.environ:
+        if device.type == "cpu" and sys.platform == "linux":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on loopback, as the tests
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(minutes=10), **kwargs)
+    return rank, world, device
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node W -m vmoe.bench_parallel",
+                                     description="Time ExpertParallelMoEMLP on W GPUs against the full "
+                                                 "layer on one, for two placements.")
+    parser.add_argument("--out", help="CSV path (default results/parallel/<gpu>.csv); overwritten")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes in float32, for the CPU (gloo, Triton interpreter)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20; smoke 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        reexec_with_interpreter("vmoe.bench_parallel", argv)  # no GPU: the interpreter, on the CPU
+    device_kind = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    if device_kind == "cpu" and not args.smoke:
+        parser.error("no GPU (or TRITON_INTERPRET=1): only --smoke runs on the CPU")
+    iters = args.iters or (1 if args.smoke else 20)
+    warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 3)
+    cfgs = smoke_configs() if args.smoke else configs("large", match=LARGE)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+
+    rank, world, device = _init(device_kind)
+    clock = _Clock(device)
+    out = Path(args.out) if args.out else Path("results") / "parallel" / f"{gpu_slug(gpu_name(device))}.csv"
+    env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
+           "vmoe_commit": report.vmoe_commit(), "dtype": str(dtype)[6:], "iters": iters,
+           "timer": clock.name}
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"{env['gpu']} x {world}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
+        f"{iters} timed steps after {warmup}; {[c.name for c in cfgs]} -> {out}")
+    rows, start = [], time.perf_counter()
+    try:
+        for cfg in cfgs:
+            common = dict(env, config=cfg.name, d=cfg.d, k=cfg.k, E=cfg.E, widths=cfg.widths_str,
+                          activation=cfg.activation)
+            single = []
+            if rank == 0:
+                single = measure_single(cfg, world, device, dtype, clock, iters, warmup, args.seed)
+                for row in single:
+                    rows.append(dict(common, **row))
+                    log(_summary(rows[-1]))
+                write_csv(out, rows)
+                log(f"{cfg.name} single: done at {time.perf_counter() - start:.0f} s")
+            if world == 1:
+                continue
+            dist.barrier()
+            for name in PLACEMENTS:
+                per_rank = measure_parallel(cfg, name, rank, world, device, dtype, clock, iters, warmup,
+                                            args.seed)
+                if rank == 0:
+                    for row in parallel_rows(cfg, name, per_rank, world, single):
+                        rows.append(dict(common, **row))
+                        log(_summary(rows[-1]))
+                    write_csv(out, rows)
+                log(f"{cfg.name} {name}: done at {time.perf_counter() - start:.0f} s")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    bad = [r for r in rows if r.get("ok") is False]
+    log(f"{len(rows)} rows written to {out}; {len(bad)} failed the check against the full layer")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
