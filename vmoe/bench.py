@@ -559,7 +559,7 @@ def main(argv=None) -> int:
         report.regenerate([args.from_csv], args.readme)
         return 0
     if args.reproduce:
-        csvs = sorted(Path("results").glob("*.csv"))
+        csvs = report.benchmark_csvs("results")
         if not csvs:
             print("no results/*.csv yet: run `python -m vmoe.bench` on a GPU first")
             return 0

@@ -111,6 +111,21 @@ def _key(row: dict) -> tuple:
     return tuple(str(row.get(c) or DEFAULTS.get(c, "")) for c in ROW_KEY)
 
 
+def benchmark_csvs(folder) -> list:
+    """The benchmark's CSVs in ``folder`` (``python -m vmoe.bench`` writes ``<gpu>.csv`` there):
+    those whose header starts with the benchmark's columns, so that other measurements kept beside
+    them (the training runs' ``train_<gpu>.csv``) are not read as benchmark rows."""
+    from pathlib import Path
+
+    out = []
+    for path in sorted(Path(folder).glob("*.csv")):
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if {"config", "provider", "mode", "ms_p50"} <= set(header):
+            out.append(path)
+    return out
+
+
 def load_results(path):
     """The CSV as a DataFrame, with ``ok`` and ``applicable`` as nullable booleans, and ``scope``
     ("expert" for rows written before the column existed)."""

@@ -1,0 +1,595 @@
+"""Train a small byte-level GPT whose every MLP is a :class:`vmoe.MoEMLP`, on :mod:`vmoe.data`'s corpus.
+
+The question it serves (issue 14): does a layer of experts of different widths, routed top-k, give
+more width to the bytes that need it (code vs prose, letters vs punctuation), and what does that
+buy at equal compute? So each evaluation logs, besides the validation bits per byte overall and
+per domain, the realised width per token: the sum of the widths of the k experts a token was sent
+to, averaged over tokens and layers (for ``uniform`` 8 x 768 and k=2 it is always 1536).
+
+    python -m vmoe.train --config var5 --seed 0 --max-seconds 540 --resume
+
+runs (or continues) ``results/runs/var5_s0``: ``ckpt.pt`` (written at every evaluation and when
+``--max-seconds`` is reached, so a run spans several time-limited jobs) and ``log.csv`` (one row
+per evaluation). ``results/runs/`` is scratch, ignored by git (a checkpoint of the d=384 configs
+is about 390 MB: weights and AdamW's two moments in float32); ``python -m vmoe.train --collect``
+concatenates every run's log into ``results/train_<gpu>.csv``, the file to commit.
+
+Determinism: the training windows come from a CPU ``torch.Generator`` seeded by the seed, whose
+state is checkpointed with the model, the optimizer, the global RNG states and the counters, and
+evaluation reads fixed windows and no RNG; so a run resumed from a checkpoint takes the same steps
+as one that never stopped (bitwise on the CPU; on a GPU as far as the kernels are deterministic).
+
+``log.csv`` columns: ``train_loss`` is the mean cross-entropy in nats (aux losses excluded) over
+the steps since the previous row, ``train_bpb`` the same in bits, the aux columns their means over
+the same steps; ``val_bpb*`` are bits per byte on fixed validation windows, half prose and half
+code; ``width*`` the realised width (overall, by domain, and by the token's own byte: whitespace
+and ASCII punctuation vs ASCII letters); ``expert_fwd_flops_per_token`` the experts' forward
+FLOPs per token summed over layers; ``wall_s`` and ``tokens_per_s`` count training time only.
+
+Host synchronisation happens only at evaluation and checkpoint boundaries: the training loss is
+accumulated on the device, and the wall time of training (``wall_s``, evaluation excluded) is
+measured between synchronisations at those boundaries.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import string
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig, gate_factor
+from .data import DEFAULT_DIR as DEFAULT_DATA
+from .data import DOMAINS, sha256_file
+from .layer import MoEMLP
+from .report import gpu_slug, vmoe_commit
+
+VOCAB = 256
+DEFAULT_OUT = Path("results/runs")
+AUX_KEYS = ("router_z_loss", "load_balance_loss", "compute_loss")
+# Byte classes for the realised width: a token is classed by its own (input) byte, the one the
+# router sees. Digits and non-ASCII bytes are in neither class.
+PUNCT_BYTES = frozenset((string.punctuation + string.whitespace).encode())
+LETTER_BYTES = frozenset(string.ascii_letters.encode())
+WIDTH_CLASSES = ("all", "prose", "code", "punct", "letters")
+LOG_COLUMNS = [
+    "config", "seed", "step", "tokens", "wall_s", "train_loss", "train_bpb", "val_bpb", "val_bpb_prose",
+    "val_bpb_code", "tokens_per_s", "width", "width_code", "width_prose", "width_punct", "width_letters",
+    "width_by_layer", "expert_fwd_flops_per_token", "lr", *AUX_KEYS, "expert_sizes", "k",
+    "compute_loss_weight", "total_tokens", "compile", "gpu", "torch", "triton", "git_commit", "data_sha256",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run's static description: the model, its MoE layers, the losses, the schedule.
+
+    The aux losses are each averaged over the layers before weighting, so a weight means the same
+    at any depth. ``total_tokens`` and ``eval_interval`` fix the schedule (steps, not seconds), so
+    a run's result does not depend on how fast the machine was.
+    """
+
+    name: str = "uniform"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    seq_len: int = 256
+    expert_sizes: tuple = ((8, 768),)
+    k: int = 2
+    activation: str = "relu2"
+    router: str = "softmax"
+    norm_topk_prob: bool = True
+    impl: str = "auto"
+    z_loss_weight: float = 1e-3
+    lb_loss_weight: float = 1e-2
+    compute_loss_weight: float = 0.0
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    total_tokens: int = 65_536_000
+    eval_interval: int = 250
+    eval_tokens: int = 262_144
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(n_embd=self.n_embd, expert_sizes=self.expert_sizes, num_active_experts=self.k,
+                         activation=self.activation, router=self.router,
+                         norm_topk_prob=self.norm_topk_prob, impl=self.impl)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return max(self.total_tokens // self.tokens_per_step, 1)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# The issue's runs, at one size: d=384, 6 layers, 6 heads, 256 bytes of context, top-2 of 8 experts
+# under a softmax router. Every variable config keeps the uniform one's mean expert width (768), so
+# that evenly routed tokens cost the same (active width k * 768 = 1536 = 4d, a dense GPT's MLP).
+_BASE = TrainConfig()
+CONFIGS = {
+    "tiny": TrainConfig(name="tiny", n_layer=2, n_head=2, n_embd=32, seq_len=32,
+                        expert_sizes=((2, 48), (2, 16)), batch_size=8, lr=3e-3, min_lr=3e-4,
+                        warmup_steps=2, total_tokens=20 * 8 * 32, eval_interval=5, eval_tokens=4 * 32,
+                        impl="reference"),
+    "uniform": replace(_BASE, name="uniform", expert_sizes=((8, 768),)),
+    "var5": replace(_BASE, name="var5", expert_sizes=((4, 1280), (4, 256))),
+    "var23": replace(_BASE, name="var23", expert_sizes=((4, 1472), (4, 64))),
+    # The width is a placeholder: set it with --expert-width to a variable run's realised width / k.
+    "uniform_realised": replace(_BASE, name="uniform_realised", expert_sizes=((8, 768),)),
+    # Null experts (width 0) let a token skip an MLP (the original author's follow-up).
+    "var5_null": replace(_BASE, name="var5_null", expert_sizes=((4, 1280), (4, 256), (4, 0))),
+    # var5_cl0 is var5 under the name of the compute-loss pair (compute_loss weight 0 vs 0.01).
+    "var5_cl0": replace(_BASE, name="var5_cl0", expert_sizes=((4, 1280), (4, 256)),
+                        compute_loss_weight=0.0),
+    "var5_cl": replace(_BASE, name="var5_cl", expert_sizes=((4, 1280), (4, 256)),
+                       compute_loss_weight=0.01),
+}
+
+
+def resolve_config(name: str, expert_width: int | None = None, total_tokens: int | None = None
+                   ) -> TrainConfig:
+    """The registry's config ``name`` with the command line's overrides. ``expert_width`` sets every
+    expert of a single-width config to that width and names the run ``<name>_w<width>``."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    cfg = CONFIGS[name]
+    if expert_width is not None:
+        if len(cfg.expert_sizes) != 1:
+            raise ValueError(f"--expert-width applies to single-width configs; {name} has "
+                             f"{cfg.expert_sizes}")
+        count = cfg.expert_sizes[0][0]
+        cfg = replace(cfg, name=f"{name}_w{expert_width}", expert_sizes=((count, expert_width),))
+    elif name == "uniform_realised":
+        raise ValueError("uniform_realised needs --expert-width: a variable run's realised width / k")
+    if total_tokens is not None:
+        cfg = replace(cfg, total_tokens=total_tokens)
+    cfg.moe_config()  # fail here, with MoEConfig's message, rather than after loading the data
+    return cfg
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        B, S, d = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)        # [B, H, S, d/H]
+        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(ln(x)), then x + moe(ln(x))."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MoEMLP(cfg.moe_config())
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        out, aux, _ = self.mlp(self.ln2(x))
+        return x + out, aux
+
+
+class GPT(nn.Module):
+    """Byte-level GPT: 256 byte embeddings plus learned positions, ``n_layer`` blocks, a final
+    LayerNorm and an untied head. ``forward(idx [B, S])`` returns ``(logits [B, S, 256], aux)``,
+    aux the layers' auxiliary losses, each averaged over the layers."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(VOCAB, cfg.n_embd)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, VOCAB, bias=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """GPT-2's: std 0.02, and the residual projections (attention's, and the experts' w2 on
+        top of MoEMLP's own init) scaled by 1/sqrt(2 n_layer), so the residual stream's variance
+        does not grow with depth. The routers and w1 keep MoEMLP's init."""
+        residual = (2 * self.cfg.n_layer) ** -0.5
+        for emb in (self.tok, self.pos, self.head):
+            nn.init.normal_(emb.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.qkv.weight, std=0.02)
+            nn.init.normal_(blk.attn.proj.weight, std=0.02 * residual)
+            blk.mlp.w2.mul_(residual)
+
+    def forward(self, idx):
+        S = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(S, device=idx.device))
+        auxes = []
+        for blk in self.blocks:
+            x, aux = blk(x)
+            auxes.append(aux)
+        aux = {key: torch.stack([a[key].float() for a in auxes]).mean() for key in AUX_KEYS}
+        return self.head(self.ln_f(x)), aux
+
+
+def training_loss(cfg: TrainConfig, model: nn.Module, x, y):
+    """``(loss to backpropagate, cross-entropy in nats, aux dict)``."""
+    logits, aux = model(x)
+    ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
+    loss = (ce + cfg.z_loss_weight * aux["router_z_loss"] + cfg.lb_loss_weight * aux["load_balance_loss"]
+            + cfg.compute_loss_weight * aux["compute_loss"])
+    return loss, ce, aux
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the end."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(cfg.total_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, decaying the matrices (and embeddings) but not the LayerNorms' gains and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+class ByteCorpus:
+    """``train.bin`` and ``val.bin`` of a :mod:`vmoe.data` folder, held in host memory (about 10 MB)."""
+
+    def __init__(self, data_dir: Path):
+        data_dir = Path(data_dir)
+        missing = [n for n in ("train.bin", "val.bin", "meta.json") if not (data_dir / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)}: run `python -m vmoe.data` "
+                                    f"(or `make data`) first")
+        self.meta = json.loads((data_dir / "meta.json").read_text())
+        self.train = torch.frombuffer(bytearray((data_dir / "train.bin").read_bytes()), dtype=torch.uint8)
+        self.val = torch.frombuffer(bytearray((data_dir / "val.bin").read_bytes()), dtype=torch.uint8)
+        self.sha256 = sha256_file(data_dir / "train.bin")[:12]
+
+    def batch(self, gen: torch.Generator, batch_size: int, seq_len: int, device: torch.device):
+        """Random windows of ``seq_len + 1`` bytes of train.bin: ``(x, y)``, each ``[B, S]`` int64 on
+        ``device``. Drawn on the host from ``gen``, so a seed gives the same batches on any device;
+        copied from pinned memory without blocking (the caching host allocator keeps a pinned block
+        until its copy is done)."""
+        starts = torch.randint(len(self.train) - seq_len, (batch_size,), generator=gen)
+        chunk = self.train[starts[:, None] + torch.arange(seq_len + 1)]             # [B, S+1] uint8
+        if device.type == "cuda":
+            chunk = chunk.pin_memory().to(device, non_blocking=True)
+        chunk = chunk.long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def eval_windows(self, eval_tokens: int, seq_len: int):
+        """Fixed validation windows, half prose and half code, evenly spaced through each domain's
+        byte range: ``(windows [N, S+1] uint8, domain [N] int64, index into DOMAINS)``."""
+        n = max(eval_tokens // (len(DOMAINS) * seq_len), 1)
+        windows, domain = [], []
+        for i, name in enumerate(DOMAINS):
+            lo, hi = self.meta["val"]["domains"][name]
+            if hi - lo < seq_len + 1:
+                continue  # an empty domain (a test corpus): its bpb is NaN
+            starts = lo + torch.arange(n) * (hi - lo - seq_len - 1) // max(n - 1, 1)
+            windows.append(self.val[starts[:, None] + torch.arange(seq_len + 1)])
+            domain.append(torch.full((n,), i))
+        if not windows:
+            raise ValueError(f"val.bin has no domain of at least {seq_len + 1} bytes")
+        return torch.cat(windows), torch.cat(domain)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> dict:
+    """Validation bits per byte (overall, prose, code) and the realised expert width per token
+    (see the module docstring) overall and per class of :data:`WIDTH_CLASSES`, and per layer.
+
+    The topk ids come from each layer's own ``route`` on the layer's input, caught by a forward
+    hook, so they are exactly the ones the layer used. Reads back to the host once, at the end.
+    """
+    cfg = model.cfg
+    was_training = model.training
+    model.eval()
+    ids: list[torch.Tensor] = []
+
+    def catch(module, inputs, _output):
+        ids.append(module.route(inputs[0].reshape(-1, module.config.n_embd))[3])
+
+    hooks = [blk.mlp.register_forward_hook(catch) for blk in model.blocks]
+    widths = torch.tensor(cfg.moe_config().expert_widths, dtype=torch.float32, device=device)
+    punct = torch.zeros(VOCAB, dtype=torch.bool)
+    punct[list(PUNCT_BYTES)] = True
+    letters = torch.zeros(VOCAB, dtype=torch.bool)
+    letters[list(LETTER_BYTES)] = True
+    punct, letters = punct.to(device), letters.to(device)
+    C = len(WIDTH_CLASSES)
+    ce_sum = torch.zeros(C, device=device)
+    count = torch.zeros(C, device=device)
+    width_sum = torch.zeros(cfg.n_layer, C, device=device)
+    try:
+        for lo in range(0, len(windows), batch_size):
+            chunk = windows[lo:lo + batch_size].to(device).long()
+            dom = domain[lo:lo + batch_size].to(device)
+            x, y = chunk[:, :-1], chunk[:, 1:]
+            ids.clear()
+            with autocast:
+                logits, _ = model(x)
+            ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1), reduction="none")
+            dom_t = dom[:, None].expand_as(x).reshape(-1)
+            xb = x.reshape(-1)
+            masks = torch.stack([torch.ones_like(xb, dtype=torch.bool), dom_t == DOMAINS.index("prose"),
+                                 dom_t == DOMAINS.index("code"), punct[xb], letters[xb]], 1).float()
+            ce_sum += ce @ masks
+            count += masks.sum(0)
+            width_sum += torch.stack([widths[t.long()].sum(-1) for t in ids]) @ masks     # [L, C]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    ce_sum, count, width_sum = ce_sum.cpu(), count.cpu(), width_sum.cpu()  # host-ok: eval boundary
+    bpb = (ce_sum / count / math.log(2)).tolist()  # host-ok: already on the host
+    per_layer = width_sum / count                                                      # [L, C]
+    width = per_layer.mean(0).tolist()  # host-ok: already on the host
+    cls = dict(zip(WIDTH_CLASSES, width))
+    g = gate_factor(cfg.activation)
+    return {
+        "val_bpb": bpb[0], "val_bpb_prose": bpb[1], "val_bpb_code": bpb[2],
+        "width": cls["all"], "width_prose": cls["prose"], "width_code": cls["code"],
+        "width_punct": cls["punct"], "width_letters": cls["letters"],
+        "width_by_layer": " ".join(f"{w:.1f}" for w in per_layer[:, 0].tolist()),  # host-ok: host
+        # Per assignment, an expert of width f does 2*d*(g*f) + 2*f*d forward FLOPs; linear in f,
+        # so the mean over assignments is that of the mean width.
+        "expert_fwd_flops_per_token": cfg.n_layer * 2 * cfg.n_embd * (g + 1) * cls["all"],
+    }
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "git_commit": vmoe_commit()}
+
+
+def _sync(device: torch.device) -> float:
+    """A timestamp after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host-ok: only at evaluation and checkpoint boundaries
+    return time.perf_counter()
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _truncate_log(path: Path, after_step: int) -> None:
+    """Drop the rows past the checkpoint's step: a job killed between a log row and its checkpoint
+    would otherwise log that evaluation twice after resuming."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["step"]) <= after_step]  # host-ok: CSV text
+    if len(keep) != len(rows):
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(keep)
+
+
+def run_dir_for(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT) -> Path:
+    return Path(out) / f"{cfg.name}_s{seed}"
+
+
+def _progress(total: int, initial: int, desc: str):
+    disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes", "on")
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable, dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path = DEFAULT_DATA,
+          max_seconds: float | None = None, max_steps: int | None = None, resume: bool = False,
+          compile: bool = False, device: str | torch.device | None = None) -> Path:
+    """Train (or, with ``resume``, continue) ``cfg`` with ``seed``; returns the run's folder.
+
+    Stops at ``cfg.total_steps``, or after ``max_steps`` steps or ``max_seconds`` seconds of this
+    call (checked between steps, on the host), with a checkpoint either way. ``resume`` with no
+    checkpoint starts afresh, so a job script can always pass it; without ``resume`` an existing
+    checkpoint is an error rather than overwritten.
+    """
+    started = time.monotonic()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir = run_dir_for(cfg, seed, out)
+    ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "log.csv"
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or remove {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    data = ByteCorpus(data_dir)
+    windows, domain = data.eval_windows(cfg.eval_tokens, cfg.seq_len)
+
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    opt = make_optimizer(model, cfg, device)
+    gen = torch.Generator().manual_seed(seed)
+    st = {"step": 0, "tokens": 0, "wall": 0.0, "last_eval": -1, "tokens_at_eval": 0, "wall_at_eval": 0.0,
+          "n_acc": 0}
+    acc = torch.zeros(1 + len(AUX_KEYS), device=device)  # ce and aux sums since the last evaluation
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["config"] != cfg.to_json() or ck["seed"] != seed:
+            raise ValueError(f"{ckpt_path} was written by another config or seed:\n  {ck['config']} "
+                             f"seed {ck['seed']}\nnot\n  {cfg.to_json()} seed {seed}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["data_rng"])
+        torch.set_rng_state(ck["cpu_rng"])
+        if device.type == "cuda" and ck["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        st = ck["state"]
+        acc = ck["acc"].to(device)
+        _truncate_log(log_path, st["step"])
+    else:
+        _truncate_log(log_path, -1)  # no checkpoint: rows left by an earlier attempt are not this run's
+
+    def save():
+        acc_host = acc.cpu()  # host-ok: checkpoints are written at boundaries only
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
+              "cpu_rng": torch.get_rng_state(),
+              "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+              "state": dict(st), "acc": acc_host, "config": cfg.to_json(), "seed": seed}
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(ck, tmp)
+        os.replace(tmp, ckpt_path)  # a job killed mid-save leaves the previous checkpoint whole
+
+    env = {**environment(device), "data_sha256": data.sha256, "compile": compile}
+    step_model = torch.compile(model) if compile else model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    total, steps_here = cfg.total_steps, 0
+    bar = _progress(total, st["step"], f"{cfg.name} s{seed}")
+    t0 = _sync(device)
+    while True:
+        step = st["step"]
+        if (step % cfg.eval_interval == 0 or step == total) and st["last_eval"] != step:
+            st["wall"] += _sync(device) - t0
+            row = evaluate(model, windows, domain, device, cfg.batch_size, autocast)
+            means = (acc / max(st["n_acc"], 1)).tolist()  # host-ok: evaluation boundary
+            seg_wall = st["wall"] - st["wall_at_eval"]
+            row.update({
+                "config": cfg.name, "seed": seed, "step": step, "tokens": st["tokens"],
+                "wall_s": round(st["wall"], 3),
+                "train_loss": means[0] if st["n_acc"] else float("nan"),
+                "train_bpb": means[0] / math.log(2) if st["n_acc"] else float("nan"),
+                "tokens_per_s": (st["tokens"] - st["tokens_at_eval"]) / seg_wall
+                if st["tokens"] > st["tokens_at_eval"] and seg_wall > 0 else float("nan"),
+                "lr": lr_at(cfg, step - 1) if step else float("nan"),
+                **{key: means[1 + i] if st["n_acc"] else float("nan") for i, key in enumerate(AUX_KEYS)},
+                "expert_sizes": " ".join(f"{c}x{w}" for c, w in cfg.expert_sizes), "k": cfg.k,
+                "compute_loss_weight": cfg.compute_loss_weight, "total_tokens": cfg.total_tokens, **env})
+            acc.zero_()
+            st.update(last_eval=step, tokens_at_eval=st["tokens"], wall_at_eval=st["wall"], n_acc=0)
+            save()
+            _append_log(log_path, row)
+            bar.write(f"{cfg.name} s{seed} step {step}/{total}: val bpb {row['val_bpb']:.4f} (prose "
+                      f"{row['val_bpb_prose']:.4f}, code {row['val_bpb_code']:.4f}), width "
+                      f"{row['width']:.1f} (code {row['width_code']:.1f}, prose {row['width_prose']:.1f}), "
+                      f"{row['tokens_per_s']:,.0f} tokens/s")
+            t0 = _sync(device)
+        if step >= total:
+            break
+        if ((max_steps is not None and steps_here >= max_steps)
+                or (max_seconds is not None and time.monotonic() - started >= max_seconds)):
+            st["wall"] += _sync(device) - t0
+            save()
+            bar.write(f"{cfg.name} s{seed}: stopped at step {step}/{total}; --resume continues")
+            break
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = data.batch(gen, cfg.batch_size, cfg.seq_len, device)
+        with autocast:
+            loss, ce, aux = training_loss(cfg, step_model, x, y)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc += torch.stack([ce.detach(), *(aux[key].detach() for key in AUX_KEYS)])
+        st["step"] += 1
+        st["tokens"] += cfg.tokens_per_step
+        st["n_acc"] += 1
+        steps_here += 1
+        bar.update(1)
+    bar.close()
+    return run_dir
+
+
+def collect(out: Path = DEFAULT_OUT, results: Path | None = Path("results")):
+    """Every run's ``log.csv`` under ``out`` in one DataFrame; with ``results``, also written to
+    ``results/train_<gpu>.csv``, one file per GPU (as the benchmark's CSVs are)."""
+    import pandas as pd
+
+    logs = sorted(Path(out).glob("*/log.csv"))
+    if not logs:
+        return pd.DataFrame(columns=LOG_COLUMNS)
+    df = pd.concat([pd.read_csv(p) for p in logs], ignore_index=True)
+    if results is not None:
+        Path(results).mkdir(parents=True, exist_ok=True)
+        for gpu, part in df.groupby("gpu"):
+            part.to_csv(Path(results) / f"train_{gpu_slug(str(gpu))}.csv", index=False)
+    return df
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), help="a named config of CONFIGS")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs folder (default results/runs)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus folder (default data)")
+    parser.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this many "
+                        "seconds of this job; leave room for the last checkpoint's write")
+    parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
+    parser.add_argument("--resume", action="store_true", help="continue the run's checkpoint if any")
+    parser.add_argument("--expert-width", type=int, help="every expert's width (single-width configs; "
+                        "for uniform_realised: a variable run's realised `width` / k)")
+    parser.add_argument("--total-tokens", type=int, help="override the config's training tokens")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model's training step")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--collect", action="store_true",
+                        help="only concatenate the runs' logs under --out into results/train_<gpu>.csv")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="where --collect writes train_<gpu>.csv (default results)")
+    args = parser.parse_args(argv)
+    if args.collect:
+        df = collect(args.out, args.results)
+        print(f"{len(df)} rows from {df['config'].nunique() if len(df) else 0} configs")
+        return
+    if args.config is None:
+        parser.error("--config is required (or --collect)")
+    try:
+        cfg = resolve_config(args.config, args.expert_width, args.total_tokens)
+        run_dir = train(cfg, args.seed, out=args.out, data_dir=args.data, max_seconds=args.max_seconds,
+                        max_steps=args.max_steps, resume=args.resume, compile=args.compile,
+                        device=args.device)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    print(f"{run_dir}: see log.csv")
+
+
+if __name__ == "__main__":
+    main()
