@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import sys
 from datetime import timedelta
 
@@ -23,11 +22,10 @@ if not torch.cuda.is_available():
 os.environ.setdefault("VMOE_POISON", "1")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from vmoe import MoEConfig, MoEMLP  # noqa: E402
 from vmoe.parallel import ExpertParallelMoEMLP, place_experts  # noqa: E402
-from vmoe.testing import assert_close  # noqa: E402
+from vmoe.testing import assert_close, assert_shard_grads, spawn_ranks  # noqa: E402
 
 WIDTHS = [7, 33, 1, 20, 16]
 
@@ -161,14 +159,7 @@ def _check_layer(rank, world, activation, router, widths, tokens, batch_dim, imp
     name = f"rank{rank}/{world}-{activation}-{router}-{impl}-T{tokens}"
     assert_close(f"{name} out", out.reshape(-1, d), out_all[lo:hi], dt)
     assert_close(f"{name} dx", x.grad.reshape(-1, d), x_all.grad[lo:hi], dt)
-    local_grads = ExpertParallelMoEMLP(moe.config, shard.local_experts)
-    local_grads.load_full_state_dict({"router.weight": moe.router.weight.grad,
-                                      "w1": moe.w1.grad, "w2": moe.w2.grad})
-    assert_close(f"{name} dw1", shard.w1.grad, local_grads.w1, dt)
-    assert_close(f"{name} dw2", shard.w2.grad, local_grads.w2, dt)
-    d_router = shard.router.weight.grad.clone()
-    dist.all_reduce(d_router)
-    assert_close(f"{name} d_router summed over ranks", d_router, moe.router.weight.grad, dt)
+    assert_shard_grads(name, shard, moe, dt)
     for key, value in aux_ref.items():
         assert_close(f"{name} {key}", aux[key].detach(), value, dt)
     assert torch.equal(f_i, f_ref), f"{name} f_i: {f_i} != {f_ref}"
@@ -221,19 +212,6 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 3], ids=["W2", "W3"])
 def test_expert_parallel_matches_full_layer(world):
-    try:
-        mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
-    except mp.ProcessRaisedException as e:
-        # The free port is released before rank 0 binds it: if another process took it in
-        # between, try once more on a new one (any other failure is the test's).
-        if "address already in use" not in str(e).lower():
-            raise
-        mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    spawn_ranks(_worker, world)

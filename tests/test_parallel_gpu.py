@@ -23,7 +23,6 @@ placement and the naive contiguous split (experts 0..E/2-1 on rank 0). Tolerance
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -32,12 +31,11 @@ import torch
 os.environ.setdefault("VMOE_POISON", "1")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from vmoe import MoEConfig, MoEMLP  # noqa: E402
 from vmoe.bench_parallel import contiguous_placement  # noqa: E402
 from vmoe.parallel import ExpertParallelMoEMLP, place_experts  # noqa: E402
-from vmoe.testing import DTYPE_IDS, assert_close  # noqa: E402
+from vmoe.testing import DTYPE_IDS, assert_close, assert_shard_grads, spawn_ranks  # noqa: E402
 
 WORLD = 2
 needs_gpus = pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs (NCCL)")
@@ -103,14 +101,7 @@ def _check_case(rank, world, case):
 
     assert_close(f"{name} out", out.reshape(-1, d), out_ref, dtype)
     assert_close(f"{name} dx", x.grad.reshape(-1, d), dx_ref, dtype)
-    full_grads = ExpertParallelMoEMLP(cfg, shard.local_experts, placement=placement).to(device, dtype)
-    full_grads.load_full_state_dict({"router.weight": moe.router.weight.grad,
-                                     "w1": moe.w1.grad, "w2": moe.w2.grad})
-    assert_close(f"{name} dw1 (local experts)", shard.w1.grad, full_grads.w1, dtype)
-    assert_close(f"{name} dw2 (local experts)", shard.w2.grad, full_grads.w2, dtype)
-    d_router = shard.router.weight.grad.float()
-    dist.all_reduce(d_router)
-    assert_close(f"{name} d_router summed over ranks", d_router, moe.router.weight.grad, dtype)
+    assert_shard_grads(name, shard, moe, dtype, placement)
     if tokens[rank]:
         for key, value in aux_ref.items():
             assert_close(f"{name} {key}", aux[key].detach(), value.detach(), dtype)
@@ -133,25 +124,12 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_gpus
 def test_expert_parallel_nccl_matches_full_layer(monkeypatch):
     # Correctness, not speed: one kernel config each, no autotuning pass (the spawned processes
     # import vmoe after this is set; the variable is restored for the other tests).
     monkeypatch.setenv("VMOE_PIN_CONFIG", "1")
-    try:
-        mp.spawn(_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
-    except mp.ProcessRaisedException as e:
-        # The free port is released before rank 0 binds it: if another process took it in
-        # between, try once more on a new one (any other failure is the test's).
-        if "address already in use" not in str(e).lower():
-            raise
-        mp.spawn(_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD)
 
 
 def test_contiguous_placement():

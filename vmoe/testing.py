@@ -8,6 +8,8 @@ one thing everywhere.
 - :func:`random_ids`, :func:`make_inputs`: fresh random routing and problems, scaled to O(1).
 - :func:`case_id`: readable test ids like ``T7-d40-w[7,33,100]-k2``.
 - :data:`DEVICE`, :data:`ON_GPU`, :func:`sizes`: where the kernels run, and a problem size for it.
+- :func:`spawn_ranks`, :func:`assert_shard_grads`: run a multi-process check (expert
+  parallelism) on a free local port; a shard's gradients against the full layer's.
 
 Without a GPU the kernels run in the Triton interpreter, which must be selected
 (``TRITON_INTERPRET=1``) before vmoe is imported: tests/conftest.py and notebooks/nbutil.py do that
@@ -119,3 +121,46 @@ def make_inputs(T, d, widths, k, activation="relu2", dtype=torch.float32, device
     w2 = torch.cat([torch.randn(f, d, generator=generator) / max(f, 1) ** 0.5 for f in widths])
     return (x.to(device, dtype), ids.to(device), weights.to(device, dtype), w1.to(device, dtype),
             w2.to(device, dtype))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int, *args) -> None:
+    """``worker(rank, world, port, *args)`` in ``world`` processes (``torch.multiprocessing.spawn``)
+    that rendezvous on a free local port; a failing rank ends the others and raises here.
+
+    The port is free when chosen but released before rank 0 binds it: if another process took it
+    in between, the spawn is tried once more on a new one (any other failure is the check's)."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(worker, args=(world, _free_port(), *args), nprocs=world, join=True)
+    except mp.ProcessRaisedException as e:
+        if "address already in use" not in str(e).lower():
+            raise
+        mp.spawn(worker, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+def assert_shard_grads(name: str, shard, moe, dtype: torch.dtype, placement=None) -> None:
+    """An expert-parallel shard's gradients after backward against the full layer's (``moe``'s,
+    from every rank's tokens): w1/w2 restricted to the local experts, and the router's summed
+    over ranks (an all_reduce: every rank of the group must call this)."""
+    import torch.distributed as dist
+
+    from .parallel import ExpertParallelMoEMLP
+
+    full = ExpertParallelMoEMLP(moe.config, shard.local_experts, placement=placement)
+    full = full.to(shard.w1.device, dtype)
+    full.load_full_state_dict({"router.weight": moe.router.weight.grad, "w1": moe.w1.grad,
+                               "w2": moe.w2.grad})
+    assert_close(f"{name} dw1 (local experts)", shard.w1.grad, full.w1, dtype)
+    assert_close(f"{name} dw2 (local experts)", shard.w2.grad, full.w2, dtype)
+    d_router = shard.router.weight.grad.to(torch.float32, copy=True)
+    dist.all_reduce(d_router)
+    assert_close(f"{name} d_router summed over ranks", d_router, moe.router.weight.grad, dtype)
