@@ -234,7 +234,9 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
             (a host sync).
         topk_weights: ``[T, k]``, x's dtype.
         w1: ``[d, g*F]`` with g = 2 for swiglu, else 1.  w2: ``[F, d]``.
-        expert_widths: f_e for each expert, a sequence of ints or an int tensor.
+        expert_widths: f_e for each expert, a sequence of ints or an int tensor. A width of 0 is
+            a null expert: it owns no columns, gets no GEMM tile, and its slots add exactly 0
+            (their weight gradient is 0). At least one width must be >= 1.
         activation: ``"relu2"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         impl: ``"auto"`` (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else the reference
             loop), ``"triton"`` or ``"reference"``.
