@@ -1,0 +1,65 @@
+"""Where a layer's GPU time goes, kernel by kernel: torch.profiler over a few eager training steps
+of ``MoEMLP`` (forward, ``(out * dy).sum() + sum(aux)``, backward), bf16.
+
+Written for the open questions of results/NOTES.md (session 4): the router's share of the large
+layer's forward, and why null experts did not shorten the forward. Not yet run on a GPU.
+
+    PYTHONPATH=. python results/probe_kernels.py [--match SUBSTRING] [--steps 10]
+
+Prints, per config, each kernel's mean GPU time per step (µs) and its share of the step.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from vmoe import MoEConfig, MoEMLP
+
+CONFIGS = [
+    ("large-128x768-k8-relu2", 16384, 2048, dict(expert_sizes=[(128, 768)], num_active_experts=8)),
+    ("null-24x384+24x128+16x0-k8", 16384, 768,
+     dict(expert_sizes=[(24, 384), (24, 128), (16, 0)], num_active_experts=8, router="sigmoid")),
+    ("no-null-24x384+24x128-k8", 16384, 768,
+     dict(expert_sizes=[(24, 384), (24, 128)], num_active_experts=8, router="sigmoid")),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--match", default="")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    for name, T, d, kw in CONFIGS:
+        if args.match not in name:
+            continue
+        torch.manual_seed(0)
+        moe = MoEMLP(MoEConfig(n_embd=d, **kw)).to("cuda", torch.bfloat16)
+        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+
+        def step():
+            out, aux, _ = moe(x)
+            ((out * dy).sum() + sum(aux.values())).backward()
+
+        for _ in range(3):  # autotuning and caches
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        per_kernel = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[e.name[:90]] += e.time_range.elapsed_us() / args.steps
+        total = sum(per_kernel.values())
+        print(f"\n{name}: {total:.0f} µs of GPU time per training step")
+        for kernel, us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+            print(f"  {us:9.1f} µs  {100 * us / total:5.1f}%  {kernel}")
+
+
+if __name__ == "__main__":
+    main()
