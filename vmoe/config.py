@@ -13,6 +13,7 @@ tokens routed to it (notebooks/06_moe_layer.ipynb).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 ACTIVATIONS = ("relu2", "gelu", "silu", "swiglu")
 ROUTERS = ("sigmoid", "softmax")
@@ -144,21 +145,21 @@ class MoEConfig:
             raise ValueError("shared_expert_gate=True needs a shared expert: set "
                              "shared_expert_width >= 1")
 
-    @property
+    @cached_property
     def expert_widths(self) -> tuple[int, ...]:
         """f_e for e = 0..E-1, in expansion order."""
         return tuple(w for count, w in self.expert_sizes for _ in range(count))
 
-    @property
+    @cached_property
     def num_experts(self) -> int:
         return sum(count for count, _ in self.expert_sizes)
 
-    @property
+    @cached_property
     def total_width(self) -> int:
         """F = sum of f_e (the routed experts)."""
         return sum(count * w for count, w in self.expert_sizes)
 
-    @property
+    @cached_property
     def kernel_widths(self) -> tuple[int, ...]:
         """The widths the expert kernels run: the routed f_e, then S when there is a shared
         expert (expert id E, which every token gets as its slot k)."""

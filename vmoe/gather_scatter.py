@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, new_empty, next_pow2
+from ._utils import cdiv, interpreting, new_empty, next_pow2
 from .routing import Routing
 
 
@@ -96,7 +96,7 @@ def gather(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     out = new_empty((A, D), x.dtype, x.device)
     if A and D:
         BR, BD = _blocks(32, D)
-        grid = (triton.cdiv(A, BR), triton.cdiv(D, BD))
+        grid = (cdiv(A, BR), cdiv(D, BD))
         _gather_kernel[grid](x, out, routing.sorted_to_assign, routing.offsets, A, D,
                              routing.num_experts, x.stride(0), out.stride(0),
                              KTOP=routing.k, BR=BR, BD=BD)
@@ -110,7 +110,7 @@ def combine(ys: torch.Tensor, routing: Routing, weights: torch.Tensor | None = N
     out = new_empty((T, D), ys.dtype, ys.device)
     if T and D:
         BT, BD = _blocks(16, D)
-        grid = (triton.cdiv(T, BT), triton.cdiv(D, BD))
+        grid = (cdiv(T, BT), cdiv(D, BD))
         _combine_kernel[grid](ys, weights if weights is not None else ys, out,
                               routing.assign_to_sorted, routing.offsets, T, D,
                               routing.num_experts, ys.stride(0), out.stride(0), KTOP=routing.k,
@@ -125,7 +125,7 @@ def combine_weight_grad(dy: torch.Tensor, ys: torch.Tensor, routing: Routing) ->
     dw = new_empty((routing.num_tokens, routing.k), dy.dtype, dy.device)
     if A:
         BA, BD = _blocks(32, D)
-        _weight_grad_kernel[(triton.cdiv(A, BA),)](dy, ys, dw, routing.assign_to_sorted,
+        _weight_grad_kernel[(cdiv(A, BA),)](dy, ys, dw, routing.assign_to_sorted,
                                                    routing.offsets, A, D, routing.num_experts,
                                                    dy.stride(0), ys.stride(0), KTOP=routing.k,
                                                    BA=BA, BD=BD)

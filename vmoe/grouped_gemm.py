@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
+from ._utils import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
 from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
 from .config import gate_factor
 from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue
@@ -363,6 +363,7 @@ def device_woffsets(widths: tuple, device) -> torch.Tensor:
     return device_ints(_woffsets_host(widths), device)
 
 
+@functools.lru_cache(maxsize=None)
 def _aligned(widths: tuple) -> bool:
     return all(f % 16 == 0 for f in widths)
 
@@ -394,7 +395,7 @@ def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mo
     # block shape, capped at two programs per multiprocessor.
     def grid(meta):
         bound = (max_row_tiles(routing.num_assignments, len(widths), meta["BM"])
-                 * triton.cdiv(n_max, meta["BN"]))
+                 * cdiv(n_max, meta["BN"]))
         return (_persistent_programs(a.device, bound),)
 
     _rows_kernel[grid](
@@ -474,7 +475,7 @@ def up_proj_bwd(dz: torch.Tensor, w1: torch.Tensor, routing: Routing, activation
 @functools.lru_cache(maxsize=None)
 def _wgrad_tiles(widths: tuple, m_fixed, m_per_width, n_fixed, n_per_width, bm, bn) -> int:
     # Exact tile count: it depends only on the widths and d, which the host knows.
-    return sum(triton.cdiv(m_fixed or f * m_per_width, bm) * triton.cdiv(n_fixed or f * n_per_width, bn)
+    return sum(cdiv(m_fixed or f * m_per_width, bm) * cdiv(n_fixed or f * n_per_width, bn)
                for f in widths)
 
 

@@ -58,11 +58,13 @@ first (under softmax: ids 0..k-1), their weights are NaN (every weight of the ro
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import INT32_MAX, device_ints, interpreting, new_empty, next_pow2
+from ._utils import INT32_MAX, cdiv, device_ints, interpreting, new_empty, next_pow2
 from .config import ROUTERS
 from .routing import scan_block_column, scatter_routing
 
@@ -354,11 +356,17 @@ def _check(logits: torch.Tensor, k: int, router: str) -> None:
         raise ValueError(f"{T}*{k} assignments; vmoe indexes them with int32 (< 2**31)")
 
 
-def _group_ids(group_sizes, num_experts: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _group_tuple(group_sizes: tuple, num_experts: int) -> tuple:
     if sum(group_sizes) != num_experts or min(group_sizes) < 1:
         raise ValueError(f"group_sizes {list(group_sizes)} must be >= 1 and sum to E = "
                          f"{num_experts}")
-    return device_ints(tuple(g for g, n in enumerate(group_sizes) for _ in range(n)), device)
+    return tuple(g for g, n in enumerate(group_sizes) for _ in range(n))
+
+
+def _group_ids(group_sizes, num_experts: int, device) -> torch.Tensor:
+    """Each expert's load-balance group, ``[E]`` int32 on the device (cached, like the widths)."""
+    return device_ints(_group_tuple(tuple(group_sizes), num_experts), device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -375,7 +383,7 @@ def route_fwd(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
     logits = _rows(logits)
     T, E = logits.shape
     BT = route_block_tokens(E, k)
-    NB = max(triton.cdiv(T, BT), 1)  # one all-masked program writes zero statistics when T = 0
+    NB = max(cdiv(T, BT), 1)  # one all-masked program writes zero statistics when T = 0
     dev = logits.device
     ids = new_empty((T, k), torch.int32, dev)
     weights = new_empty((T, k), weights_dtype, dev)
@@ -458,7 +466,7 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
                                for g in (d_topk_weights, d_p_sum))
     BT = route_block_tokens(E, k)
     G = len(group_sizes)
-    _route_bwd_kernel[(triton.cdiv(T, BT),)](
+    _route_bwd_kernel[(cdiv(T, BT),)](
         logits_ptr=logits, ids_ptr=topk_ids.contiguous(), d_weights_ptr=d_topk_weights,
         d_p_sum_ptr=d_p_sum, d_lse_sq_sum_ptr=d_lse_sq_sum, d_z_loss_ptr=d_z_loss,
         d_lb_loss_ptr=d_lb_loss, d_compute_loss_ptr=d_compute_loss,

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INT32_MAX, checking, device_ints, interpreting, new_empty, next_pow2
+from ._utils import INT32_MAX, cdiv, checking, device_ints, interpreting, new_empty, next_pow2
 
 
 @dataclass
@@ -207,7 +207,7 @@ def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     ids = topk_ids.contiguous().reshape(-1)
     E1_PAD = next_pow2(E + 1)
     BLOCK = _block_size(E1_PAD)
-    NB = triton.cdiv(A, BLOCK)
+    NB = cdiv(A, BLOCK)
     block_counts = torch.empty((max(NB, 1), E + 1), dtype=torch.int32, device=device)
     if NB == 0:
         block_counts.zero_()
@@ -304,7 +304,7 @@ def add_shared_slot(routing: Routing, shared_width: int) -> Routing:
     sorted_to_assign = new_empty((A,), torch.int32, device)
     assign_to_sorted = new_empty((A,), torch.int32, device)
     BT = 16 if interpreting() else 256
-    _shared_slot_kernel[(max(1, triton.cdiv(T, BT)),)](
+    _shared_slot_kernel[(max(1, cdiv(T, BT)),)](
         routing.assign_to_sorted, routing.counts, routing.offsets, routing.ragged_offsets,
         counts, offsets, ragged_offsets, sorted_to_assign, assign_to_sorted, T, E, T * shared_width,
         KTOP=k, BT=BT, E2_PAD=next_pow2(E + 2))
@@ -381,7 +381,7 @@ def _tile_schedule_kernel(counts_ptr, widths_ptr, out_ptr, max_tiles, E, N,
 
 def max_row_tiles(num_assignments: int, num_experts: int, bm: int) -> int:
     """An upper bound on sum_e cdiv(n_e, BM) over all routings: full tiles plus one partial each."""
-    return triton.cdiv(num_assignments, bm) + num_experts
+    return cdiv(num_assignments, bm) + num_experts
 
 
 def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
@@ -395,10 +395,10 @@ def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
     E = routing.num_experts
     if n_cols is None:
         per_width, N = n_per_width, 0
-        n_tiles_max = max(triton.cdiv(n_per_width * f, bn) for f in routing.expert_widths)
+        n_tiles_max = max(cdiv(n_per_width * f, bn) for f in routing.expert_widths)
     else:
         per_width, N = 0, n_cols
-        n_tiles_max = triton.cdiv(n_cols, bn)
+        n_tiles_max = cdiv(n_cols, bn)
     max_tiles = max_row_tiles(routing.num_assignments, E, bm) * n_tiles_max
     out = new_empty((max_tiles, 3), torch.int32, routing.counts.device)
     _tile_schedule_kernel[(max_tiles,)](routing.counts, routing.widths, out, max_tiles, E, N,
