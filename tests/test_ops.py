@@ -28,6 +28,20 @@ def test_opcheck_routing():
     torch.library.opcheck(ops.routing_op, (bad, WIDTHS))
 
 
+def test_opcheck_add_shared_slot():
+    """With a null expert and a dropped id among the routed slots; T=0 too."""
+    widths = (7, 0, 16)
+    for T in (9, 0):
+        ids = make_inputs(T, 12, widths, 2, device=DEVICE)[1]
+        if T:
+            ids[0, 0] = 5
+        routing = ops.routing(ids, widths)
+        torch.library.opcheck(ops.add_shared_slot_op, (*routing, widths, 11, 2))
+        want = ops.routing(torch.cat([ids, torch.full((T, 1), 3, device=DEVICE)], 1), widths + (11,))
+        for a, b in zip(ops.shared_slot(routing, widths, 11, 2), want):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("activation,dtype", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("save", [True, False], ids=["save", "nosave"])
 def test_opcheck_expert_mlp(activation, dtype, save):

@@ -103,7 +103,7 @@ def routing(topk_ids: torch.Tensor, expert_widths: Sequence[int]) -> tuple:
 
 
 @_outside_transforms
-def shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
+def add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
                      expert_widths: Sequence[int], shared_width: int, k: int):
     T = assign_to_sorted.shape[0] // k
     r = Routing.from_tensors((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
@@ -112,15 +112,15 @@ def shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged
 
 
 @torch.library.custom_op("vmoe::add_shared_slot", mutates_args=())
-def shared_slot_op(counts: torch.Tensor, offsets: torch.Tensor, sorted_to_assign: torch.Tensor,
+def add_shared_slot_op(counts: torch.Tensor, offsets: torch.Tensor, sorted_to_assign: torch.Tensor,
                    assign_to_sorted: torch.Tensor, ragged_offsets: torch.Tensor,
                    expert_widths: Sequence[int], shared_width: int, k: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
+    return add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
                             expert_widths, shared_width, k)
 
 
-@shared_slot_op.register_fake
+@add_shared_slot_op.register_fake
 def _(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets, expert_widths,
       shared_width, k):
     E, A = len(expert_widths), assign_to_sorted.shape[0] // k * (k + 1)
@@ -131,7 +131,7 @@ def _(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets, exper
 def shared_slot(routing_tensors, expert_widths: Sequence[int], shared_width: int, k: int) -> tuple:
     """The routing arrays of the routed ids plus the shared expert's slot (id E, every token):
     through the operator when compiling, directly otherwise."""
-    return dispatch(shared_slot_op, shared_slot_impl, *routing_tensors, tuple(expert_widths),
+    return dispatch(add_shared_slot_op, add_shared_slot_impl, *routing_tensors, tuple(expert_widths),
                     shared_width, k)
 
 
