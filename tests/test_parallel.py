@@ -24,7 +24,7 @@ os.environ.setdefault("VMOE_POISON", "1")
 import torch.distributed as dist  # noqa: E402
 
 from vmoe import MoEConfig, MoEMLP  # noqa: E402
-from vmoe.parallel import ExpertParallelMoEMLP, place_experts  # noqa: E402
+from vmoe.parallel import AllToAll, ExpertParallelMoEMLP, place_experts  # noqa: E402
 from vmoe.testing import assert_close, assert_shard_grads, spawn_ranks  # noqa: E402
 
 WIDTHS = [7, 33, 1, 20, 16]
@@ -151,9 +151,18 @@ def _check_layer(rank, world, activation, router, widths, tokens, batch_dim, imp
     if batch_dim:
         x = x[None]
     x.requires_grad_()
-    out, aux, f_i = shard(x)
+    sent, exchange = [], AllToAll.apply
+    AllToAll.apply = lambda rows, *a: sent.append(rows.shape[0]) or exchange(rows, *a)
+    try:
+        out, aux, f_i = shard(x)
+    finally:
+        AllToAll.apply = exchange
     assert out.shape == x.shape
     out.backward(dys[rank].reshape(out.shape))
+    # Only assignments to experts of nonzero width travel.
+    with torch.no_grad():
+        ids = moe.route(xs[rank])[3]
+    assert sent[0] == int((torch.tensor(widths)[ids.long()] > 0).sum()), (sent, ids)
 
     dt = torch.float32
     name = f"rank{rank}/{world}-{activation}-{router}-{impl}-T{tokens}"
@@ -195,7 +204,8 @@ LAYER_CASES = {
         ("gelu", "softmax", SHUFFLED, [4, 1], False, "reference"),
         ("relu2", "softmax", [7, 0, 33, 0, 16], [4, 3], False)],   # null experts
     3: [("swiglu", "sigmoid", WIDTHS, [4, 0, 5], False),
-        ("relu2", "softmax", WIDTHS, [0, 3, 2], True)],
+        ("relu2", "softmax", WIDTHS, [0, 3, 2], True),
+        ("swiglu", "softmax", [0, 12, 0, 5, 9, 0], [3, 5, 0], False)],   # null experts
 }
 
 

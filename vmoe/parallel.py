@@ -25,7 +25,8 @@ One forward, on every rank (all ranks must call it, with the same config, even w
      (``index_add``).
 
 An assignment travels as its own row even when a token's k experts share a rank: simple, and the
-exchanges cost k*d per token either way in the worst case.
+exchanges cost k*d per token either way in the worst case. An assignment to a null expert (width
+0) does not travel: it would come back as a row of zeros.
 
 Gradients follow from autograd through the two exchanges: w1/w2 get the gradients of every rank's
 tokens routed to the local experts, x_local the full layer's gradient, and the router the local
@@ -233,9 +234,13 @@ class ExpertParallelMoEMLP(nn.Module):
         self.w1 = nn.Parameter(torch.empty(d, g * sum(self.local_widths)))
         self.w2 = nn.Parameter(torch.empty(sum(self.local_widths), d))
         position = [0] * E
-        # Sort key of an assignment: its owner rank, then the expert's local index there.
+        # Sort key of an assignment: its owner rank, then the expert's local index there. A null
+        # expert's assignments stay home (their rows would come back as zeros): they sort last
+        # and are not sent.
         for i, e in enumerate(e for experts in placement for e in experts):
-            position[e] = i
+            position[e] = i if widths[e] else E
+        self.register_buffer("expert_live", torch.tensor([f > 0 for f in widths]),
+                             persistent=False)
         self.placement = placement
         self.register_buffer("expert_position", torch.tensor(position), persistent=False)
         self.register_buffer("local_ids", torch.tensor(self.local_experts, dtype=torch.long),
@@ -341,13 +346,15 @@ class ExpertParallelMoEMLP(nn.Module):
         send_tokens = torch.div(send_order, k, rounding_mode="floor")       # [A] -> token
 
         comm = _collective_device(self.group)
-        mine = counts.to(device=comm, dtype=torch.int64)
+        mine = (counts * self.expert_live).to(device=comm, dtype=torch.int64)   # nulls: 0
         all_counts = torch.empty(W, E, dtype=torch.int64, device=comm)
         dist.all_gather(list(all_counts.unbind(0)), mine, group=self.group)
         # The layer's one host sync: all_to_all_single takes its split sizes on the host.
         table = all_counts.tolist()  # host-ok: the split sizes of the two exchanges
         send_splits = [sum(table[self.rank][e] for e in experts) for experts in self.placement]
         recv_splits = [sum(row[e] for e in self.local_experts) for row in table]
+        n_send = sum(send_splits)                 # A minus the null experts' assignments
+        send_order, send_tokens = send_order[:n_send], send_tokens[:n_send]
 
         payload = torch.cat([x2[send_tokens],
                              topk_weights.reshape(-1)[send_order].to(x2.dtype)[:, None]], dim=1)
