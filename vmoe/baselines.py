@@ -36,7 +36,7 @@ import torch
 from . import reference
 from ._utils import device_ints, interpreting
 from .autograd import expert_mlp
-from .config import MoEConfig, gate_factor
+from .config import MoEConfig, column_offsets, gate_factor
 
 STK_BLOCK = 128
 
@@ -45,7 +45,9 @@ STK_BLOCK = 128
 # vmoe.bench); and the dense stand-in that does the same amount in one balanced MLP.
 
 
-def _mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
+def mlp_flops(sum_nf: float, d: int, activation: str, mode: str) -> float:
+    """The experts' useful FLOPs for ``sum_nf = sum_e n_e f_e``: ``4 d sum_nf`` forward (x1.5 for
+    swiglu), x3 for forward+backward."""
     flops = 4.0 * sum_nf * d * (1.5 if activation == "swiglu" else 1.0)
     return flops * (3.0 if mode == "fwdbwd" else 1.0)
 
@@ -60,7 +62,7 @@ def _sum_nf(topk_ids: torch.Tensor, widths) -> float:
 def useful_flops(topk_ids: torch.Tensor, widths, d: int, activation: str, mode: str = "fwd") -> float:
     """Useful FLOPs of one call for this routing: ``4 d sum_e n_e f_e`` for the forward (x1.5 for
     swiglu), x3 for forward+backward."""
-    return _mlp_flops(_sum_nf(topk_ids, widths), d, activation, mode)
+    return mlp_flops(_sum_nf(topk_ids, widths), d, activation, mode)
 
 
 def dense_width(topk_ids: torch.Tensor, widths) -> int:
@@ -77,7 +79,7 @@ def add_dense_inputs(inp, cfg, ids, randn, dtype) -> None:
     fbar = dense_width(ids, cfg.widths)
     inp.dense = {"x": randn(T * k, d).to(dtype), "w1": (randn(d, g * fbar) * d ** -0.5).to(dtype),
                  "w2": (randn(fbar, d) * fbar ** -0.5).to(dtype), "dy": randn(T * k, d).to(dtype)}
-    inp.dense_flops = _mlp_flops(float(T * k * fbar), d, cfg.activation, "fwd")
+    inp.dense_flops = mlp_flops(float(T * k * fbar), d, cfg.activation, "fwd")
 
 
 def applicability(provider: str, cfg, dtype: torch.dtype) -> tuple[bool, str]:
@@ -151,14 +153,6 @@ def _bucket_plan(widths: tuple):
     return plan, tuple(rank)
 
 
-def _column_offsets(widths) -> list[int]:
-    """o_e for e = 0..E: expert e owns rows [o_e, o_(e+1)) of w2."""
-    out = [0]
-    for f in widths:
-        out.append(out[-1] + f)
-    return out
-
-
 def to_buckets(w1, w2, widths, activation) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """w1 [d, g F] and w2 [F, d] as one ([n, d, g f], [n, f, d]) pair per width bucket (copies).
 
@@ -166,7 +160,7 @@ def to_buckets(w1, w2, widths, activation) -> list[tuple[torch.Tensor, torch.Ten
     into the shared layout would make its backward scatter every bucket's gradient into a zeroed
     full-size w1, a cost the method itself does not have.
     """
-    g, o = gate_factor(activation), _column_offsets(widths)
+    g, o = gate_factor(activation), column_offsets(tuple(widths))
     plan, _ = _bucket_plan(tuple(widths))
     return [(torch.stack([w1[:, g * o[e]:g * o[e + 1]] for e in es]),
              torch.stack([w2[o[e]:o[e + 1]] for e in es])) for _, es in plan]
@@ -174,7 +168,7 @@ def to_buckets(w1, w2, widths, activation) -> list[tuple[torch.Tensor, torch.Ten
 
 def from_buckets(b1s, b2s, widths, activation):
     """The inverse of :func:`to_buckets` (for comparing gradients with the reference)."""
-    g, o = gate_factor(activation), _column_offsets(widths)
+    g, o = gate_factor(activation), column_offsets(tuple(widths))
     plan, _ = _bucket_plan(tuple(widths))
     d = b1s[0].shape[1]
     w1 = b1s[0].new_empty(d, g * o[-1])

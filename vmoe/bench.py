@@ -53,7 +53,8 @@ from .reference import router_probs
 from .testing import rel_err, tolerance
 
 # notebooks/07_benchmarks.ipynb and the tests read the results through vmoe.bench.
-README_START, README_END, gpu_slug = report.README_START, report.README_END, report.gpu_slug
+README_START, README_END, gpu_slug, gpu_name = (report.README_START, report.README_END, report.gpu_slug,
+                                                report.gpu_name)
 load_results, speedup_table, markdown_table = report.load_results, report.speedup_table, report.markdown_table
 
 SCOPES = ("expert", "layer")
@@ -415,11 +416,6 @@ def _time_case(case: _Case, device, timing: Timing) -> tuple[list[float], float,
     return [float(torch.quantile(t, q)) for q in QUANTILES], float("nan"), timer
 
 
-def gpu_name(device) -> str:
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def _base_row(cfg: BenchConfig, provider: str, mode: str, env: dict, scope: str = "expert") -> dict:
     row = dict.fromkeys(report.COLUMNS, "")
     row.update(env)
@@ -495,8 +491,7 @@ def run_sweep(cfgs, providers, modes, device, dtype, timing: Timing, out=None, s
     """Check and time every (config, scope, provider, mode); rows are written to ``out`` as they
     come. Each scope runs the requested providers it has (:data:`SCOPE_PROVIDERS`)."""
     device = torch.device(device)
-    env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
-           "vmoe_commit": report.vmoe_commit(), "dtype": str(dtype)[6:]}
+    env = {**report.environment(device), "dtype": str(dtype)[6:]}
     plan = [(s, [p for p in providers if p in SCOPE_PROVIDERS[s]]) for s in scopes]
     bar, write = report.progress(len(cfgs) * len(modes) * sum(len(ps) for _, ps in plan))
     log = log or write

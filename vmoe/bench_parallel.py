@@ -72,12 +72,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import triton
 
 from . import parallel, report
 from ._utils import interpreting, reexec_with_interpreter
+from .baselines import mlp_flops
 from .bench import BenchConfig, configs, gpu_name, gpu_slug
-from .config import MoEConfig, gate_factor
+from .config import MoEConfig
 from .layer import MoEMLP
 from .testing import rel_err, tolerance
 
@@ -269,10 +269,10 @@ def _counts(layer, x) -> list[int]:
 
 
 def _flops(cfg: BenchConfig, T: int, counts: list[int], experts, pass_: str) -> float:
-    g = gate_factor(cfg.activation)
-    widths = cfg.widths
-    forward = (2 * g + 2) * cfg.d * sum(counts[e] * widths[e] for e in experts) + 2 * T * cfg.d * cfg.E
-    return forward * (3 if pass_ == "fwdbwd" else 1)
+    """The experts' useful FLOPs (as the benchmark counts them) plus the router GEMM's."""
+    sum_nf = sum(counts[e] * cfg.widths[e] for e in experts)
+    router = 2 * T * cfg.d * cfg.E * (3 if pass_ == "fwdbwd" else 1)
+    return mlp_flops(sum_nf, cfg.d, cfg.activation, pass_) + router
 
 
 def _ratio(values) -> float:
@@ -442,9 +442,7 @@ def main(argv=None) -> int:
     rank, world, device = _init(device_kind)
     clock = _Clock(device)
     out = Path(args.out) if args.out else Path("results") / "parallel" / f"{gpu_slug(gpu_name(device))}.csv"
-    env = {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
-           "vmoe_commit": report.vmoe_commit(), "dtype": str(dtype)[6:], "iters": iters,
-           "timer": clock.name}
+    env = {**report.environment(device), "dtype": str(dtype)[6:], "iters": iters, "timer": clock.name}
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"{env['gpu']} x {world}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
         f"{iters} timed steps after {warmup}; {[c.name for c in cfgs]} -> {out}")

@@ -12,12 +12,21 @@ tokens routed to it (notebooks/06_moe_layer.ipynb).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
 ACTIVATIONS = ("relu2", "gelu", "silu", "swiglu")
 ROUTERS = ("sigmoid", "softmax")
 IMPLS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def column_offsets(expert_widths: tuple) -> tuple[int, ...]:
+    """``(o_0, ..., o_E)``: o_e = sum of f_j for j < e, the first row of w2 (column of w1, times g)
+    that expert e owns; the last entry is F."""
+    return tuple(itertools.accumulate(expert_widths, initial=0))
 
 
 def gate_factor(activation: str) -> int:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._utils import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
 from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
-from .config import gate_factor
+from .config import column_offsets, gate_factor
 from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue
 
 # Operand modes of the row kernel and the weight-gradient kernel.
@@ -349,18 +349,9 @@ _wgrad_kernel = triton.heuristics({
 )(_wgrad_kernel))
 
 
-@functools.lru_cache(maxsize=None)
-def _woffsets_host(widths: tuple) -> tuple:
-    out, o = [], 0
-    for f in widths:
-        out.append(o)
-        o += f
-    return tuple(out)
-
-
 def device_woffsets(widths: tuple, device) -> torch.Tensor:
     """o_e, the first column (of F) that expert e owns, as an int32 tensor cached on the device."""
-    return device_ints(_woffsets_host(widths), device)
+    return device_ints(column_offsets(tuple(widths))[:-1], device)
 
 
 @functools.lru_cache(maxsize=None)

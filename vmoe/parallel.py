@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .autograd import expert_mlp
-from .config import MoEConfig, gate_factor
+from .config import MoEConfig, column_offsets, gate_factor
 from .layer import MoEMLP, add_router_state
 
 
@@ -270,9 +270,7 @@ class ExpertParallelMoEMLP(nn.Module):
         """``(global column offset, local column offset, columns)`` of each local expert's w1
         block; rows of w2 are the same divided by g."""
         widths, g = self.config.expert_widths, gate_factor(self.config.activation)
-        offsets = [0]
-        for f in widths:
-            offsets.append(offsets[-1] + f)
+        offsets = column_offsets(widths)
         local = 0
         for e in self.local_experts:
             yield e, g * offsets[e], g * local, g * widths[e]
@@ -316,9 +314,7 @@ class ExpertParallelMoEMLP(nn.Module):
         w1 = torch.empty(d, g * F, dtype=self.w1.dtype, device=self.w1.device)
         w2 = torch.empty(F, d, dtype=self.w2.dtype, device=self.w2.device)
         widths = self.config.expert_widths
-        offsets = [0]
-        for f in widths:
-            offsets.append(offsets[-1] + f)
+        offsets = column_offsets(widths)
         for r, experts in enumerate(self.placement):
             cols = gathered[r][0, :g * sizes[r]].reshape(-1, d).to(w1.device)   # [g*F_r, d]
             rows = gathered[r][1, :sizes[r]].reshape(-1, d).to(w2.device)       # [F_r, d]

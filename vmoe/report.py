@@ -35,6 +35,22 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
+def gpu_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def environment(device) -> dict:
+    """What every measurement row records about where it ran: gpu, torch, triton, vmoe_commit."""
+    import torch
+    import triton
+
+    return {"gpu": gpu_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "vmoe_commit": vmoe_commit()}
+
+
 def vmoe_commit() -> str:
     """``git rev-parse --short HEAD``, with "+dirty" when vmoe/ has uncommitted changes; else "unknown"."""
     if os.environ.get("VMOE_COMMIT"):  # a copy of the tree without its .git names its commit here

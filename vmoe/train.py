@@ -47,11 +47,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import report
 from .config import MoEConfig, gate_factor
 from .data import DEFAULT_DIR as DEFAULT_DATA
 from .data import DOMAINS, sha256_file
 from .layer import MoEMLP
-from .report import gpu_slug, vmoe_commit
+from .report import gpu_slug
 
 VOCAB = 256
 DEFAULT_OUT = Path("results/runs")
@@ -371,11 +372,10 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
 
 
 def environment(device: torch.device) -> dict:
-    import triton
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "git_commit": vmoe_commit()}
+    """:func:`vmoe.report.environment`, with the commit under log.csv's column name."""
+    env = report.environment(device)
+    env["git_commit"] = env.pop("vmoe_commit")
+    return env
 
 
 def _sync(device: torch.device) -> float:
