@@ -22,6 +22,7 @@ from vmoe.train import (
     VOCAB,
     collect,
     lr_at,
+    main,
     resolve_config,
     run_dir_for,
     train,
@@ -187,3 +188,10 @@ def test_resolve_config_overrides():
         resolve_config("var5", expert_width=640)
     with pytest.raises(KeyError):
         resolve_config("nope")
+
+
+def test_compile_flag_takes_a_mode_or_none(capsys):
+    """``--compile`` alone is torch.compile's default mode; an unknown mode is refused by name."""
+    with pytest.raises(SystemExit):
+        main(["--config", "tiny", "--compile", "cudagraphs-please"])
+    assert "--compile" in capsys.readouterr().err

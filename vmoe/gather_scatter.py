@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._utils import cdiv, interpreting, new_empty, next_pow2
+from .launch import launch
 from .routing import Routing
 
 
@@ -97,7 +98,7 @@ def gather(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     if A and D:
         BR, BD = _blocks(32, D)
         grid = (cdiv(A, BR), cdiv(D, BD))
-        _gather_kernel[grid](x, out, routing.sorted_to_assign, routing.offsets, A, D,
+        launch(_gather_kernel, grid, x, out, routing.sorted_to_assign, routing.offsets, A, D,
                              routing.num_experts, x.stride(0), out.stride(0),
                              KTOP=routing.k, BR=BR, BD=BD)
     return out
@@ -111,7 +112,7 @@ def combine(ys: torch.Tensor, routing: Routing, weights: torch.Tensor | None = N
     if T and D:
         BT, BD = _blocks(16, D)
         grid = (cdiv(T, BT), cdiv(D, BD))
-        _combine_kernel[grid](ys, weights if weights is not None else ys, out,
+        launch(_combine_kernel, grid, ys, weights if weights is not None else ys, out,
                               routing.assign_to_sorted, routing.offsets, T, D,
                               routing.num_experts, ys.stride(0), out.stride(0), KTOP=routing.k,
                               HAS_W=weights is not None, BT=BT, BD=BD)
@@ -125,7 +126,7 @@ def combine_weight_grad(dy: torch.Tensor, ys: torch.Tensor, routing: Routing) ->
     dw = new_empty((routing.num_tokens, routing.k), dy.dtype, dy.device)
     if A:
         BA, BD = _blocks(32, D)
-        _weight_grad_kernel[(cdiv(A, BA),)](dy, ys, dw, routing.assign_to_sorted,
+        launch(_weight_grad_kernel, (cdiv(A, BA),), dy, ys, dw, routing.assign_to_sorted,
                                                    routing.offsets, A, D, routing.num_experts,
                                                    dy.stride(0), ys.stride(0), KTOP=routing.k,
                                                    BA=BA, BD=BD)

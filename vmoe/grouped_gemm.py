@@ -32,6 +32,7 @@ import triton.language as tl
 from ._utils import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
 from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
 from .config import column_offsets, gate_factor
+from .launch import launch
 from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue
 
 # Operand modes of the row kernel and the weight-gradient kernel.
@@ -389,7 +390,7 @@ def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mo
                  * cdiv(n_max, meta["BN"]))
         return (_persistent_programs(a.device, bound),)
 
-    _rows_kernel[grid](
+    launch(_rows_kernel, grid,
         a_ptr=a, b_ptr=b, c_ptr=c, z_ptr=z, scale_ptr=scale, hw_ptr=hw,
         **_routing_args(routing, a.device),
         K_FIXED=k_fixed, N_FIXED=n_fixed, K_MAX=k_max, N_MAX=n_max,
@@ -482,7 +483,7 @@ def _launch_wgrad(left, right, out, routing: Routing, *, scale=None, l_mode, r_m
         return (_wgrad_tiles(widths, m_fixed, m_per_width, n_fixed, n_per_width,
                              meta["BM"], meta["BN"]),)
 
-    _wgrad_kernel[grid](
+    launch(_wgrad_kernel, grid,
         l_ptr=left, r_ptr=right, out_ptr=out, scale_ptr=scale, **_routing_args(routing, left.device),
         M_FIXED=m_fixed, N_FIXED=n_fixed, M_MAX=m_max, N_MAX=n_max, stride_lm=stride_lm,
         stride_rm=stride_rm, stride_oe=stride_oe, stride_om=stride_om, L_MODE=l_mode,

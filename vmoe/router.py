@@ -66,6 +66,7 @@ import triton.language as tl
 
 from ._utils import INT32_MAX, cdiv, device_ints, interpreting, new_empty, next_pow2
 from .config import ROUTERS
+from .launch import launch
 from .routing import scan_block_column, scatter_routing
 
 
@@ -390,7 +391,7 @@ def route_fwd(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
     block_counts = new_empty((NB, E + 1), torch.int32, dev)
     p_partial = new_empty((NB, E), torch.float32, dev)
     lse_partial = new_empty((NB,), torch.float32, dev)
-    _route_fwd_kernel[(NB,)](
+    launch(_route_fwd_kernel, (NB,),
         logits_ptr=logits, ids_ptr=ids, weights_ptr=weights, block_counts_ptr=block_counts,
         p_partial_ptr=p_partial, lse_partial_ptr=lse_partial,
         T=T, E=E, stride_l=logits.stride(0),
@@ -426,7 +427,7 @@ def route_stats(block_counts: torch.Tensor, p_partial: torch.Tensor, lse_partial
         SCAN, SB = 16, 4  # small, so that tiny tests loop
     else:
         SCAN, SB = min(1024, next_pow2(NB)), max(1, min(next_pow2(NB), 8192 // E_PAD))
-    _route_stats_kernel[(E + 2,)](
+    launch(_route_stats_kernel, (E + 2,),
         block_counts_ptr=block_counts, block_prefix_ptr=block_prefix, counts_ptr=counts,
         p_partial_ptr=p_partial, lse_partial_ptr=lse_partial, group_ptr=group_ids,
         widths_ptr=widths, p_sum_ptr=p_sum, lse_sq_sum_ptr=lse_sq_sum, z_loss_ptr=z_loss,
@@ -466,7 +467,7 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
                                for g in (d_topk_weights, d_p_sum))
     BT = route_block_tokens(E, k)
     G = len(group_sizes)
-    _route_bwd_kernel[(cdiv(T, BT),)](
+    launch(_route_bwd_kernel, (cdiv(T, BT),),
         logits_ptr=logits, ids_ptr=topk_ids.contiguous(), d_weights_ptr=d_topk_weights,
         d_p_sum_ptr=d_p_sum, d_lse_sq_sum_ptr=d_lse_sq_sum, d_z_loss_ptr=d_z_loss,
         d_lb_loss_ptr=d_lb_loss, d_compute_loss_ptr=d_compute_loss,

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INT32_MAX, cdiv, checking, device_ints, interpreting, new_empty, next_pow2
+from .launch import launch
 
 
 @dataclass
@@ -212,7 +213,7 @@ def build_routing(topk_ids: torch.Tensor, expert_widths: tuple) -> Routing:
     if NB == 0:
         block_counts.zero_()
     else:
-        _block_histogram_kernel[(NB,)](ids, block_counts, A, E, BLOCK=BLOCK, E1_PAD=E1_PAD)
+        launch(_block_histogram_kernel, (NB,), ids, block_counts, A, E, BLOCK=BLOCK, E1_PAD=E1_PAD)
     return finish_routing(topk_ids, block_counts, BLOCK, expert_widths)
 
 
@@ -228,7 +229,7 @@ def finish_routing(topk_ids: torch.Tensor, block_counts: torch.Tensor, block: in
     counts = new_empty((E,), torch.int32, topk_ids.device)
     NB = block_counts.shape[0]
     SCAN = min(1024, next_pow2(NB)) if not interpreting() else 16
-    _block_scan_kernel[(E + 1,)](block_counts, counts, NB, E, SCAN=SCAN)
+    launch(_block_scan_kernel, (E + 1,), block_counts, counts, NB, E, SCAN=SCAN)
     return scatter_routing(topk_ids, block_counts, counts, block, expert_widths)
 
 
@@ -247,7 +248,7 @@ def scatter_routing(topk_ids: torch.Tensor, block_prefix: torch.Tensor, counts: 
     sorted_to_assign = new_empty((A,), torch.int32, device)
     assign_to_sorted = new_empty((A,), torch.int32, device)
     widths = device_ints(expert_widths, device)
-    _scatter_kernel[(block_prefix.shape[0],)](ids, block_prefix, counts, widths, offsets,
+    launch(_scatter_kernel, (block_prefix.shape[0],), ids, block_prefix, counts, widths, offsets,
                                               ragged_offsets, sorted_to_assign, assign_to_sorted,
                                               A, E, BLOCK=block, BLOCK_PAD=next_pow2(block),
                                               E1_PAD=next_pow2(E + 1))
@@ -304,7 +305,7 @@ def add_shared_slot(routing: Routing, shared_width: int) -> Routing:
     sorted_to_assign = new_empty((A,), torch.int32, device)
     assign_to_sorted = new_empty((A,), torch.int32, device)
     BT = 16 if interpreting() else 256
-    _shared_slot_kernel[(max(1, cdiv(T, BT)),)](
+    launch(_shared_slot_kernel, (max(1, cdiv(T, BT)),),
         routing.assign_to_sorted, routing.counts, routing.offsets, routing.ragged_offsets,
         counts, offsets, ragged_offsets, sorted_to_assign, assign_to_sorted, T, E, T * shared_width,
         KTOP=k, BT=BT, E2_PAD=next_pow2(E + 2))
@@ -401,6 +402,6 @@ def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
         n_tiles_max = cdiv(n_cols, bn)
     max_tiles = max_row_tiles(routing.num_assignments, E, bm) * n_tiles_max
     out = new_empty((max_tiles, 3), torch.int32, routing.counts.device)
-    _tile_schedule_kernel[(max_tiles,)](routing.counts, routing.widths, out, max_tiles, E, N,
+    launch(_tile_schedule_kernel, (max_tiles,), routing.counts, routing.widths, out, max_tiles, E, N,
                                         N_PER_WIDTH=per_width, BM=bm, BN=bn, E_PAD=next_pow2(E))
     return out

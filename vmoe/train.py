@@ -422,13 +422,15 @@ def _progress(total: int, initial: int, desc: str):
 
 def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path = DEFAULT_DATA,
           max_seconds: float | None = None, max_steps: int | None = None, resume: bool = False,
-          compile: bool = False, device: str | torch.device | None = None) -> Path:
+          compile: bool | str = False, device: str | torch.device | None = None) -> Path:
     """Train (or, with ``resume``, continue) ``cfg`` with ``seed``; returns the run's folder.
 
     Stops at ``cfg.total_steps``, or after ``max_steps`` steps or ``max_seconds`` seconds of this
     call (checked between steps, on the host), with a checkpoint either way. ``resume`` with no
     checkpoint starts afresh, so a job script can always pass it; without ``resume`` an existing
-    checkpoint is an error rather than overwritten.
+    checkpoint is an error rather than overwritten. ``compile``: False (eager), True or a
+    ``torch.compile`` mode; "reduce-overhead" replays each step as CUDA graphs, which takes the
+    host's launch time out of tokens/s at this model size.
     """
     started = time.monotonic()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -476,8 +478,10 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
         torch.save(ck, tmp)
         os.replace(tmp, ckpt_path)  # a job killed mid-save leaves the previous checkpoint whole
 
-    env = {**environment(device), "data_sha256": data.sha256, "compile": compile}
-    step_model = torch.compile(model) if compile else model
+    mode = "default" if compile is True else compile or None
+    env = {**environment(device), "data_sha256": data.sha256, "compile": mode or False}
+    step_model = torch.compile(model, mode=mode) if mode else model
+    graphs = mode is not None and "reduce-overhead" in mode
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     total, steps_here = cfg.total_steps, 0
@@ -522,6 +526,8 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = data.batch(gen, cfg.batch_size, cfg.seq_len, device)
+        if graphs:  # a new iteration: the last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss, ce, aux = training_loss(cfg, step_model, x, y)
         loss.backward()
@@ -568,7 +574,10 @@ def main(argv=None):
     parser.add_argument("--expert-width", type=int, help="every expert's width (single-width configs; "
                         "for uniform_realised: a variable run's realised `width` / k)")
     parser.add_argument("--total-tokens", type=int, help="override the config's training tokens")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model's training step")
+    parser.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile the model's training step (MODE default: default; "
+                        "reduce-overhead: CUDA graphs)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--collect", action="store_true",
                         help="only concatenate the runs' logs under --out into results/train_<gpu>.csv")

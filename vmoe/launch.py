@@ -1,0 +1,164 @@
+"""Kernel launches that go straight to the compiled kernel after the first call with the same key.
+
+``kernel[grid](...)`` costs host time on every call: Triton binds the arguments, computes their
+specialization (alignment, ``== 1``, dtypes), evaluates the heuristics, looks up the autotuner's
+key and the JIT cache, and builds launch metadata; only then does its C launcher run. A vmoe
+launch is fixed by its host values (sizes, strides, flags) and its tensors' dtypes and 16-byte
+alignment, so :func:`launch` makes that walk once per such key, keeps the compiled kernel and the
+full argument list (heuristic values, the chosen config, defaults), and afterwards calls the
+compiled kernel's launcher with the new tensors put in their slots.
+
+The key holds every non-tensor argument by value and every tensor as (dtype, pointer % 16):
+exactly what Triton specializes on, or more. A callable grid is evaluated on every call (with the
+first call's arguments as ``meta``; vmoe's grids read only host values and the config), because it
+may depend on host values that are not kernel arguments.
+
+The direct path is off under the interpreter, when a Triton launch hook is set (a profiler such as
+proton wants to see every launch), and with ``VMOE_DIRECT_LAUNCH=0`` at import.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from triton import knobs
+from triton.runtime.autotuner import Autotuner, Heuristics
+
+from ._utils import interpreting
+
+_ENABLED = os.environ.get("VMOE_DIRECT_LAUNCH", "1") not in ("", "0") and not interpreting()
+# A program that launched with ever-new host values (say, one float per step) would grow the cache
+# without bound; past this many keys it starts over.
+_MAX_ENTRIES = 4096
+_CACHE: dict = {}
+# Kernels whose wrappers this module cannot replay (say, a config with a pre_hook): always Triton's
+# path.
+_UNSUPPORTED = object()
+
+
+class _Direct:
+    """One key's compiled kernel and its argument list, with the slots that take tensors."""
+
+    __slots__ = ("run", "function", "packed", "template", "slots", "meta")
+
+    def __init__(self, compiled, template: list, slots: tuple, meta: dict):
+        self.run = compiled.run
+        self.function = compiled.function
+        self.packed = compiled.packed_metadata
+        self.template = template
+        self.slots = slots
+        self.meta = meta
+
+    def arguments(self, args: tuple, kwargs: dict) -> list:
+        """The launcher's argument list for a call with this key: the first call's, with this
+        call's tensors in their slots."""
+        full = self.template.copy()
+        values = (*args, *kwargs.values())
+        for slot, i in self.slots:
+            full[slot] = values[i]
+        return full
+
+
+def bound_arguments(kernel, args: tuple, kwargs: dict):
+    """``(jit_function, {name: value})``: every parameter of ``kernel``'s innermost JITFunction
+    (or the interpreter's function), in order, as Triton's own launch just bound them: positional
+    and keyword arguments, the heuristics' values, the autotuner's last chosen config, then
+    defaults. None when a wrapper is not one this module replays."""
+    named = dict(kwargs)
+    fn = kernel
+    while isinstance(fn, (Heuristics, Autotuner)):
+        if isinstance(fn, Heuristics):
+            # As Heuristics.run: in order, each seeing the values before it.
+            for name, heur in fn.values.items():
+                named[name] = heur({**dict(zip(fn.arg_names, args)), **named})
+        elif isinstance(fn, Autotuner):
+            config = getattr(fn, "best_config", None)
+            if config is None or config.pre_hook is not None:
+                return None
+            named.update(config.kwargs)
+        fn = fn.fn
+    if not hasattr(fn, "arg_names"):
+        return None
+    names = fn.arg_names
+    if len(args) > len(names):
+        return None
+    bound = dict(zip(names, args))
+    params = inspect.signature(fn.fn).parameters
+    for name in names[len(args):]:
+        if name in named:
+            bound[name] = named[name]
+        elif params[name].default is not params[name].empty:
+            bound[name] = params[name].default
+        else:
+            return None
+    return fn, bound
+
+
+def launch_key(kernel, args: tuple, kwargs: dict, device: int) -> tuple:
+    """What fixes a launch: the kernel, the device, the keyword names, every host value, and each
+    tensor's dtype and pointer % 16."""
+    return (kernel, device, tuple(kwargs),
+            *[(v.dtype, v.data_ptr() & 15) if isinstance(v, torch.Tensor) else v
+              for v in (*args, *kwargs.values())])
+
+
+def direct_entry(kernel, compiled, args: tuple, kwargs: dict):
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return _UNSUPPORTED
+    found = bound_arguments(kernel, args, kwargs)
+    if found is None:
+        return _UNSUPPORTED
+    fn, bound = found
+    names = list(bound)
+    position = {name: i for i, name in enumerate(names)}
+    values = (*args, *kwargs.values())
+    callers = (*fn.arg_names[:len(args)], *kwargs)
+    slots = tuple((position[name], i) for i, name in enumerate(callers)
+                  if isinstance(values[i], torch.Tensor))
+    # Keep no tensor of the first call: it would live as long as the cache (under CUDA graph trees,
+    # an allocation of the graph pool that no output tracks, which they refuse).
+    bound = {name: None if isinstance(v, torch.Tensor) else v for name, v in bound.items()}
+    return _Direct(compiled, list(bound.values()), slots, bound)
+
+
+def _hooked() -> bool:
+    """Whether a Triton launch hook is set. Since Triton 3.5 the knob is a HookChain, never None,
+    and empty until something adds a hook."""
+    hook = knobs.runtime.launch_enter_hook
+    calls = getattr(hook, "calls", None)
+    return len(calls) > 0 if calls is not None else hook is not None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; from the second call with the same key on, the compiled
+    kernel's launcher directly (see the module docstring)."""
+    if not _ENABLED or _hooked():
+        kernel[grid](*args, **kwargs)
+        return
+    device = torch.cuda.current_device()
+    key = launch_key(kernel, args, kwargs, device)
+    entry = _CACHE.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if hasattr(compiled, "result"):  # a future, where Triton compiles asynchronously
+            compiled = compiled.result()
+        if len(_CACHE) >= _MAX_ENTRIES:
+            _CACHE.clear()
+        _CACHE[key] = direct_entry(kernel, compiled, args, kwargs)
+        return
+    if entry is _UNSUPPORTED:
+        kernel[grid](*args, **kwargs)
+        return
+    full = entry.arguments(args, kwargs)
+    if callable(grid):
+        grid = grid(entry.meta)
+    n = len(grid)
+    entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+              torch._C._cuda_getCurrentRawStream(device), entry.function, entry.packed, None,
+              None, None, *full)
+
+
+def clear_cache() -> None:
+    """Forget every key (the next launch of each goes through Triton again)."""
+    _CACHE.clear()
