@@ -13,7 +13,7 @@ for seed in 0 1 2; do
 done
 queue() {  # GPU $1 takes runs $1, $1+3, ...
   for ((i = $1; i < ${#RUNS[@]}; i += 3)); do
-    CUDA_VISIBLE_DEVICES=$1 python -m vmoe.train ${RUNS[$i]} --compile reduce-overhead \
+    CUDA_VISIBLE_DEVICES=$1 python -m vmoe.train ${RUNS[$i]} --compile reduce-overhead --total-tokens 16777216 \
       --out runs > logs/gpu$1_$i.log 2>&1
     echo "gpu$1 run $i (${RUNS[$i]}) rc=$? at ${SECONDS}s"
   done
