@@ -52,6 +52,10 @@ def _moe(dtype, **kw):
     return MoEMLP(cfg).to(DEVICE, dtype)
 
 
+def _key(kernel, args, kwargs, device):
+    return launch_mod.launch_key(kernel, (*args, *kwargs.values()), tuple(kwargs), device)
+
+
 def _same(a, b) -> bool:
     return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
 
@@ -73,7 +77,7 @@ def test_replayed_arguments_equal_triton_binding(recorded, shared):
     kernels = set()
     for (k1, _, a1, kw1), (k2, _, a2, kw2) in zip(first, second):
         assert k1 is k2
-        assert launch_mod.launch_key(k1, a1, kw1, -1) == launch_mod.launch_key(k2, a2, kw2, -1)
+        assert _key(k1, a1, kw1, -1) == _key(k2, a2, kw2, -1)
         fake = types.SimpleNamespace(run=None, function=None, packed_metadata=None)
         entry = launch_mod.direct_entry(k1, fake, a1, kw1)
         assert entry is not launch_mod._UNSUPPORTED, k1
@@ -81,7 +85,7 @@ def test_replayed_arguments_equal_triton_binding(recorded, shared):
         # untracked allocation of their pool, and it would pin activations).
         assert not any(isinstance(v, torch.Tensor) for v in (*entry.template, *entry.meta.values()))
         fn, bound = launch_mod.bound_arguments(k2, a2, kw2)
-        replay = entry.arguments(a2, kw2)
+        replay = entry.arguments((*a2, *kw2.values()))
         assert len(replay) == len(fn.arg_names) == len(bound)
         for name, got, want in zip(fn.arg_names, replay, bound.values()):
             assert _same(got, want), f"{fn.arg_names} {name}: {got!r} vs {want!r}"
@@ -108,7 +112,7 @@ def test_bound_arguments_holds_heuristics_config_and_defaults(recorded):
 def test_key_separates_what_triton_specializes_on():
     kernel = vmoe.gather_scatter._combine_kernel
     base = torch.zeros(64, dtype=torch.float16)
-    key = launch_mod.launch_key
+    key = _key
     same = key(kernel, (base[:32],), {"n": 16}, 0)
     assert same == key(kernel, (torch.zeros(32, dtype=torch.float16),), {"n": 16}, 0)
     assert same != key(kernel, (base[1:33],), {"n": 16}, 0)          # 2-byte offset: not aligned

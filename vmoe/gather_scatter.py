@@ -99,8 +99,8 @@ def gather(x: torch.Tensor, routing: Routing) -> torch.Tensor:
         BR, BD = _blocks(32, D)
         grid = (cdiv(A, BR), cdiv(D, BD))
         launch(_gather_kernel, grid, x, out, routing.sorted_to_assign, routing.offsets, A, D,
-                             routing.num_experts, x.stride(0), out.stride(0),
-                             KTOP=routing.k, BR=BR, BD=BD)
+               routing.num_experts, x.stride(0), out.stride(0),
+               KTOP=routing.k, BR=BR, BD=BD)
     return out
 
 
@@ -113,9 +113,9 @@ def combine(ys: torch.Tensor, routing: Routing, weights: torch.Tensor | None = N
         BT, BD = _blocks(16, D)
         grid = (cdiv(T, BT), cdiv(D, BD))
         launch(_combine_kernel, grid, ys, weights if weights is not None else ys, out,
-                              routing.assign_to_sorted, routing.offsets, T, D,
-                              routing.num_experts, ys.stride(0), out.stride(0), KTOP=routing.k,
-                              HAS_W=weights is not None, BT=BT, BD=BD)
+               routing.assign_to_sorted, routing.offsets, T, D,
+               routing.num_experts, ys.stride(0), out.stride(0), KTOP=routing.k,
+               HAS_W=weights is not None, BT=BT, BD=BD)
     return out
 
 
@@ -127,7 +127,7 @@ def combine_weight_grad(dy: torch.Tensor, ys: torch.Tensor, routing: Routing) ->
     if A:
         BA, BD = _blocks(32, D)
         launch(_weight_grad_kernel, (cdiv(A, BA),), dy, ys, dw, routing.assign_to_sorted,
-                                                   routing.offsets, A, D, routing.num_experts,
-                                                   dy.stride(0), ys.stride(0), KTOP=routing.k,
-                                                   BA=BA, BD=BD)
+               routing.offsets, A, D, routing.num_experts,
+               dy.stride(0), ys.stride(0), KTOP=routing.k,
+               BA=BA, BD=BD)
     return dw

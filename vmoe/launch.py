@@ -50,11 +50,11 @@ class _Direct:
         self.slots = slots
         self.meta = meta
 
-    def arguments(self, args: tuple, kwargs: dict) -> list:
-        """The launcher's argument list for a call with this key: the first call's, with this
-        call's tensors in their slots."""
+    def arguments(self, values: tuple) -> list:
+        """The launcher's argument list for a call with this key, from the call's ``values``
+        (positional, then keyword): the first call's list, with this call's tensors in their
+        slots."""
         full = self.template.copy()
-        values = (*args, *kwargs.values())
         for slot, i in self.slots:
             full[slot] = values[i]
         return full
@@ -70,8 +70,9 @@ def bound_arguments(kernel, args: tuple, kwargs: dict):
     while isinstance(fn, (Heuristics, Autotuner)):
         if isinstance(fn, Heuristics):
             # As Heuristics.run: in order, each seeing the values before it.
+            positional = dict(zip(fn.arg_names, args))
             for name, heur in fn.values.items():
-                named[name] = heur({**dict(zip(fn.arg_names, args)), **named})
+                named[name] = heur({**positional, **named})
         elif isinstance(fn, Autotuner):
             config = getattr(fn, "best_config", None)
             if config is None or config.pre_hook is not None:
@@ -95,12 +96,11 @@ def bound_arguments(kernel, args: tuple, kwargs: dict):
     return fn, bound
 
 
-def launch_key(kernel, args: tuple, kwargs: dict, device: int) -> tuple:
-    """What fixes a launch: the kernel, the device, the keyword names, every host value, and each
-    tensor's dtype and pointer % 16."""
-    return (kernel, device, tuple(kwargs),
-            *[(v.dtype, v.data_ptr() & 15) if isinstance(v, torch.Tensor) else v
-              for v in (*args, *kwargs.values())])
+def launch_key(kernel, values: tuple, names: tuple, device: int) -> tuple:
+    """What fixes a launch: the kernel, the device, the keyword ``names``, every host value of
+    ``values`` (positional, then keyword arguments), and each tensor's dtype and pointer % 16."""
+    return (kernel, device, names,
+            *[(v.dtype, v.data_ptr() & 15) if isinstance(v, torch.Tensor) else v for v in values])
 
 
 def direct_entry(kernel, compiled, args: tuple, kwargs: dict):
@@ -137,7 +137,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()
-    key = launch_key(kernel, args, kwargs, device)
+    values = (*args, *kwargs.values())  # the key and the argument list both read them
+    key = launch_key(kernel, values, tuple(kwargs), device)
     entry = _CACHE.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -150,7 +151,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if entry is _UNSUPPORTED:
         kernel[grid](*args, **kwargs)
         return
-    full = entry.arguments(args, kwargs)
+    full = entry.arguments(values)
     if callable(grid):
         grid = grid(entry.meta)
     n = len(grid)

@@ -249,9 +249,9 @@ def scatter_routing(topk_ids: torch.Tensor, block_prefix: torch.Tensor, counts: 
     assign_to_sorted = new_empty((A,), torch.int32, device)
     widths = device_ints(expert_widths, device)
     launch(_scatter_kernel, (block_prefix.shape[0],), ids, block_prefix, counts, widths, offsets,
-                                              ragged_offsets, sorted_to_assign, assign_to_sorted,
-                                              A, E, BLOCK=block, BLOCK_PAD=next_pow2(block),
-                                              E1_PAD=next_pow2(E + 1))
+           ragged_offsets, sorted_to_assign, assign_to_sorted,
+           A, E, BLOCK=block, BLOCK_PAD=next_pow2(block),
+           E1_PAD=next_pow2(E + 1))
     return Routing(counts=counts, offsets=offsets, sorted_to_assign=sorted_to_assign,
                    assign_to_sorted=assign_to_sorted, ragged_offsets=ragged_offsets,
                    widths=widths, expert_widths=tuple(expert_widths), k=k, num_tokens=T)
@@ -403,5 +403,5 @@ def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
     max_tiles = max_row_tiles(routing.num_assignments, E, bm) * n_tiles_max
     out = new_empty((max_tiles, 3), torch.int32, routing.counts.device)
     launch(_tile_schedule_kernel, (max_tiles,), routing.counts, routing.widths, out, max_tiles, E, N,
-                                        N_PER_WIDTH=per_width, BM=bm, BN=bn, E_PAD=next_pow2(E))
+           N_PER_WIDTH=per_width, BM=bm, BN=bn, E_PAD=next_pow2(E))
     return out
