@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vmoe
-from vmoe import MoEConfig, MoEMLP
+from vmoe import MoEConfig, MoEMLP, _utils
 from vmoe.testing import DEVICE, ON_GPU, assert_close, make_inputs
 
 BACKENDS = ([("inductor", "default"), ("inductor", "max-autotune-no-cudagraphs"),
@@ -126,30 +126,49 @@ def test_dynamic_token_count_does_not_recompile():
     assert counter["stats"]["unique_graphs"] == 1, dict(counter["stats"])
 
 
-@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_reduce_overhead_training_step_matches_eager():
-    """A whole training step (forward, backward, optimizer) under mode="reduce-overhead", with
-    routing that changes every step, tracks the same step run eagerly."""
-    cfg = MoEConfig(n_embd=64, expert_sizes=[(2, 64), (4, 32), (2, 16)], num_active_experts=2)
+def _sgd_step(moe, opt, x):
+    out, aux, _ = moe(x)
+    loss = out.square().mean() + 0.01 * sum(aux.values())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _reduce_overhead_tracks_eager(cfg, compiled_first: bool):
     torch.manual_seed(0)
     eager = MoEMLP(cfg).to(DEVICE)
     compiled_moe = MoEMLP(cfg).to(DEVICE)
     compiled_moe.load_state_dict(eager.state_dict())
     opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (eager, compiled_moe)]
-
-    def step(moe, opt, x):
-        out, aux, _ = moe(x)
-        loss = out.square().mean() + 0.01 * sum(aux.values())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    compiled_step = torch.compile(step, mode="reduce-overhead")
+    compiled_step = torch.compile(_sgd_step, mode="reduce-overhead")
     for i in range(6):
         x = torch.randn(256, 64, device=DEVICE)  # new tokens: new routing every step
-        want = step(eager, opts[0], x)
-        got = compiled_step(compiled_moe, opts[1], x)
+        if compiled_first:
+            got = compiled_step(compiled_moe, opts[1], x)
+            want = _sgd_step(eager, opts[0], x)
+        else:
+            want = _sgd_step(eager, opts[0], x)
+            got = compiled_step(compiled_moe, opts[1], x)
         assert_close(f"loss step {i}", got, want, torch.float32, 1e-4)
     for (name, p), q in zip(eager.named_parameters(), compiled_moe.parameters()):
         assert_close(name, q.detach(), p.detach(), torch.float32, 1e-4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="reduce-overhead (CUDA graphs) needs a GPU")
+def test_reduce_overhead_training_step_matches_eager():
+    """A whole training step (forward, backward, optimizer) under mode="reduce-overhead", with
+    routing that changes every step, tracks the same step run eagerly."""
+    cfg = MoEConfig(n_embd=64, expert_sizes=[(2, 64), (4, 32), (2, 16)], num_active_experts=2)
+    _reduce_overhead_tracks_eager(cfg, compiled_first=False)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="reduce-overhead (CUDA graphs) needs a GPU")
+def test_reduce_overhead_first_use_of_device_constants():
+    """The compiled step is the first to ask for vmoe's cached device constants (widths, column
+    offsets), as in a training run resumed from a checkpoint: made inside CUDA graph trees' pool
+    they were live untracked allocations there, and the step failed (session 6)."""
+    cfg = MoEConfig(n_embd=64, expert_sizes=[(3, 40), (2, 24), (2, 8)], num_active_experts=2,
+                    router="softmax")
+    _utils._DEVICE_INTS.clear()
+    _reduce_overhead_tracks_eager(cfg, compiled_first=True)

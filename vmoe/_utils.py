@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -88,9 +89,38 @@ def device_ints(values: tuple, device, dtype=torch.int32) -> torch.Tensor:
     key = (tuple(values), str(device), dtype)
     t = _DEVICE_INTS.get(key)
     if t is None:
-        # Outside any torch.func transform: under one, a new tensor would be a wrapper tied to
-        # that transform's level, and the cache would hand it to every later call.
-        with torch._C._DisableFuncTorch():
-            t = torch.tensor(key[0], dtype=dtype, device=device)
+        t = _make_ints(key[0], torch.device(device), dtype)
         _DEVICE_INTS[key] = t
     return t
+
+
+def _make_ints(values: tuple, device: torch.device, dtype) -> torch.Tensor:
+    if device.type != "cuda":
+        return _new_ints(values, device, dtype)
+    # CUDA graph trees (torch.compile's reduce-overhead) send every allocation of the thread that
+    # warms up or records a graph to their private pool, and refuse to replay while a tensor there
+    # is alive but not one of the graph's outputs: a cache entry first made inside a compiled step
+    # (a run resumed from a checkpoint, with no eager call before it) would be one. A helper
+    # thread allocates from the ordinary pool. Its copy is synchronous (pageable host memory), so
+    # the values are on the device when the thread ends.
+    made: list = []
+
+    def make():
+        try:
+            made.append(_new_ints(values, device, dtype))
+        except BaseException as exc:  # re-raised in the caller's thread
+            made.append(exc)
+
+    worker = threading.Thread(target=make, name="vmoe-device-ints")
+    worker.start()
+    worker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+def _new_ints(values: tuple, device: torch.device, dtype) -> torch.Tensor:
+    # Outside any torch.func transform: under one, a new tensor would be a wrapper tied to that
+    # transform's level, and the cache would hand it to every later call.
+    with torch._C._DisableFuncTorch():
+        return torch.tensor(values, dtype=dtype, device=device)
