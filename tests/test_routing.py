@@ -7,7 +7,13 @@ import torch
 import triton
 
 from vmoe import expert_mlp, reference
-from vmoe.routing import add_shared_slot, build_routing, tile_schedule
+from vmoe.routing import (
+    add_shared_slot,
+    build_routing,
+    finish_routing,
+    scatter_routing,
+    tile_schedule,
+)
 from vmoe.testing import DEVICE, assert_close, make_inputs, random_ids
 
 # (T, k, widths): several interpreter blocks of 16 assignments, ragged widths, more experts than
@@ -136,6 +142,75 @@ def test_out_of_range_ids_sort_last(dtype):
     assert torch.equal(r.assign_to_sorted.long(), a2s)
     elems = counts[:E].cpu() * torch.tensor(widths)
     assert r.ragged_offsets.tolist() == [0] + elems.cumsum(0).tolist()
+
+
+# (name, T, k, widths, block, ids): launch 3 alone, for blocks that the launchers never choose
+# (not powers of two, larger than A, of one assignment), against a stable sort by torch. The ids
+# builder takes (T, k, E) and may put ids outside [0, E), including 2**32 + 1, which narrowing to
+# int32 before the range test would turn into expert 1.
+SCATTER_CASES = [
+    ("E1", 10, 3, (5,), 24, lambda T, k, E: torch.randint(-1, 2, (T, k))),
+    ("all-to-one", 13, 7, (7, 33, 1, 20), 40, lambda T, k, E: torch.full((T, k), 2)),
+    ("all-to-last", 13, 7, (7, 33, 1, 20), 24, lambda T, k, E: torch.full((T, k), E - 1)),
+    ("empty-experts", 11, 4, (3, 5, 8, 13, 21), 24,
+     lambda T, k, E: torch.tensor([0, 3])[torch.randint(0, 2, (T, k))]),
+    ("null-in-middle", 17, 3, (7, 0, 33, 0, 0, 20), 40, lambda T, k, E: torch.randint(0, E, (T, k))),
+    ("all-to-null", 9, 2, (7, 0, 33), 24, lambda T, k, E: torch.full((T, k), 1)),
+    ("out-of-range", 19, 3, (7, 0, 33, 20), 24, lambda T, k, E: torch.tensor(
+        [-1, E, E + 5, -(2**40), 2**32 + 1, 0, 1, 2, 3])[torch.randint(0, 9, (T, k))]),
+    ("all-dropped", 7, 3, (7, 33), 40, lambda T, k, E: torch.full((T, k), -3)),
+    ("A-multiple-of-block", 12, 4, (7, 0, 33, 20), 24, lambda T, k, E: torch.randint(-1, E + 1, (T, k))),
+    ("block-larger-than-A", 5, 3, (7, 0, 33, 20), 40, lambda T, k, E: torch.randint(-1, E + 1, (T, k))),
+    ("block3", 11, 2, (7, 0, 33, 20), 3, lambda T, k, E: torch.randint(-1, E + 1, (T, k))),
+    ("block1", 6, 2, (7, 0, 33), 1, lambda T, k, E: torch.randint(-1, E + 1, (T, k))),
+    ("A1", 1, 1, (7, 33), 24, lambda T, k, E: torch.ones(T, k, dtype=torch.long)),
+    ("A0", 0, 2, (7, 0, 33), 24, lambda T, k, E: torch.zeros(T, k, dtype=torch.long)),
+    ("E37-null-ends", 9, 5, (0,) + tuple(range(1, 36)) + (0,), 40,
+     lambda T, k, E: torch.randint(-2, E + 2, (T, k))),
+]
+
+
+def _block_counts(ids, E, block):
+    """``[max(NB, 1), E+1]`` int32 per-block counts by torch, every id outside [0, E) in column E:
+    the layout that ``_block_histogram_kernel`` and the fused router write."""
+    flat = ids.reshape(-1).long().cpu()
+    flat = torch.where((flat >= 0) & (flat < E), flat, E)
+    out = torch.zeros(max(triton.cdiv(flat.numel(), block), 1), E + 1, dtype=torch.int32)
+    for b in range(out.shape[0]):
+        out[b] = torch.bincount(flat[b * block:(b + 1) * block], minlength=E + 1).int()
+    return out.to(ids.device)
+
+
+@pytest.mark.parametrize("case", SCATTER_CASES, ids=[c[0] for c in SCATTER_CASES])
+def test_scatter_any_block_equals_stable_sort(case):
+    """finish_routing and scatter_routing with any block size: every array bitwise equal to a
+    stable argsort of the ids with out-of-range ids and null experts' ids mapped to E."""
+    _, T, k, widths, block, make_ids = case
+    E = len(widths)
+    ids = make_ids(T, k, E).to(DEVICE)
+    flat = ids.reshape(-1)
+    key = torch.where((flat >= 0) & (flat < E), flat, E)
+    valid = key < E
+    null = torch.tensor([f == 0 for f in widths] + [True], device=DEVICE)
+    counts = torch.bincount(key[valid], minlength=E).int()
+    computed = torch.where(null[:E], 0, counts)
+    s2a = torch.sort(torch.where(null[key], E, key), stable=True).indices.int()
+    a2s = torch.empty_like(s2a)
+    a2s[s2a.long()] = torch.arange(T * k, dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    want = {"counts": counts,
+            "offsets": torch.cat([zero, computed.long().cumsum(0)]).int(),
+            "sorted_to_assign": s2a, "assign_to_sorted": a2s,
+            "ragged_offsets": torch.cat([zero, (counts.long() * torch.tensor(widths, device=DEVICE))
+                                         .cumsum(0)])}
+    raw = _block_counts(ids, E, block)
+    for path, r in (("finish_routing", finish_routing(ids, raw.clone(), block, widths)),
+                    ("scatter_routing", scatter_routing(ids, (raw.cumsum(0) - raw).int(), counts,
+                                                        block, widths))):
+        for name, expected in want.items():
+            got = getattr(r, name)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), \
+                f"{path} {name}: {got.tolist()} != {expected.tolist()}"
 
 
 def test_out_of_range_ids_dropped_in_expert_mlp():

@@ -334,8 +334,8 @@ def route_block_tokens(num_experts: int, k: int) -> int:
     """BT, the tokens per program of the forward and backward kernels, from static sizes only; a
     routing block holds ``BT*k`` assignments.
 
-    On the GPU: at most 256 assignments per block (the scatter's in-block rank is a
-    [BLOCK, BLOCK] comparison, as in :mod:`vmoe.routing`) and 8192 logits per tile. In the
+    On the GPU: at most 256 assignments per block (the scatter sorts a block's assignments in
+    registers, :mod:`vmoe.routing`) and 8192 logits per tile. In the
     interpreter, 4 tokens, so that tiny tests cross several blocks.
     """
     if interpreting():

@@ -33,7 +33,9 @@ Three launches, each bounded by what the host knows (A, E):
   2. ``_block_scan_kernel`` (one program per expert): exclusive scan of its column over the
      blocks, and its total n_e.
   3. ``_scatter_kernel`` (one program per block): position = offsets[e] + earlier blocks' count
-     + rank inside the block; program 0 also writes offsets and ragged_offsets.
+     + rank inside the block, the rank from a sort of the block's (expert, lane) keys and the
+     block's own counts (the difference of its row of the scan and the next); program 0 also
+     writes offsets and ragged_offsets.
 
 :func:`finish_routing` runs launches 2 and 3 from block counts that another kernel wrote (the
 fused router of :mod:`vmoe.router` writes them beside the top-k), and :func:`scatter_routing`
@@ -138,48 +140,74 @@ def _block_scan_kernel(block_counts_ptr, counts_ptr, NB, E, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, block_prefix_ptr, counts_ptr, widths_ptr,
-                    offsets_ptr, ragged_offsets_ptr, sorted_to_assign_ptr, assign_to_sorted_ptr,
+def _scatter_kernel(ids_ptr,                 # [A] any integer dtype
+                    block_prefix_ptr,        # [NB, E+1] int32, exclusive scan over the blocks
+                    counts_ptr,              # [E] int32
+                    widths_ptr,              # [E] int32
+                    offsets_ptr,             # [E+1] int32, written by program 0
+                    ragged_offsets_ptr,      # [E+1] int64, written by program 0
+                    sorted_to_assign_ptr,    # [A] int32
+                    assign_to_sorted_ptr,    # [A] int32
                     A, E, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr, E1_PAD: tl.constexpr):
     # BLOCK assignments per block; BLOCK_PAD, the power of two >= BLOCK, shapes the lanes (the
     # router's blocks hold BT*k assignments, not a power of two when k is not).
+    #
+    # No tile here grows with BLOCK_PAD**2 or BLOCK_PAD*E1_PAD. The previous version ranked each
+    # lane among the earlier lanes of its expert with a [BLOCK_PAD, BLOCK_PAD] comparison and
+    # picked offsets[id] with a [BLOCK_PAD, E1_PAD] one: at BLOCK = 256 that spilled 686-848 bytes
+    # per thread and took 360-450 µs for T*k = 131k (H200, Triton 3.6), against about 5 µs for a
+    # sort of BLOCK_PAD keys, a few [E1_PAD] rows and one gather (results/probe_scatter.py).
     i_b = tl.program_id(0)
     o_e = tl.arange(0, E1_PAD)
     m_e = o_e < E + 1
     b_w = tl.load(widths_ptr + o_e, mask=o_e < E, other=0)
     # Null experts (f_e = 0) are counted but own no sorted rows: their assignments join the
     # drop bin E, so that every kernel downstream skips them by the one test p < offsets[E].
+    b_live = (o_e < E) & (b_w > 0)
     b_null = (o_e < E) & (b_w == 0)
-    b_cnt = tl.load(counts_ptr + o_e, mask=(o_e < E) & (b_w > 0), other=0)   # [E1_PAD]
+    b_cnt = tl.load(counts_ptr + o_e, mask=b_live, other=0)                    # [E1_PAD]
     b_off = tl.cumsum(b_cnt, axis=0) - b_cnt       # exclusive: offsets[e]; offsets[E] = computed
     if i_b == 0:
         tl.store(offsets_ptr + o_e, b_off, mask=m_e)
         b_elems = b_cnt.to(tl.int64) * b_w.to(tl.int64)
         tl.store(ragged_offsets_ptr + o_e, tl.cumsum(b_elems, axis=0) - b_elems, mask=m_e)
 
-    o_j = tl.arange(0, BLOCK_PAD)
-    o_a = i_b * BLOCK + o_j
-    m_a = (o_j < BLOCK) & (o_a < A)
-    b_id = _load_ids(ids_ptr, o_a, m_a, E)
-    # Per-lane lookups are gathers from [E+1]-long rows (L1-resident), not [BLOCK, E+1] masked
-    # sums: with two more such tiles (BLOCK = 256, E = 128, k = 8, T = 16384) the layer's forward
-    # took 0.35 ms longer on the H200.
-    b_lane_w = tl.load(widths_ptr + b_id, mask=m_a & (b_id < E), other=1)
-    b_id = tl.where(b_lane_w == 0, E, b_id)
-    # Stable rank inside the block: earlier lanes with the same expert.
-    b_same = (b_id[:, None] == b_id[None, :]) & (o_j[None, :] < o_j[:, None]) & m_a[None, :]
-    b_rank = tl.sum(b_same.to(tl.int32), axis=1)                  # [BLOCK_PAD]
-    # Earlier blocks' assignments to the lane's expert; for the drop bin, to it and to every
-    # null expert.
-    p_prefix = block_prefix_ptr + i_b * (E + 1)
-    b_drop = tl.sum(tl.where(b_null | (o_e == E), tl.load(p_prefix + o_e, mask=m_e, other=0), 0),
-                    axis=0)
-    b_base = tl.where(b_id == E, b_drop, tl.load(p_prefix + b_id, mask=m_a, other=0))
-    b_sel = b_id[:, None] == o_e[None, :]
-    b_start = tl.sum(tl.where(b_sel, b_off[None, :], 0), axis=1)  # offsets[id] per lane
-    b_pos = b_start + b_base + b_rank
-    tl.store(assign_to_sorted_ptr + o_a, b_pos, mask=m_a)
-    tl.store(sorted_to_assign_ptr + b_pos, o_a, mask=m_a)
+    # Per bin, everything this block needs, from its row of the scan and the next one, which
+    # differ by the block's own counts (the totals stand in for the row after the last block):
+    # earlier blocks' assignments (for the drop bin E, to it and to every null expert), and the
+    # block's assignments to lower bins, where the bin's run starts in the block's sorted order.
+    p_prefix = block_prefix_ptr + i_b.to(tl.int64) * (E + 1)   # NB * (E+1) may pass 2**31
+    b_pre = tl.load(p_prefix + o_e, mask=m_e, other=0)                         # [E1_PAD]
+    b_drop = tl.sum(tl.where(b_null | (o_e == E), b_pre, 0), axis=0)
+    b_before = tl.where(o_e == E, b_drop, b_pre)
+    has_next = i_b + 1 < tl.num_programs(0)
+    b_next = tl.where(has_next, tl.load(p_prefix + (E + 1) + o_e, mask=b_live & has_next, other=0),
+                      b_cnt)
+    b_own = tl.where(b_live, b_next - b_pre, 0)
+    b_run = tl.cumsum(b_own, axis=0) - b_own
+    # Sorted slot s of a lane of bin e goes to position b_first[e] + s:
+    # offsets[e] + earlier blocks' count + (s - the run's start) = the stable rank inside the block.
+    b_first = b_off + b_before - b_run                                         # [E1_PAD]
+
+    o_j = tl.arange(0, BLOCK_PAD)                     # lanes: the block's assignments in order
+    n_lanes = tl.minimum(A - i_b * BLOCK, BLOCK)      # not i_b*BLOCK + o_j < A, which can wrap
+    m_j = o_j < n_lanes
+    b_id = _load_ids(ids_ptr, i_b * BLOCK + o_j, m_j, E)
+    b_lane_w = tl.load(widths_ptr + b_id, mask=m_j & (b_id < E), other=0)
+    # Lanes past the block's end join bin E too: as the highest lanes they sort after its real
+    # assignments, so they move no real slot.
+    b_id = tl.where(m_j & (b_lane_w > 0), b_id, E)
+    # Key (bin, lane): the sort is by bin and, within a bin, by lane, i.e. stable. Below
+    # E1_PAD * BLOCK_PAD, which scatter_routing keeps under 2**31.
+    b_key = tl.sort(b_id * BLOCK_PAD + o_j)                                   # [BLOCK_PAD]
+    o_s = tl.arange(0, BLOCK_PAD)                     # sorted slots
+    o_js = b_key % BLOCK_PAD                          # the lane in slot s
+    b_pos = tl.gather(b_first, b_key // BLOCK_PAD, 0) + o_s
+    m_s = o_js < n_lanes
+    o_as = i_b * BLOCK + o_js
+    # The stores scatter by slot: nothing needs the lanes' order back in registers.
+    tl.store(assign_to_sorted_ptr + o_as, b_pos, mask=m_s)
+    tl.store(sorted_to_assign_ptr + b_pos, o_as, mask=m_s)
 
 
 def _block_size(e1_pad: int) -> int:
@@ -248,10 +276,15 @@ def scatter_routing(topk_ids: torch.Tensor, block_prefix: torch.Tensor, counts: 
     sorted_to_assign = new_empty((A,), torch.int32, device)
     assign_to_sorted = new_empty((A,), torch.int32, device)
     widths = device_ints(expert_widths, device)
-    launch(_scatter_kernel, (block_prefix.shape[0],), ids, block_prefix, counts, widths, offsets,
-           ragged_offsets, sorted_to_assign, assign_to_sorted,
-           A, E, BLOCK=block, BLOCK_PAD=next_pow2(block),
-           E1_PAD=next_pow2(E + 1))
+    BLOCK_PAD, E1_PAD = next_pow2(block), next_pow2(E + 1)
+    if E1_PAD * BLOCK_PAD > INT32_MAX:
+        raise ValueError(f"{E} experts and blocks of {block} assignments: the scatter's int32 sort "
+                         "key (expert, lane) needs next_pow2(E+1) * next_pow2(block) < 2**31")
+    launch(_scatter_kernel, (block_prefix.shape[0],),
+           ids_ptr=ids, block_prefix_ptr=block_prefix, counts_ptr=counts, widths_ptr=widths,
+           offsets_ptr=offsets, ragged_offsets_ptr=ragged_offsets,
+           sorted_to_assign_ptr=sorted_to_assign, assign_to_sorted_ptr=assign_to_sorted,
+           A=A, E=E, BLOCK=block, BLOCK_PAD=BLOCK_PAD, E1_PAD=E1_PAD)
     return Routing(counts=counts, offsets=offsets, sorted_to_assign=sorted_to_assign,
                    assign_to_sorted=assign_to_sorted, ragged_offsets=ragged_offsets,
                    widths=widths, expert_widths=tuple(expert_widths), k=k, num_tokens=T)

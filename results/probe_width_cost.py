@@ -1,0 +1,86 @@
+"""What an expert layer costs per token as a function of its experts' widths, at notebook 08's
+training size (issue 14): d=384, k=2, T = 64 x 256 tokens, bf16, one step = ``vmoe.expert_mlp``
+forward + backward (x, topk_weights, w1, w2 all require grad), ``do_bench`` medians.
+
+Written for two findings of session 6's training batch (results/train_h200.csv): the uniform
+control at width 610 trained 37% slower than uniform at 768 (610 is not a multiple of 16), and
+var23 at a realised width of 958 trained only 2% faster than uniform while the uniform control at
+928 was 12% faster. The routing is synthetic and fixed, so only the widths differ:
+
+- ``uniform WxE``: every expert of width W, ids uniform over the 8 experts;
+- ``var5`` / ``var23`` at ``wide_share`` p: each slot goes to one of the 4 wide experts with
+  probability p, else to one of the 4 narrow ones, with p chosen so that the realised width
+  k * (p * f_wide + (1 - p) * f_narrow) equals the training runs' mean (1243 and 958).
+
+    PYTHONPATH=. python results/probe_width_cost.py [OUT.csv]
+
+Prints, per case, the realised width, the step's time, the experts' FLOPs (6 * 2 * d * width per
+token: forward and backward of two GEMMs) and their rate.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+
+import torch
+import triton.testing
+
+from vmoe import expert_mlp
+
+DEV, DT = "cuda", torch.bfloat16
+T, D, K = 64 * 256, 384, 2
+
+
+def cases():
+    for w in (64, 128, 256, 464, 608, 610, 616, 624, 768, 1280, 1472):
+        yield f"uniform {w}x8", [w] * 8, None
+    for name, wide, narrow, realised in (("var5", 1280, 256, 1243), ("var23", 1472, 64, 958)):
+        p = (realised / K - narrow) / (wide - narrow)
+        yield f"{name} p={p:.3f}", [wide] * 4 + [narrow] * 4, p
+        yield f"{name} even", [wide] * 4 + [narrow] * 4, 0.5
+
+
+def routing(widths, wide_share, gen):
+    E = len(widths)
+    if wide_share is None:
+        return torch.randint(0, E, (T, K), generator=gen)
+    wide = torch.rand(T, K, generator=gen) < wide_share
+    slot = torch.randint(0, E // 2, (T, K), generator=gen)
+    return torch.where(wide, slot, slot + E // 2)
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"{'case':22s} {'width':>7s} {'ms':>7s} {'GFLOP':>7s} {'TFLOP/s':>8s}")
+    for name, widths, share in cases():
+        ids = routing(widths, share, gen).to(DEV)
+        realised = float(torch.tensor(widths, device=DEV)[ids].sum(1).float().mean())
+        F = sum(widths)
+        x = torch.randn(T, D, device=DEV, dtype=DT, requires_grad=True)
+        tw = torch.rand(T, K, device=DEV, dtype=DT, requires_grad=True)
+        w1 = (torch.randn(D, F, device=DEV, dtype=DT) * D ** -0.5).requires_grad_()
+        w2 = (torch.randn(F, D, device=DEV, dtype=DT) * F ** -0.5).requires_grad_()
+        dy = torch.randn(T, D, device=DEV, dtype=DT)
+
+        def step():
+            for t in (x, tw, w1, w2):
+                t.grad = None
+            expert_mlp(x, ids, tw, w1, w2, widths).backward(dy)
+
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+        flops = 6 * 2 * D * realised * T
+        rows.append({"case": name, "widths": " ".join(map(str, widths)), "realised_width": realised,
+                     "ms": ms, "gflop": flops / 1e9, "tflops": flops / ms / 1e9,
+                     "gpu": torch.cuda.get_device_name()})
+        print(f"{name:22s} {realised:7.0f} {ms:7.3f} {flops / 1e9:7.1f} {flops / ms / 1e9:8.1f}")
+    if out:
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
