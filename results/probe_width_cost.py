@@ -1,6 +1,9 @@
 """What an expert layer costs per token as a function of its experts' widths, at notebook 08's
 training size (issue 14): d=384, k=2, T = 64 x 256 tokens, bf16, one step = ``vmoe.expert_mlp``
-forward + backward (x, topk_weights, w1, w2 all require grad), ``do_bench`` medians.
+forward + backward (x, topk_weights, w1, w2 all require grad). The time is the GPU's: the sum of
+the kernels' times under torch.profiler, per step, over 10 steps (an eager step of this size is
+host-bound, ~1.2 ms whatever the widths: the first run of this probe timed it with do_bench and
+saw only that), with the slowest kernel named.
 
 Written for two findings of session 6's training batch (results/train_h200.csv): the uniform
 control at width 610 trained 37% slower than uniform at 768 (610 is not a multiple of 16), and
@@ -14,21 +17,23 @@ var23 at a realised width of 958 trained only 2% faster than uniform while the u
 
     PYTHONPATH=. python results/probe_width_cost.py [OUT.csv]
 
-Prints, per case, the realised width, the step's time, the experts' FLOPs (6 * 2 * d * width per
+Prints, per case, the realised width, the step's GPU time, the experts' FLOPs (6 * 2 * d * width per
 token: forward and backward of two GEMMs) and their rate.
 """
 from __future__ import annotations
 
 import csv
 import sys
+from collections import defaultdict
 
 import torch
-import triton.testing
+from torch.profiler import ProfilerActivity, profile
 
 from vmoe import expert_mlp
 
 DEV, DT = "cuda", torch.bfloat16
 T, D, K = 64 * 256, 384, 2
+STEPS = 10
 
 
 def cases():
@@ -53,7 +58,7 @@ def main():
     out = sys.argv[1] if len(sys.argv) > 1 else None
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'case':22s} {'width':>7s} {'ms':>7s} {'GFLOP':>7s} {'TFLOP/s':>8s}")
+    print(f"{'case':22s} {'width':>7s} {'GPU ms':>7s} {'GFLOP':>7s} {'TFLOP/s':>8s}   slowest kernel ms")
     for name, widths, share in cases():
         ids = routing(widths, share, gen).to(DEV)
         realised = float(torch.tensor(widths, device=DEV)[ids].sum(1).float().mean())
@@ -69,12 +74,25 @@ def main():
                 t.grad = None
             expert_mlp(x, ids, tw, w1, w2, widths).backward(dy)
 
-        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+        for _ in range(3):  # autotuning and caches
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(STEPS):
+                step()
+            torch.cuda.synchronize()
+        per_kernel = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[e.name[:40]] += e.time_range.elapsed_us() / STEPS / 1e3
+        ms = sum(per_kernel.values())
+        top, top_ms = max(per_kernel.items(), key=lambda kv: kv[1])
         flops = 6 * 2 * D * realised * T
         rows.append({"case": name, "widths": " ".join(map(str, widths)), "realised_width": realised,
                      "ms": ms, "gflop": flops / 1e9, "tflops": flops / ms / 1e9,
-                     "gpu": torch.cuda.get_device_name()})
-        print(f"{name:22s} {realised:7.0f} {ms:7.3f} {flops / 1e9:7.1f} {flops / ms / 1e9:8.1f}")
+                     "top_kernel": top, "top_kernel_ms": top_ms, "gpu": torch.cuda.get_device_name()})
+        print(f"{name:22s} {realised:7.0f} {ms:7.3f} {flops / 1e9:7.1f} {flops / ms / 1e9:8.1f}"
+              f"   {top} {top_ms:.3f}")
     if out:
         with open(out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
