@@ -15,7 +15,9 @@ var23 at a realised width of 958 trained only 2% faster than uniform while the u
   probability p, else to one of the 4 narrow ones, with p chosen so that the realised width
   k * (p * f_wide + (1 - p) * f_narrow) equals the training runs' mean (1243 and 958).
 
-    PYTHONPATH=. python results/probe_width_cost.py [OUT.csv]
+    PYTHONPATH=. python results/probe_width_cost.py [OUT.csv] [CASE_REGEX]
+
+(each case autotunes its kernels first, ~10 s; the CSV is rewritten after every case).
 
 Prints, per case, the realised width, the step's GPU time, the experts' FLOPs (6 * 2 * d * width per
 token: forward and backward of two GEMMs) and their rate.
@@ -23,6 +25,7 @@ token: forward and backward of two GEMMs) and their rate.
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from collections import defaultdict
 
@@ -56,10 +59,13 @@ def routing(widths, wide_share, gen):
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else None
+    pick = sys.argv[2] if len(sys.argv) > 2 else ""
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{'case':22s} {'width':>7s} {'GPU ms':>7s} {'GFLOP':>7s} {'TFLOP/s':>8s}   slowest kernel ms")
     for name, widths, share in cases():
+        if not re.search(pick, name):
+            continue
         ids = routing(widths, share, gen).to(DEV)
         realised = float(torch.tensor(widths, device=DEV)[ids].sum(1).float().mean())
         F = sum(widths)
@@ -93,12 +99,11 @@ def main():
                      "top_kernel": top, "top_kernel_ms": top_ms, "gpu": torch.cuda.get_device_name()})
         print(f"{name:22s} {realised:7.0f} {ms:7.3f} {flops / 1e9:7.1f} {flops / ms / 1e9:8.1f}"
               f"   {top} {top_ms:.3f}")
-    if out:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
+        if out:
+            with open(out, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
 
 if __name__ == "__main__":
     main()
