@@ -23,6 +23,7 @@ expert's rows; its tiles are known on the host (they depend only on the widths a
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -73,25 +74,27 @@ def _persistent_programs(device: torch.device, max_tiles: int) -> int:
 @triton.jit
 def _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr, DIM1_FIXED, DIM2_FIXED,
                      DIM1_PER_WIDTH: tl.constexpr, DIM2_PER_WIDTH: tl.constexpr,
-                     ALIGNED: tl.constexpr):
+                     ALIGN: tl.constexpr):
     """Expert e's width f_e, its first column o_e (int64), its ragged base (in units of g), and two
     GEMM sizes, each ``PER_WIDTH * f_e`` or, when PER_WIDTH is 0, the FIXED argument (d).
 
-    When every width is a multiple of 16 (ALIGNED), so are o_e and the ragged bases: saying so
-    lets the compiler issue 16-byte loads and pipeline them with cp.async instead of scalar,
-    synchronous ones. The hints sit on the loaded values themselves; on a product they would be
-    lost wherever a factor of 1 folds the product away. The sizes are built from these hinted
-    values or from arguments (whose divisibility the launcher specializes), never from a
-    reduction, about which the compiler knows nothing (the weight-gradient loop ran ~3x slower
-    unpipelined that way).
+    ALIGN is the largest power of two up to 16 that divides every width, so it also divides o_e
+    and the ragged bases: saying so lets the compiler issue loads of ALIGN elements (16 bytes for
+    bf16 once ALIGN >= 8) and pipeline them with cp.async instead of scalar, synchronous ones.
+    With a width of 610 and no hint (a bool flag for "all multiples of 16" gave none) the
+    experts took 2.3x the GPU time of 608 (results/NOTES.md, session 6). The hints sit on the
+    loaded values themselves; on a product they would be lost wherever a factor of 1 folds the
+    product away. The sizes are built from these hinted values or from arguments (whose
+    divisibility the launcher specializes), never from a reduction, about which the compiler
+    knows nothing (the weight-gradient loop ran ~3x slower unpipelined that way).
     """
     f_e = tl.load(widths_ptr + e)
     o_col = tl.load(woffsets_ptr + e).to(tl.int64)
     rag0 = tl.load(ragged_offsets_ptr + e)
-    if ALIGNED:
-        f_e = tl.multiple_of(f_e, 16)
-        o_col = tl.multiple_of(o_col, 16)
-        rag0 = tl.multiple_of(rag0, 16)
+    if ALIGN > 1:
+        f_e = tl.multiple_of(f_e, ALIGN)
+        o_col = tl.multiple_of(o_col, ALIGN)
+        rag0 = tl.multiple_of(rag0, ALIGN)
     if DIM1_PER_WIDTH > 0:
         dim1 = f_e * DIM1_PER_WIDTH
     else:
@@ -123,7 +126,7 @@ def _rows_kernel(
     K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr,
     EPI: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, G: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_HW: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGN: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     b_cum, b_nt, total = schedule_prologue(counts_ptr, widths_ptr, E, N_FIXED, N_PER_WIDTH,
@@ -134,7 +137,7 @@ def _rows_kernel(
         row0 = tl.load(offsets_ptr + e)
         f_e, o_col, rag0, K, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
                                                   K_FIXED, N_FIXED, K_PER_WIDTH, N_PER_WIDTH,
-                                                  ALIGNED)
+                                                  ALIGN)
 
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < n_rows
@@ -240,7 +243,7 @@ def _wgrad_kernel(
     KTOP: tl.constexpr, L_MODE: tl.constexpr, R_MODE: tl.constexpr,
     M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, HAS_SCALE: tl.constexpr,
     G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
-    ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ALIGN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """out_e[M_e, N_e] = L_e^T @ R_e, summed over expert e's rows; out_e starts at o_e*stride_oe."""
     b_m = expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
@@ -250,7 +253,7 @@ def _wgrad_kernel(
     e, i_m, i_n = locate_tile(tl.program_id(0), b_cum, b_nt, E_PAD)
     # M and N from the arguments and f_e (see _expert_geometry), not from b_m / b_n.
     f_e, o_col, rag0, M, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
-                                              M_FIXED, N_FIXED, M_PER_WIDTH, N_PER_WIDTH, ALIGNED)
+                                              M_FIXED, N_FIXED, M_PER_WIDTH, N_PER_WIDTH, ALIGN)
     n_rows = tl.load(counts_ptr + e)
     row0 = tl.load(offsets_ptr + e)
     rag0 = rag0 * G
@@ -356,8 +359,9 @@ def device_woffsets(widths: tuple, device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _aligned(widths: tuple) -> bool:
-    return all(f % 16 == 0 for f in widths)
+def width_alignment(widths: tuple) -> int:
+    """The largest power of two up to 16 that divides every width (a null expert's 0 too)."""
+    return functools.reduce(math.gcd, widths, 16)
 
 
 def ragged_capacity(routing: Routing) -> int:
@@ -372,7 +376,7 @@ def _routing_args(routing: Routing, device) -> dict:
                 ragged_offsets_ptr=routing.ragged_offsets, widths_ptr=routing.widths,
                 woffsets_ptr=device_woffsets(widths, device),
                 sorted_to_assign_ptr=routing.sorted_to_assign, E=len(widths), KTOP=routing.k,
-                E_PAD=next_pow2(len(widths)), ALIGNED=_aligned(widths))
+                E_PAD=next_pow2(len(widths)), ALIGN=width_alignment(widths))
 
 
 def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mode, c_mode,
