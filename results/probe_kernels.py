@@ -11,10 +11,9 @@ Prints, per config, each kernel's mean GPU time per step (µs) and its share of 
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from gpu_time import kernel_times
 
 from vmoe import MoEConfig, MoEMLP
 
@@ -44,17 +43,7 @@ def main():
             out, aux, _ = moe(x)
             ((out * dy).sum() + sum(aux.values())).backward()
 
-        for _ in range(3):  # autotuning and caches
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                step()
-            torch.cuda.synchronize()
-        per_kernel = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                per_kernel[e.name[:90]] += e.time_range.elapsed_us() / args.steps
+        per_kernel = kernel_times(step, args.steps)
         total = sum(per_kernel.values())
         print(f"\n{name}: {total:.0f} µs of GPU time per training step")
         for kernel, us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):

@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton.testing
+from gpu_time import kernel_times
 
 from vmoe import MoEConfig, MoEMLP, reference
 from vmoe.config import gate_factor
@@ -33,14 +34,7 @@ def bench(fn):
 def gpu_ms(fn, n=10):
     """Milliseconds of GPU kernel time per call (torch.profiler's sum over the kernels): at these
     sizes an eager step is partly host-bound, and do_bench's wall time mixes in the host's speed."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / n / 1e3
+    return sum(kernel_times(fn, n, warmup=1).values()) / 1e3
 
 
 def step_fns(module, x, dy):

@@ -27,10 +27,9 @@ from __future__ import annotations
 import csv
 import re
 import sys
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from gpu_time import kernel_times
 
 from vmoe import expert_mlp
 
@@ -80,17 +79,7 @@ def main():
                 t.grad = None
             expert_mlp(x, ids, tw, w1, w2, widths).backward(dy)
 
-        for _ in range(3):  # autotuning and caches
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(STEPS):
-                step()
-            torch.cuda.synchronize()
-        per_kernel = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                per_kernel[e.name[:40]] += e.time_range.elapsed_us() / STEPS / 1e3
+        per_kernel = {k: us / 1e3 for k, us in kernel_times(step, STEPS, name_len=40).items()}
         ms = sum(per_kernel.values())
         top, top_ms = max(per_kernel.items(), key=lambda kv: kv[1])
         flops = 6 * 2 * D * realised * T

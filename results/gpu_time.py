@@ -1,0 +1,28 @@
+"""GPU time per call, kernel by kernel, for the probes of this folder (torch.profiler).
+
+At the sizes the probes look at, an eager call is partly or wholly host-bound, so a wall-clock
+timer (do_bench) measures the host; the kernels' own times do not.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_times(fn, steps: int = 10, warmup: int = 3, name_len: int = 90) -> dict[str, float]:
+    """µs of GPU time per call of ``fn``, per kernel name (cut to ``name_len`` characters), over
+    ``steps`` calls after ``warmup`` calls (autotuning, caches)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name[:name_len]] += e.time_range.elapsed_us() / steps
+    return dict(per_kernel)
