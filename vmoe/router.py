@@ -183,11 +183,12 @@ def _route_fwd_kernel(logits_ptr,         # [T, E] row stride stride_l
     # histogram counts the chosen (key -1) real experts.
     b_chosen = (b_key < -0.5) & m_e[None, :] & m_t[:, None]
     b_cnt = tl.sum(b_chosen.to(tl.int32), axis=0)                      # [E_PAD]
-    p_c = block_counts_ptr + i_b * (E + 1)
+    # NB * (E+1) can pass 2**31 (many experts, few tokens per block): int64 row bases.
+    p_c = block_counts_ptr + i_b.to(tl.int64) * (E + 1)
     tl.store(p_c + o_e, b_cnt, mask=m_e)
     tl.store(p_c + E, 0)                                               # drop bin: ids are in [0, E)
     b_psum = tl.sum(tl.where(m_t[:, None], b_p, 0.0), axis=0)          # [E_PAD]
-    tl.store(p_partial_ptr + i_b * E + o_e, b_psum, mask=m_e)
+    tl.store(p_partial_ptr + i_b.to(tl.int64) * E + o_e, b_psum, mask=m_e)
     tl.store(lse_partial_ptr + i_b, tl.sum(tl.where(m_t, b_lse * b_lse, 0.0), axis=0))
 
 

@@ -111,7 +111,7 @@ def _block_histogram_kernel(ids_ptr, block_counts_ptr, A, E,
     o_e = tl.arange(0, E1_PAD)
     b_hit = (b_id[:, None] == o_e[None, :]) & m_a[:, None]      # [BLOCK, E1_PAD]
     b_cnt = tl.sum(b_hit.to(tl.int32), axis=0)                  # [E1_PAD]
-    tl.store(block_counts_ptr + i_b * (E + 1) + o_e, b_cnt, mask=o_e < E + 1)
+    tl.store(block_counts_ptr + i_b.to(tl.int64) * (E + 1) + o_e, b_cnt, mask=o_e < E + 1)  # may pass 2**31
 
 
 @triton.jit
