@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from gpu_time import kernel_times
+from probe_util import kernel_times, layer_steps
 
 from vmoe import MoEConfig, MoEMLP
 
@@ -39,9 +39,7 @@ def main():
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
 
-        def step():
-            out, aux, _ = moe(x)
-            ((out * dy).sum() + sum(aux.values())).backward()
+        _, step = layer_steps(moe, x, dy)
 
         per_kernel = kernel_times(step, args.steps)
         total = sum(per_kernel.values())

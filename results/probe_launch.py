@@ -15,6 +15,7 @@ import pstats
 import time
 
 import torch
+from probe_util import layer_steps
 
 from vmoe import MoEConfig, MoEMLP
 from vmoe import launch as launch_mod
@@ -46,13 +47,7 @@ def main():
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
 
-        def forward():
-            with torch.no_grad():
-                moe(x)
-
-        def step():
-            out, aux, _ = moe(x)
-            ((out * dy).sum() + sum(aux.values())).backward()
+        forward, step = layer_steps(moe, x, dy)
 
         for enabled in (False, True):
             launch_mod._ENABLED = enabled

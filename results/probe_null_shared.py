@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton.testing
-from gpu_time import kernel_times
+from probe_util import kernel_times, layer_steps
 
 from vmoe import MoEConfig, MoEMLP, reference
 from vmoe.config import gate_factor
@@ -35,17 +35,6 @@ def gpu_ms(fn, n=10):
     """Milliseconds of GPU kernel time per call (torch.profiler's sum over the kernels): at these
     sizes an eager step is partly host-bound, and do_bench's wall time mixes in the host's speed."""
     return sum(kernel_times(fn, n, warmup=1).values()) / 1e3
-
-
-def step_fns(module, x, dy):
-    def fwd():
-        with torch.no_grad():
-            module(x)
-
-    def train():
-        out, aux, _ = module(x)
-        ((out * dy).sum() + sum(aux.values())).backward()
-    return fwd, train
 
 
 class SeparateShared(torch.nn.Module):
@@ -92,7 +81,7 @@ def main(out_path):
     name = torch.cuda.get_device_name()
 
     def record(case, variant, layer, x, dy, flops_layer=None):
-        fwd, train = step_fns(layer, x, dy)
+        fwd, train = layer_steps(layer, x, dy)
         t_f, t_t = bench(fwd), bench(train)
         g_f, g_t = gpu_ms(fwd), gpu_ms(train)
         tf, flops, null_frac = realised_tflops(flops_layer or layer, x, g_f)

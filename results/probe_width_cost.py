@@ -29,7 +29,7 @@ import re
 import sys
 
 import torch
-from gpu_time import kernel_times
+from probe_util import kernel_times
 
 from vmoe import expert_mlp
 

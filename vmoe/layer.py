@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import ops, reference
 from .autograd import apply_experts, apply_route, autocast_inputs, use_triton
-from .config import MoEConfig, gate_factor
+from .config import MoEConfig, column_offsets, gate_factor
 
 
 def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
@@ -77,11 +77,10 @@ class MoEMLP(nn.Module):
     def reset_parameters(self):
         d = self.config.n_embd
         nn.init.normal_(self.w1, std=d ** -0.5)
-        o = 0
-        for f in self.config.kernel_widths:
+        widths = self.config.kernel_widths
+        for f, o in zip(widths, column_offsets(widths)):
             if f:  # a null expert owns no rows
                 nn.init.normal_(self.w2[o:o + f], std=f ** -0.5)
-            o += f
         nn.init.normal_(self.router.weight, std=d ** -0.5)
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=d ** -0.5)

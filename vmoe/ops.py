@@ -104,7 +104,7 @@ def routing(topk_ids: torch.Tensor, expert_widths: Sequence[int]) -> tuple:
 
 @_outside_transforms
 def add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
-                     expert_widths: Sequence[int], shared_width: int, k: int):
+                         expert_widths: Sequence[int], shared_width: int, k: int):
     T = assign_to_sorted.shape[0] // k
     r = Routing.from_tensors((counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets),
                              tuple(expert_widths), k, T)
@@ -113,11 +113,11 @@ def add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ra
 
 @torch.library.custom_op("vmoe::add_shared_slot", mutates_args=())
 def add_shared_slot_op(counts: torch.Tensor, offsets: torch.Tensor, sorted_to_assign: torch.Tensor,
-                   assign_to_sorted: torch.Tensor, ragged_offsets: torch.Tensor,
-                   expert_widths: Sequence[int], shared_width: int, k: int) -> tuple[
+                       assign_to_sorted: torch.Tensor, ragged_offsets: torch.Tensor,
+                       expert_widths: Sequence[int], shared_width: int, k: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
-                            expert_widths, shared_width, k)
+                                expert_widths, shared_width, k)
 
 
 @add_shared_slot_op.register_fake

@@ -1,7 +1,7 @@
-"""GPU time per call, kernel by kernel, for the probes of this folder (torch.profiler).
+"""What the probes of this folder share: a layer's two timed calls, and GPU time per call.
 
 At the sizes the probes look at, an eager call is partly or wholly host-bound, so a wall-clock
-timer (do_bench) measures the host; the kernels' own times do not.
+timer (do_bench) measures the host; the kernels' own times (:func:`kernel_times`) do not.
 """
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+def layer_steps(module, x, dy):
+    """``(forward, train_step)`` of a layer called as ``out, aux, _ = module(x)``: a no-grad
+    forward, and a training step that backpropagates ``(out * dy).sum() + sum(aux)``."""
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def train_step():
+        out, aux, _ = module(x)
+        ((out * dy).sum() + sum(aux.values())).backward()
+    return forward, train_step
 
 
 def kernel_times(fn, steps: int = 10, warmup: int = 3, name_len: int = 90) -> dict[str, float]:
