@@ -8,15 +8,22 @@ that reads past an expert's block fails too.
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+import triton
+from triton.runtime import _allocation
 
+from vmoe import grouped_gemm as gg
 from vmoe import reference
 from vmoe.config import gate_factor
 from vmoe.grouped_gemm import (
     down_proj,
     down_proj_bwd,
     ragged_capacity,
+    tma_eligible,
+    tma_mode,
     up_proj,
     up_proj_bwd,
     w1_grad,
@@ -254,3 +261,112 @@ def test_width_alignment(widths, align):
     GPU), too small costs speed (2.3x at width 610 with no hint)."""
     assert width_alignment(widths) == align
     assert all(w % align == 0 for w in widths)
+
+
+# The tensor-descriptor (TMA) path: widths and d in multiples of 8, an empty expert, an expert of
+# one row, a single token, and k = E. Every GEMM test above runs again with the path forced on;
+# a spy on the launches checks that the descriptor kernels, not the pointer ones, ran.
+ALIGNED_CASES = [(13, 24, (8, 40, 16, 24), 2, (2,)), (1, 32, (8, 16), 2, ()),
+                 (9, 16, (24, 8, 48), 3, ())]
+ALIGNED_IDS = [case_id(*c[:4], f"empty{list(c[4])}".replace(" ", "")) for c in ALIGNED_CASES]
+DESCRIPTOR_TESTS = {
+    "up_proj": lambda c, a, t: test_up_proj(c[:4], a, t),
+    "down_proj": lambda c, a, t: test_down_proj(c[:4], t),
+    "down_proj_bwd": lambda c, a, t: (test_down_proj_bwd(c[:4], a, t),
+                                      test_down_proj_bwd_weighted_h(c[:4], a, t)),
+    "up_proj_bwd": lambda c, a, t: test_up_proj_bwd(c[:4], a, t),
+    "w1_grad": lambda c, a, t: test_w1_grad(c, a, t),
+    "w2_grad": lambda c, a, t: test_w2_grad(c, t),
+}
+
+
+@pytest.fixture
+def gemm_launches(monkeypatch):
+    """Every launch of a GEMM kernel: (kernel, the TMA_OK code it was given)."""
+    seen = []
+    real = gg.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel, kwargs.get("TMA_OK")))
+        return real(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(gg, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("gemm", list(DESCRIPTOR_TESTS))
+@pytest.mark.parametrize("case", ALIGNED_CASES, ids=ALIGNED_IDS)
+def test_descriptor_path(case, gemm, activation, dtype, gemm_launches):
+    with tma_mode("only"):
+        DESCRIPTOR_TESTS[gemm](case, activation, dtype)
+    assert gemm_launches
+    for kernel, tma_ok in gemm_launches:
+        # The warp-specialized kernel is descriptor-only; the others may only try descriptor
+        # configs.
+        assert kernel is gg._rows_ws_kernel or tma_ok == gg.TMA_ONLY, (kernel, tma_ok)
+    ragged_to_sorted = gemm in ("down_proj", "up_proj_bwd")
+    assert any(k is gg._rows_ws_kernel for k, _ in gemm_launches) == ragged_to_sorted
+
+
+@pytest.mark.parametrize("gemm", ["up_proj", "down_proj", "w1_grad"])
+def test_descriptor_path_off_and_ineligible(gemm, gemm_launches):
+    """"off" never offers the descriptor kernels, and "only" falls back to the pointer kernels
+    (correctly) where the widths are not multiples of 8."""
+    with tma_mode("off"):
+        DESCRIPTOR_TESTS[gemm](ALIGNED_CASES[0], "relu2", torch.bfloat16)
+    with tma_mode("only"):
+        DESCRIPTOR_TESTS[gemm]((13, 24, (12, 20, 4), 2, ()), "relu2", torch.bfloat16)
+    assert gemm_launches and all(k is not gg._rows_ws_kernel and ok == gg.TMA_NO
+                                 for k, ok in gemm_launches)
+
+
+def _eligible(dtype=torch.bfloat16, widths=(8, 16), d=32, operands=()):
+    return tma_eligible(torch.device(DEVICE), dtype, widths, d, operands)
+
+
+def test_descriptor_eligibility():
+    """What the copy engine needs, each condition on its own: a 16-bit dtype, widths and d in
+    multiples of 8, 16-byte aligned operands with row strides in multiples of 8 elements."""
+    w = torch.zeros(32, 48, device=DEVICE, dtype=torch.bfloat16)
+    flat = torch.zeros(64, device=DEVICE, dtype=torch.bfloat16)
+    if DEVICE == "cuda" and not gg._has_tma(torch.cuda.current_device()):
+        assert not _eligible(operands=[(w, 48)])  # a GPU without TMA: pointer kernels only
+        return
+    assert _eligible(operands=[(w, 48), (flat, None)])
+    assert not _eligible(dtype=torch.float32)
+    assert not _eligible(widths=(8, 12))
+    assert not _eligible(widths=(7,))
+    assert not _eligible(d=36)
+    assert not _eligible(operands=[(flat[1:], None)])    # 2 bytes off a 16-byte boundary
+    assert not _eligible(operands=[(w[:, :44], 44)])     # rows of 88 bytes
+    assert not _eligible(operands=[(None, None)])        # no unit stride found by the caller
+    assert _eligible(widths=(0, 8, 16))                  # a null expert's width 0
+
+
+def test_tma_mode_names_bad_input():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tma_mode("fast")
+    with tma_mode("off"):
+        assert gg._TMA_MODE[0] == "off"
+    assert gg._TMA_MODE[0] == "auto"
+
+
+def test_scratch_allocator_respects_the_programs_own():
+    """The descriptors' scratch allocator is installed per thread (autograd's backward runs on
+    its own), and only where the program set none."""
+    def own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8, device=DEVICE)
+
+    def in_thread(setup, out):
+        setup()
+        gg._ensure_allocator()
+        out.append(_allocation._allocator.get())
+    seen = []
+    worker = threading.Thread(target=in_thread, args=(lambda: None, seen))
+    worker.start()
+    worker.join()
+    worker = threading.Thread(target=in_thread, args=(lambda: triton.set_allocator(own), seen))
+    worker.start()
+    worker.join()
+    assert seen == [gg._scratch, own]

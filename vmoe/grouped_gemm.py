@@ -29,12 +29,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from ._utils import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
 from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
 from .config import column_offsets, gate_factor
 from .launch import launch
-from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue
+from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue, tile_schedule
 
 # Operand modes of the row kernel and the weight-gradient kernel.
 SORTED = 0    # dense [A, *], row p is sorted position p
@@ -49,8 +50,15 @@ EPI_ACT_BWD = 2   # dZ = acc * act'(Z)
 # The same codes, as constants the kernels can read.
 SORTED_C = tl.constexpr(SORTED)
 GATHERED_C = tl.constexpr(GATHERED)
+RAGGED_C = tl.constexpr(RAGGED)
 EPI_STORE_C = tl.constexpr(EPI_STORE)
 EPI_ACT_C = tl.constexpr(EPI_ACT)
+
+# The config's TMA level: pointer loads and stores; descriptor loads (a ragged A, the weight, a
+# ragged weight-gradient operand); and also descriptor stores and loads in the row kernel's
+# epilogue.
+TMA_OFF, TMA_LOADS, TMA_EPILOGUE = 0, 1, 2
+TMA_EPILOGUE_C = tl.constexpr(TMA_EPILOGUE)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -127,8 +135,10 @@ def _rows_kernel(
     EPI: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, G: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_HW: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr, ALIGN: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TMA_OK: tl.constexpr, B_TRANS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr,
 ):
+    tl.static_assert(TMA_OK > 0 or not TMA, "a descriptor config for a launch not eligible for it")
     b_cum, b_nt, total = schedule_prologue(counts_ptr, widths_ptr, E, N_FIXED, N_PER_WIDTH,
                                            BM, BN, E_PAD)
     for tile_id in range(tl.program_id(0), total, tl.num_programs(0)):
@@ -153,6 +163,20 @@ def _rows_kernel(
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < N
         p_b = b_ptr + o_col * stride_be + o_n[None, :].to(tl.int64) * stride_bn
+        if TMA:
+            # Expert e's own blocks as tensor descriptors: the copy engine zero-fills what lies
+            # past them, so a K tail never reads the next expert's rows or columns, and a ragged
+            # block needs no row mask. B_TRANS: B[k, n] is stored at [n, k] (a transposed weight).
+            if A_MODE == RAGGED_C:
+                a_desc = tl.make_tensor_descriptor(a_ptr + rag0 * G, shape=[n_rows, K],
+                                                   strides=[K, 1], block_shape=[BM, BK])
+            if B_TRANS:
+                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[N, K],
+                                                   strides=[stride_bn, 1], block_shape=[BN, BK])
+            else:
+                # The gated up projection's gate and up halves are one [K, 2*f_e] block.
+                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[K, G * N],
+                                                   strides=[stride_bk, 1], block_shape=[BK, BN])
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if EPI == EPI_ACT_C and GATED:
@@ -160,17 +184,29 @@ def _rows_kernel(
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
-            b_a = tl.load(p_a_row[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :],
-                          other=0.0)                                                   # [BM, BK]
+            if TMA and A_MODE == RAGGED_C:
+                b_a = a_desc.load([i_m * BM, k0])                                      # [BM, BK]
+            else:
+                b_a = tl.load(p_a_row[:, None] + o_k[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.0)            # [BM, BK]
             p_bk = p_b + o_k[:, None].to(tl.int64) * stride_bk
-            b_b = tl.load(p_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)           # [BK, BN]
+            if TMA:
+                if B_TRANS:
+                    b_b = tl.trans(b_desc.load([i_n * BN, k0]))
+                else:
+                    b_b = b_desc.load([k0, i_n * BN])
+            else:
+                b_b = tl.load(p_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)       # [BK, BN]
             if UPCAST:
                 b_a = b_a.to(tl.float32)
                 b_b = b_b.to(tl.float32)
             acc = tl.dot(b_a, b_b, acc, input_precision=DOT_PREC)
             if EPI == EPI_ACT_C and GATED:
-                b_u = tl.load(p_bk + f_e * stride_bn, mask=m_k[:, None] & m_n[None, :],
-                              other=0.0)                                               # [BK, BN]
+                if TMA:
+                    b_u = b_desc.load([k0, i_n * BN + f_e])
+                else:
+                    b_u = tl.load(p_bk + f_e * stride_bn, mask=m_k[:, None] & m_n[None, :],
+                                  other=0.0)                                           # [BK, BN]
                 if UPCAST:
                     b_u = b_u.to(tl.float32)
                 acc_up = tl.dot(b_a, b_u, acc_up, input_precision=DOT_PREC)
@@ -178,53 +214,172 @@ def _rows_kernel(
         if HAS_SCALE:
             b_w = tl.load(scale_ptr + b_assign, mask=m_m, other=0.0).to(tl.float32)  # [BM]
             acc = acc * b_w[:, None]
-        m_c = m_m[:, None] & m_n[None, :]
-        if C_MODE == SORTED_C:
-            p_c = c_ptr + o_p[:, None].to(tl.int64) * stride_cm + o_n[None, :]
-            tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_c)
-        elif EPI == EPI_STORE_C:
-            p_c = c_ptr + rag0 * G + o_m[:, None].to(tl.int64) * N + o_n[None, :]
-            tl.store(p_c, acc.to(c_ptr.dtype.element_ty), mask=m_c)
         else:
-            # Z and dZ share the ragged layout [n_e, g*f_e]; the gate half comes first.
-            o_z = rag0 * G + o_m[:, None].to(tl.int64) * (G * f_e) + o_n[None, :]
+            b_w = tl.full((BM,), 1.0, tl.float32)
+        desc_epi = TMA >= TMA_EPILOGUE_C
+        if C_MODE == SORTED_C:
+            _tile_store(c_ptr + row0.to(tl.int64) * stride_cm, n_rows, N, stride_cm, i_m * BM,
+                        i_n * BN, acc, desc_epi, BM, BN)
+        elif EPI == EPI_STORE_C:
+            _tile_store(c_ptr + rag0 * G, n_rows, N, N, i_m * BM, i_n * BN, acc, desc_epi, BM,
+                        BN)
+        else:
+            # Z and dZ share the ragged layout [n_e, g*f_e]; the gate half comes first. Each half
+            # is its own [n_e, f_e] block of row stride g*f_e, so a store past f_e is clipped
+            # (a descriptor) or masked (pointers) rather than landing in the other half.
+            if HAS_Z:
+                z_e = z_ptr + rag0 * G
             if EPI == EPI_ACT_C:
-                p_h = c_ptr + rag0 + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
                 # Round Z to the storage dtype (H's, which is Z's) first, so that H and the saved
                 # Z agree exactly and the backward's recomputation of H matches the forward.
                 if GATED:
                     z_g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
                     z_u = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
                     if HAS_Z:
-                        tl.store(z_ptr + o_z, z_g.to(z_ptr.dtype.element_ty), mask=m_c)
-                        tl.store(z_ptr + o_z + f_e, z_u.to(z_ptr.dtype.element_ty), mask=m_c)
+                        _tile_store(z_e, n_rows, f_e, G * f_e, i_m * BM, i_n * BN, z_g, desc_epi,
+                                    BM, BN)
+                        _tile_store(z_e + f_e, n_rows, f_e, G * f_e, i_m * BM, i_n * BN, z_u,
+                                    desc_epi, BM, BN)
                     b_h = swiglu_fwd(z_g, z_u)
                 else:
                     z = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
                     if HAS_Z:
-                        tl.store(z_ptr + o_z, z.to(z_ptr.dtype.element_ty), mask=m_c)
+                        _tile_store(z_e, n_rows, f_e, f_e, i_m * BM, i_n * BN, z, desc_epi, BM, BN)
                     b_h = act_fwd(z, ACT)
-                tl.store(p_h, b_h.to(c_ptr.dtype.element_ty), mask=m_c)
+                _tile_store(c_ptr + rag0, n_rows, f_e, f_e, i_m * BM, i_n * BN, b_h, desc_epi, BM,
+                            BN)
             else:
+                dz_e = c_ptr + rag0 * G
                 if GATED:
-                    z_g = tl.load(z_ptr + o_z, mask=m_c, other=0.0).to(tl.float32)
-                    z_u = tl.load(z_ptr + o_z + f_e, mask=m_c, other=0.0).to(tl.float32)
-                    d_g, d_u = swiglu_bwd(z_g, z_u, acc)
-                    tl.store(c_ptr + o_z, d_g.to(c_ptr.dtype.element_ty), mask=m_c)
-                    tl.store(c_ptr + o_z + f_e, d_u.to(c_ptr.dtype.element_ty), mask=m_c)
-                    if HAS_HW:
-                        b_h = swiglu_fwd(z_g, z_u)
+                    # Two column halves, one after the other: the swiglu backward holds six
+                    # [BM, BN] float32 tiles at once (dH, both Z halves, both dZ halves, w*H),
+                    # which spilled at 128x128 over 8 warps (results/NOTES.md, v4, session 7).
+                    acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)),
+                                                         (0, 2, 1)))
+                    _swiglu_bwd_cols(z_e, dz_e, hw_ptr, rag0, n_rows, f_e, i_m * BM,
+                                     i_n * BN, acc_lo, b_w, HAS_HW, desc_epi, BM, BN // 2)
+                    _swiglu_bwd_cols(z_e, dz_e, hw_ptr, rag0, n_rows, f_e, i_m * BM,
+                                     i_n * BN + BN // 2, acc_hi, b_w, HAS_HW, desc_epi, BM,
+                                     BN // 2)
                 else:
-                    z = tl.load(z_ptr + o_z, mask=m_c, other=0.0).to(tl.float32)
-                    tl.store(c_ptr + o_z, act_bwd(z, acc, ACT).to(c_ptr.dtype.element_ty),
-                             mask=m_c)
+                    z = _tile_load(z_e, n_rows, f_e, f_e, i_m * BM, i_n * BN, desc_epi, BM, BN)
+                    _tile_store(dz_e, n_rows, f_e, f_e, i_m * BM, i_n * BN, act_bwd(z, acc, ACT),
+                                desc_epi, BM, BN)
                     if HAS_HW:
-                        b_h = act_fwd(z, ACT)
-                if HAS_HW:
-                    # w * H, recomputed from the Z already in registers: dW2 = (w H)^T dy then
-                    # streams both operands straight to shared memory, and H is never saved.
-                    p_hw = hw_ptr + rag0 + o_m[:, None].to(tl.int64) * f_e + o_n[None, :]
-                    tl.store(p_hw, (b_h * b_w[:, None]).to(hw_ptr.dtype.element_ty), mask=m_c)
+                        # w * H, recomputed from the Z already in registers: dW2 = (w H)^T dy
+                        # then streams both operands straight to shared memory, and H is never
+                        # saved.
+                        _tile_store(hw_ptr + rag0, n_rows, f_e, f_e, i_m * BM, i_n * BN,
+                                    act_fwd(z, ACT) * b_w[:, None], desc_epi, BM, BN)
+
+
+@triton.jit
+def _swiglu_bwd_cols(z_e, dz_e, hw_ptr, rag0, n_rows, f_e, r0, c0, dh, b_w,
+                     HAS_HW: tl.constexpr, DESC: tl.constexpr, BM: tl.constexpr,
+                     BC: tl.constexpr):
+    """The swiglu backward epilogue on columns [c0, c0 + BC) of expert e's tile at row r0: dZ's
+    two halves from dH and Z's, and w*H (see the EPI_ACT_BWD branch of the row kernel)."""
+    z_g = _tile_load(z_e, n_rows, f_e, 2 * f_e, r0, c0, DESC, BM, BC)
+    z_u = _tile_load(z_e + f_e, n_rows, f_e, 2 * f_e, r0, c0, DESC, BM, BC)
+    d_g, d_u = swiglu_bwd(z_g, z_u, dh)
+    _tile_store(dz_e, n_rows, f_e, 2 * f_e, r0, c0, d_g, DESC, BM, BC)
+    _tile_store(dz_e + f_e, n_rows, f_e, 2 * f_e, r0, c0, d_u, DESC, BM, BC)
+    if HAS_HW:
+        _tile_store(hw_ptr + rag0, n_rows, f_e, f_e, r0, c0, swiglu_fwd(z_g, z_u) * b_w[:, None],
+                    DESC, BM, BC)
+
+
+@triton.jit
+def _tile_store(ptr, n_rows, n_cols, row_stride, r0, c0, value, DESC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """``value`` [BM, BN] at rows r0.., columns c0.. of the [n_rows, n_cols] block at ``ptr`` (row stride
+    ``row_stride``), cast to its dtype; what lies outside the block is not written. DESC: through
+    a tensor descriptor (the copy engine clips, and no per-element address is ever in
+    registers), else masked stores."""
+    if DESC:
+        desc = tl.make_tensor_descriptor(ptr, shape=[n_rows, n_cols], strides=[row_stride, 1],
+                                         block_shape=[BM, BN])
+        desc.store([r0, c0], value.to(ptr.dtype.element_ty))
+    else:
+        o_m = r0 + tl.arange(0, BM)
+        o_n = c0 + tl.arange(0, BN)
+        tl.store(ptr + o_m[:, None].to(tl.int64) * row_stride + o_n[None, :],
+                 value.to(ptr.dtype.element_ty),
+                 mask=(o_m < n_rows)[:, None] & (o_n < n_cols)[None, :])
+
+
+@triton.jit
+def _tile_load(ptr, n_rows, n_cols, row_stride, r0, c0, DESC: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr):
+    """The [BM, BN] tile at rows r0.., columns c0.. of the [n_rows, n_cols] block at ``ptr``, as
+    float32, zeros outside the block."""
+    # (One return: a helper that returns from constexpr branches is not inlined by Triton 3.6.)
+    if DESC:
+        desc = tl.make_tensor_descriptor(ptr, shape=[n_rows, n_cols], strides=[row_stride, 1],
+                                         block_shape=[BM, BN])
+        tile = desc.load([r0, c0])
+    else:
+        o_m = r0 + tl.arange(0, BM)
+        o_n = c0 + tl.arange(0, BN)
+        tile = tl.load(ptr + o_m[:, None].to(tl.int64) * row_stride + o_n[None, :],
+                       mask=(o_m < n_rows)[:, None] & (o_n < n_cols)[None, :], other=0.0)
+    return tile.to(tl.float32)
+
+
+@triton.jit
+def _rows_ws_kernel(
+    a_ptr,              # RAGGED [n_e, K_e] blocks (H, dZ)
+    b_ptr,              # the weight, as in _rows_kernel
+    c_ptr,              # SORTED [A, N]
+    schedule_ptr,       # [MAX_TILES, 3] (expert, row tile, column tile), -1 past the last tile
+    counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr,
+    MAX_TILES, K_FIXED, N_FIXED, stride_be, stride_bk, stride_bn, stride_cm,
+    K_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, G: tl.constexpr,
+    B_TRANS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr,
+):
+    """``C[rows of e] = A_e @ B_e`` for a ragged A and a sorted C (the down projection and dX),
+    every load through a descriptor, over a persistent loop that Triton warp-specializes (a
+    producer warpgroup issuing the copies, consumer warpgroups on the tensor cores, so one
+    tile's epilogue overlaps the next tile's loads).
+
+    Triton 3.6 specializes a Hopper loop only when every load in it is a descriptor load and
+    no tensor reduction sits in the kernel before or in it; the in-register schedule of
+    _rows_kernel (:func:`vmoe.routing.locate_tile`) is such a reduction, so the tiles come from
+    a schedule written to memory first (:func:`vmoe.routing.tile_schedule`).
+    """
+    for t in tl.range(tl.program_id(0), MAX_TILES, tl.num_programs(0), warp_specialize=WS):
+        e = tl.load(schedule_ptr + t * 3)
+        if e >= 0:
+            i_m = tl.load(schedule_ptr + t * 3 + 1)
+            i_n = tl.load(schedule_ptr + t * 3 + 2)
+            n_rows = tl.load(counts_ptr + e)
+            row0 = tl.load(offsets_ptr + e)
+            f_e, o_col, rag0, K, N = _expert_geometry(e, widths_ptr, woffsets_ptr,
+                                                      ragged_offsets_ptr, K_FIXED, N_FIXED,
+                                                      K_PER_WIDTH, N_PER_WIDTH, ALIGN)
+            a_desc = tl.make_tensor_descriptor(a_ptr + rag0 * G, shape=[n_rows, K],
+                                               strides=[K, 1], block_shape=[BM, BK])
+            if B_TRANS:
+                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[N, K],
+                                                   strides=[stride_bn, 1], block_shape=[BN, BK])
+            else:
+                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[K, N],
+                                                   strides=[stride_bk, 1], block_shape=[BK, BN])
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                b_a = a_desc.load([i_m * BM, k0])
+                if B_TRANS:
+                    b_b = tl.trans(b_desc.load([i_n * BN, k0]))
+                else:
+                    b_b = b_desc.load([k0, i_n * BN])
+                if UPCAST:
+                    b_a = b_a.to(tl.float32)
+                    b_b = b_b.to(tl.float32)
+                acc = tl.dot(b_a, b_b, acc, input_precision=DOT_PREC)
+            # Pointer stores: through a descriptor they measured 6% slower here (probe_ws.py).
+            _tile_store(c_ptr + row0.to(tl.int64) * stride_cm, n_rows, N, stride_cm, i_m * BM,
+                        i_n * BN, acc, False, BM, BN)
 
 
 @triton.jit
@@ -243,9 +398,11 @@ def _wgrad_kernel(
     KTOP: tl.constexpr, L_MODE: tl.constexpr, R_MODE: tl.constexpr,
     M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, HAS_SCALE: tl.constexpr,
     G: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, E_PAD: tl.constexpr,
-    ALIGN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ALIGN: tl.constexpr, TMA_OK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, TMA: tl.constexpr,
 ):
     """out_e[M_e, N_e] = L_e^T @ R_e, summed over expert e's rows; out_e starts at o_e*stride_oe."""
+    tl.static_assert(TMA_OK > 0 or not TMA, "a descriptor config for a launch not eligible for it")
     b_m = expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
     b_n = expert_dims(widths_ptr, E, N_FIXED, N_PER_WIDTH, E_PAD)
     b_nt = tl.cdiv(b_n, BN)
@@ -262,6 +419,18 @@ def _wgrad_kernel(
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = o_m < M
     m_n = o_n < N
+    if TMA:
+        # The ragged operand as expert e's own [n_e, *] block: rows past n_e arrive as zeros.
+        if L_MODE == RAGGED_C:
+            # (An expert with no rows still has tiles, which write zeros; its descriptor is
+            # never read, but keeps a valid shape.)
+            l_desc = tl.make_tensor_descriptor(l_ptr + rag0, shape=[tl.maximum(n_rows, 1), M],
+                                               strides=[M, 1],
+                                               block_shape=[BK, BM])
+        if R_MODE == RAGGED_C:
+            r_desc = tl.make_tensor_descriptor(r_ptr + rag0, shape=[tl.maximum(n_rows, 1), N],
+                                               strides=[N, 1],
+                                               block_shape=[BK, BN])
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for r0 in range(0, n_rows, BK):
         o_r = r0 + tl.arange(0, BK)
@@ -270,16 +439,22 @@ def _wgrad_kernel(
         if L_MODE == GATHERED_C or R_MODE == GATHERED_C:
             b_assign = tl.load(sorted_to_assign_ptr + o_p, mask=m_r, other=0)
             o_tok = (b_assign // KTOP).to(tl.int64)
-        if L_MODE == GATHERED_C:
-            p_l = l_ptr + o_tok[:, None] * stride_lm + o_m[None, :]
+        if TMA and L_MODE == RAGGED_C:
+            b_l = l_desc.load([r0, i_m * BM])                                          # [BK, BM]
         else:
-            p_l = l_ptr + rag0 + o_r[:, None].to(tl.int64) * M + o_m[None, :]
-        b_l = tl.load(p_l, mask=m_r[:, None] & m_m[None, :], other=0.0)               # [BK, BM]
-        if R_MODE == GATHERED_C:
-            p_r = r_ptr + o_tok[:, None] * stride_rm + o_n[None, :]
+            if L_MODE == GATHERED_C:
+                p_l = l_ptr + o_tok[:, None] * stride_lm + o_m[None, :]
+            else:
+                p_l = l_ptr + rag0 + o_r[:, None].to(tl.int64) * M + o_m[None, :]
+            b_l = tl.load(p_l, mask=m_r[:, None] & m_m[None, :], other=0.0)           # [BK, BM]
+        if TMA and R_MODE == RAGGED_C:
+            b_r = r_desc.load([r0, i_n * BN])                                          # [BK, BN]
         else:
-            p_r = r_ptr + rag0 + o_r[:, None].to(tl.int64) * N + o_n[None, :]
-        b_r = tl.load(p_r, mask=m_r[:, None] & m_n[None, :], other=0.0)               # [BK, BN]
+            if R_MODE == GATHERED_C:
+                p_r = r_ptr + o_tok[:, None] * stride_rm + o_n[None, :]
+            else:
+                p_r = r_ptr + rag0 + o_r[:, None].to(tl.int64) * N + o_n[None, :]
+            b_r = tl.load(p_r, mask=m_r[:, None] & m_n[None, :], other=0.0)           # [BK, BN]
         if HAS_SCALE:
             b_s = tl.load(scale_ptr + b_assign, mask=m_r, other=0.0)
             b_r = (b_r.to(tl.float32) * b_s.to(tl.float32)[:, None]).to(r_ptr.dtype.element_ty)
@@ -291,40 +466,90 @@ def _wgrad_kernel(
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-def _configs(shapes):
-    """Autotuning candidates (BM, BN, BK, warps, stages); one pinned config when interpreting,
+# The tensor-descriptor (TMA) path. Modes: "auto" (default) lets the autotuner choose between
+# the descriptor and the pointer kernels wherever the descriptor path is eligible
+# (:func:`tma_eligible`); "off" keeps the pointer kernels only; "only" keeps the descriptor
+# kernels wherever eligible. Ineligible launches always take the pointer kernels. Under the
+# interpreter, "auto" means "off" (a single pinned config), so CI tests the descriptor path by
+# asking for it: ``with tma_mode("only")``.
+TMA_MODES = ("auto", "off", "only")
+_TMA_MODE = [os.environ.get("VMOE_TMA", "auto")]
+if _TMA_MODE[0] not in TMA_MODES:
+    raise ValueError(f"VMOE_TMA must be one of {TMA_MODES}, got {_TMA_MODE[0]!r}")
+
+# What a launch tells its kernel (the TMA_OK argument, also in the tuning key).
+TMA_NO, TMA_AUTO, TMA_ONLY = 0, 1, 2
+
+
+class tma_mode:
+    """``with tma_mode("off"): ...`` (or a plain call, which sets it until changed)."""
+
+    def __init__(self, mode: str):
+        if mode not in TMA_MODES:
+            raise ValueError(f"mode must be one of {TMA_MODES}, got {mode!r}")
+        self.previous = _TMA_MODE[0]
+        _TMA_MODE[0] = mode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _TMA_MODE[0] = self.previous
+
+
+def _configs(shapes, tma_shapes=()):
+    """Autotuning candidates: (BM, BN, BK, warps, stages) for the pointer kernel, then (the same
+    and a TMA level) for the descriptor kernel. One pinned config of each path when
+    interpreting (the descriptor one at the highest level, which runs every descriptor access),
     or when VMOE_PIN_CONFIG=1 (reproducible timings without a tuning pass)."""
     if interpreting():
-        return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BM": 16, "BN": 16, "BK": 16, "TMA": level}, num_warps=1,
+                              num_stages=1) for level in (TMA_OFF, max(t[-1] for t in tma_shapes))]
     if os.environ.get("VMOE_PIN_CONFIG", "0") not in ("", "0"):
-        shapes = shapes[:1]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in shapes]
+        shapes, tma_shapes = shapes[:1], tma_shapes[:1]
+    return ([triton.Config({"BM": bm, "BN": bn, "BK": bk, "TMA": TMA_OFF}, num_warps=w,
+                           num_stages=st) for bm, bn, bk, w, st in shapes]
+            + [triton.Config({"BM": bm, "BN": bn, "BK": bk, "TMA": level}, num_warps=w,
+                             num_stages=st) for bm, bn, bk, w, st, level in tma_shapes])
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop blocks much wider than the widest expert (masked work only) and pipelines whose
-    shared memory would not fit (the gated up projection streams two B tiles)."""
+    """Keep the path the launch allows (TMA_OK), and drop blocks much wider than the widest
+    expert (masked work only) and pipelines whose shared memory would not fit (the gated up
+    projection streams two B tiles)."""
     args = {**named_args, **kwargs}  # the launches pass everything by keyword
     n_max = args["N_MAX"]
     b_tiles = 2 if (args.get("EPI") == EPI_ACT and args.get("GATED")) else 1
     elem = args["a_ptr" if "a_ptr" in args else "l_ptr"].element_size()
+    allowed = {TMA_NO: (TMA_OFF,), TMA_AUTO: (TMA_OFF, TMA_LOADS, TMA_EPILOGUE),
+               TMA_ONLY: (TMA_LOADS, TMA_EPILOGUE)}[args["TMA_OK"]]
     keep = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        if c.kwargs["TMA"] not in allowed:
+            continue
         smem = c.num_stages * (bm * bk + b_tiles * bk * bn) * elem
         if bn <= max(16, next_pow2(n_max)) and smem <= 200 * 1024:
             keep.append(c)
-    return keep or configs[-1:]
+    if not keep:  # the smallest allowed block
+        keep = [c for c in configs if c.kwargs["TMA"] in allowed][-1:]
+    return keep
 
 
 _ROW_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
+_ROW_TMA_SHAPES = [(128, 128, 64, 8, 4, TMA_EPILOGUE), (128, 256, 64, 8, 3, TMA_EPILOGUE),
+                   (64, 128, 64, 4, 4, TMA_EPILOGUE), (64, 64, 64, 4, 3, TMA_EPILOGUE),
+                   (128, 128, 64, 8, 4, TMA_LOADS), (128, 128, 64, 4, 4, TMA_LOADS),
+                   (64, 128, 64, 4, 4, TMA_LOADS)]
 _WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
                  (128, 128, 64, 8, 4), (128, 128, 32, 4, 4),
                  (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 64, 4, 3)]
-ROW_CONFIGS = _configs(_ROW_SHAPES)
-WGRAD_CONFIGS = _configs(_WGRAD_SHAPES)
+_WGRAD_TMA_SHAPES = [(128, 128, 64, 8, 4, TMA_LOADS), (128, 256, 64, 8, 3, TMA_LOADS),
+                     (128, 128, 64, 4, 4, TMA_LOADS), (64, 128, 64, 4, 4, TMA_LOADS),
+                     (64, 64, 64, 4, 3, TMA_LOADS)]
+ROW_CONFIGS = _configs(_ROW_SHAPES, _ROW_TMA_SHAPES)
+WGRAD_CONFIGS = _configs(_WGRAD_SHAPES, _WGRAD_TMA_SHAPES)
 
 # Absent operands are passed as None; these flags say which are present. The heuristics wrap the
 # autotuner (as in flash-linear-attention), so the tuning key can name them.
@@ -339,7 +564,7 @@ _rows_kernel = triton.heuristics({
     # gets its own tuning, and a gated one never inherits a block shape whose two B tiles
     # overflow shared memory.
     key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E", "A_MODE", "C_MODE", "EPI", "GATED",
-         "HAS_HW"],
+         "HAS_HW", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_rows_kernel))
 
@@ -348,7 +573,7 @@ _wgrad_kernel = triton.heuristics({
 })(triton.autotune(
     configs=WGRAD_CONFIGS,
     # HAS_SCALE: a scaled right operand goes through registers, an unscaled one does not.
-    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E", "L_MODE", "R_MODE", "HAS_SCALE"],
+    key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E", "L_MODE", "R_MODE", "HAS_SCALE", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_wgrad_kernel))
 
@@ -362,6 +587,55 @@ def device_woffsets(widths: tuple, device) -> torch.Tensor:
 def width_alignment(widths: tuple) -> int:
     """The largest power of two up to 16 that divides every width (a null expert's 0 too)."""
     return functools.reduce(math.gcd, widths, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    # Hopper, where the descriptor path is built and measured (results/NOTES.md, session 7).
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def tma_eligible(device: torch.device, dtype: torch.dtype, widths: tuple, d: int,
+                 operands=()) -> bool:
+    """Whether a GEMM can take the tensor-descriptor path: a Hopper GPU (or the interpreter), a
+    16-bit dtype, widths and d in multiples of 8 (16-byte rows, row bases and expert offsets, as
+    the copy engine requires), and every descriptor operand (a tensor and the dimension along
+    which it is contiguous, or None for a flat ragged buffer) 16-byte aligned with 16-byte
+    strides."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not interpreting() and (device.type != "cuda" or not _has_tma(device.index or 0)):
+        return False
+    if width_alignment(tuple(widths)) < 8 or d % 8:
+        return False
+    for t, row_stride in operands:
+        if t is None or t.data_ptr() % 16 or (row_stride is not None and row_stride % 8):
+            return False
+    return True
+
+
+def _tma_ok(eligible: bool) -> int:
+    """The launch's TMA_OK code: which configs its autotuner may try."""
+    mode = _TMA_MODE[0]
+    if not eligible or mode == "off" or (mode == "auto" and interpreting()):
+        return TMA_NO
+    _ensure_allocator()
+    return TMA_ONLY if mode == "only" else TMA_AUTO
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Each program's descriptors are written to global memory before the copy engine reads
+    # them; torch's caching allocator (256-byte aligned) provides that space, inside a CUDA
+    # graph's pool when capturing.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the descriptors' scratch unless the program set its own. The
+    setting is per thread (a ContextVar), and autograd runs the backward on its own thread, so
+    every launch that may need it checks."""
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
 
 
 def ragged_capacity(routing: Routing) -> int:
@@ -379,13 +653,62 @@ def _routing_args(routing: Routing, device) -> dict:
                 E_PAD=next_pow2(len(widths)), ALIGN=width_alignment(widths))
 
 
+def _ws_eligible(routing: Routing, eligible: bool, n_max: int) -> bool:
+    """Whether a ragged-to-sorted GEMM takes the warp-specialized kernel: where descriptors are
+    eligible and the mode allows, and, under "auto", at the sizes where it was measured faster
+    (results/NOTES.md, session 7: about 1,000 rows per expert and d = 2048); "only" takes it
+    wherever descriptors are eligible."""
+    mode = _TMA_MODE[0]
+    if not eligible or mode == "off" or (mode == "auto" and interpreting()):
+        return False
+    rows_per_expert = routing.num_assignments / max(1, len(routing.expert_widths))
+    return mode == "only" or (rows_per_expert >= 512 and n_max >= 512)
+
+
+def _launch_rows_ws(a, b, c, routing: Routing, *, k_fixed, k_per_width, n_fixed, stride_be,
+                    stride_bk, stride_bn, stride_cm, b_trans, g):
+    # One program per multiprocessor; 128 x 256 tiles over one producer and two consumer
+    # warpgroups (4 warps each), 3 stages: the measured best of probe_ws.py (128 x 128: 20-30%
+    # slower; 4 stages: no faster and out of shared memory with descriptor stores).
+    if interpreting():
+        bm, bn, bk, programs = 16, 16, 16, 3
+    else:
+        bm, bn, bk = 128, (256 if n_fixed >= 256 else 128), 64
+        programs = _num_sms(a.device.index or 0)
+    schedule = tile_schedule(routing, bm, bn, n_cols=n_fixed)
+    _ensure_allocator()
+    launch(_rows_ws_kernel, (programs,), a, b, c, schedule, routing.counts, routing.offsets,
+           routing.ragged_offsets, routing.widths, device_woffsets(routing.expert_widths, a.device),
+           schedule.shape[0], k_fixed, n_fixed, stride_be, stride_bk, stride_bn, stride_cm,
+           K_PER_WIDTH=k_per_width, N_PER_WIDTH=0, G=g, B_TRANS=b_trans,
+           UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
+           ALIGN=width_alignment(routing.expert_widths), BM=bm, BN=bn, BK=bk,
+           WS=not interpreting(), num_warps=4, num_stages=3)
+
+
 def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mode, c_mode,
                  k_fixed=0, k_per_width=0, n_fixed=0, n_per_width=0, stride_am=0, stride_be,
                  stride_bk, stride_bn, stride_cm=0, epi=EPI_STORE, activation=None, g=1):
-    """One row-kernel GEMM. K and N are either fixed (d) or a multiple of each expert's width."""
+    """One row-kernel GEMM. K and N are either fixed (d) or a multiple of each expert's width.
+    The weight b is read through a descriptor where eligible (B_TRANS when it is contiguous
+    along N, as the transposed weights of the backward are), and so is a ragged a."""
     widths = routing.expert_widths
+    b_trans = stride_bk == 1 and stride_bn != 1
+    b_unit = stride_bn == 1 or b_trans
+    # Every operand a descriptor may touch: the weight, a ragged A, and the epilogue's outputs
+    # (and Z), which vmoe allocates itself.
+    operands = [(b, stride_bn if b_trans else stride_bk),
+                (c, stride_cm if c_mode == SORTED else None)]
+    operands += [(t, None) for t in (a if a_mode == RAGGED else None, z, hw) if t is not None]
+    eligible = b_unit and tma_eligible(a.device, a.dtype, widths, k_fixed or n_fixed, operands)
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
     k_max = k_fixed if k_per_width == 0 else max(widths) * k_per_width
+    if (a_mode == RAGGED and c_mode == SORTED and epi == EPI_STORE and scale is None
+            and _ws_eligible(routing, eligible, n_max)):
+        _launch_rows_ws(a, b, c, routing, k_fixed=k_fixed, k_per_width=k_per_width,
+                        n_fixed=n_fixed, stride_be=stride_be, stride_bk=stride_bk,
+                        stride_bn=stride_bn, stride_cm=stride_cm, b_trans=b_trans, g=g)
+        return
 
     # A persistent grid, sized from what the host knows: the tile count's upper bound for this
     # block shape, capped at two programs per multiprocessor.
@@ -403,7 +726,8 @@ def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mo
         N_PER_WIDTH=n_per_width, EPI=epi,
         ACT=None if activation is None else ACT_CODES[activation],
         GATED=activation is not None and gate_factor(activation) == 2, G=g,
-        UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype))
+        UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
+        TMA_OK=_tma_ok(eligible), B_TRANS=b_trans)
 
 
 def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str,
@@ -482,6 +806,8 @@ def _launch_wgrad(left, right, out, routing: Routing, *, scale=None, l_mode, r_m
     widths = routing.expert_widths
     m_max = m_fixed if m_per_width == 0 else max(widths) * m_per_width
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
+    ragged = left if l_mode == RAGGED else right
+    eligible = tma_eligible(left.device, left.dtype, widths, m_fixed or n_fixed, [(ragged, None)])
 
     def grid(meta):
         return (_wgrad_tiles(widths, m_fixed, m_per_width, n_fixed, n_per_width,
@@ -492,7 +818,8 @@ def _launch_wgrad(left, right, out, routing: Routing, *, scale=None, l_mode, r_m
         M_FIXED=m_fixed, N_FIXED=n_fixed, M_MAX=m_max, N_MAX=n_max, stride_lm=stride_lm,
         stride_rm=stride_rm, stride_oe=stride_oe, stride_om=stride_om, L_MODE=l_mode,
         R_MODE=r_mode, M_PER_WIDTH=m_per_width, N_PER_WIDTH=n_per_width, G=g,
-        UPCAST=dot_dtype_flag(left.dtype), DOT_PREC=_dot_precision(left.dtype))
+        UPCAST=dot_dtype_flag(left.dtype), DOT_PREC=_dot_precision(left.dtype),
+        TMA_OK=_tma_ok(eligible))
 
 
 def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor | None, w2: torch.Tensor,
