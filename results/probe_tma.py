@@ -1,9 +1,10 @@
 """The tensor-descriptor (TMA) path of the grouped GEMMs against the pointer path, per GEMM, on
 the large configs (issue 16): each of the six GEMMs of ``expert_mlp``'s forward and backward
-timed with ``do_bench`` under ``tma_mode("off")`` and ``tma_mode("only")`` (each autotuned over
-its own configs), the two outputs compared, and cuBLAS on the same FLOPs beside them.
+timed with ``do_bench`` under each mode of ``tma_mode`` named on the command line (default: "off",
+the pointer kernels, and "auto", what users get; each autotuned over its own configs), the outputs
+compared with the first mode's, and cuBLAS on the same FLOPs beside them.
 
-    PYTHONPATH=. python results/probe_tma.py OUT.csv [CONFIG_REGEX]
+    PYTHONPATH=. python results/probe_tma.py OUT.csv [CONFIG_REGEX] [MODE ...]
 
 FLOPs count the useful work: 2 * d * sum_e n_e f_e per GEMM (times g where the GEMM spans both
 swiglu halves). The cuBLAS line for a row GEMM is ``[A, d] @ [d, g f_bar]`` (or its mirror) and
@@ -18,7 +19,8 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from vmoe import bench, grouped_gemm as gg
+from vmoe import bench
+from vmoe import grouped_gemm as gg
 from vmoe.config import gate_factor
 from vmoe.routing import build_routing
 
@@ -56,6 +58,7 @@ def used(t, n):
 def main():
     out = sys.argv[1]
     pat = sys.argv[2] if len(sys.argv) > 2 else "128x768-k8-relu2|32x1536.*swiglu"
+    modes = sys.argv[3:] or ["off", "auto"]
     rows = []
     for cfg in bench.configs("large") + bench.configs("tiny"):
         if not re.search(pat, cfg.name):
@@ -71,7 +74,7 @@ def main():
         cub_row = do_bench(lambda: x2 @ wb)
         cub_wg = do_bench(lambda: x2.t() @ torch.empty(A, g * fbar, device=DEV, dtype=DT))
         outs = {}
-        for mode in ("off", "only"):
+        for mode in modes:
             with gg.tma_mode(mode):
                 for name, (fn, pick, gm, gu) in gemms(inp, r, cfg.activation).items():
                     outs[(mode, name)] = used(pick(fn()), gu * S).clone()
@@ -81,9 +84,10 @@ def main():
                     row = dict(config=cfg.name, gemm=name, mode=mode, ms=round(ms, 4),
                                tflops=round(flops / ms / 1e9, 1),
                                cublas_tflops=round(2 * A * d * g * fbar / cub / 1e9, 1))
-                    if mode == "only":
-                        row["rel_vs_off"] = f"{rel(outs[(mode, name)], outs[('off', name)]):.2e}"
-                        row["speedup"] = round(rows_by(rows, cfg.name, name, "off")["ms"] / ms, 3)
+                    if mode != modes[0]:
+                        first = outs[(modes[0], name)]
+                        row["rel_vs_first"] = f"{rel(outs[(mode, name)], first):.2e}"
+                        row["speedup"] = round(rows_by(rows, cfg.name, name, modes[0])["ms"] / ms, 3)
                     rows.append(row)
                     print(row, flush=True)
                     write(out, rows)
@@ -96,7 +100,7 @@ def rows_by(rows, config, gemm, mode):
 
 
 def write(path, rows):
-    cols = ["config", "gemm", "mode", "ms", "tflops", "cublas_tflops", "speedup", "rel_vs_off"]
+    cols = ["config", "gemm", "mode", "ms", "tflops", "cublas_tflops", "speedup", "rel_vs_first"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, cols)
         w.writeheader()

@@ -420,7 +420,8 @@ def max_row_tiles(num_assignments: int, num_experts: int, bm: int) -> int:
 
 def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
                   n_per_width: int = 1) -> torch.Tensor:
-    """Materialise a grouped GEMM's tile schedule, for reading and drawing (the GEMMs never call it).
+    """Materialise a grouped GEMM's tile schedule: for reading and drawing, and for the
+    warp-specialized kernel (:mod:`vmoe.grouped_gemm`), which cannot rebuild it in registers.
 
     Returns ``[max_tiles, 3]`` int32 rows ``(expert, row tile, column tile)``; rows past the real
     number of tiles hold -1. Columns follow the expert's width times ``n_per_width`` unless
