@@ -371,3 +371,23 @@ def test_scratch_allocator_respects_the_programs_own():
     worker.start()
     worker.join()
     assert seen == [gg._scratch, own]
+
+
+def test_warp_specialized_kernel_dispatch(monkeypatch):
+    """Which ragged-to-sorted GEMMs take the warp-specialized kernel: under "auto" only at the
+    sizes where it was measured faster (about 1,000 rows per expert, d >= 512), and as if on a
+    GPU (the interpreter's "auto" is "off"); under "only" wherever descriptors are eligible;
+    never under "off" or when not eligible."""
+    def routing(rows, experts):
+        return type("R", (), {"num_assignments": rows * experts, "expert_widths": (8,) * experts})
+    monkeypatch.setattr(gg, "interpreting", lambda: False)
+    with tma_mode("auto"):
+        assert gg._ws_eligible(routing(1024, 128), True, 2048)
+        assert not gg._ws_eligible(routing(256, 128), True, 2048)    # the seed configs' size
+        assert not gg._ws_eligible(routing(1024, 128), True, 256)
+        assert not gg._ws_eligible(routing(1024, 128), False, 2048)
+    with tma_mode("only"):
+        assert gg._ws_eligible(routing(4, 2), True, 16)
+        assert not gg._ws_eligible(routing(4, 2), False, 16)
+    with tma_mode("off"):
+        assert not gg._ws_eligible(routing(1024, 128), True, 2048)

@@ -19,6 +19,13 @@ Two kernels serve all six GEMMs. ``_rows_kernel`` computes ``C[rows of e] = A[ro
 each expert, over a persistent grid whose tile schedule is rebuilt on the device from the counts
 (:func:`vmoe.routing.schedule_prologue`). ``_wgrad_kernel`` computes ``A_e^T @ B_e`` over each
 expert's rows; its tiles are known on the host (they depend only on the widths and d).
+
+On a Hopper GPU both also have a tensor-descriptor (TMA) path, chosen by the autotuner among its
+configs where :func:`tma_eligible` holds (16-bit dtypes, widths and d in multiples of 8): each
+expert's blocks become descriptors, whose zero-filled loads and clipped stores replace the masks
+(notebook 04, v5). A third kernel, ``_rows_ws_kernel``, takes the two ragged-to-sorted GEMMs
+(down_proj and dX) at large sizes: descriptor loads only, persistent and warp-specialized, its
+tiles read from a schedule in memory. ``VMOE_TMA`` / :class:`tma_mode` choose (auto, off, only).
 """
 from __future__ import annotations
 
