@@ -122,6 +122,21 @@ def _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr, DIM1_FIXED
 
 
 @triton.jit
+def _weight_descriptor(b_e, K, N, G: tl.constexpr, stride_bk, stride_bn, B_TRANS: tl.constexpr,
+                       BK: tl.constexpr, BN: tl.constexpr):
+    """Expert e's block of a weight, starting at ``b_e``, as a descriptor. B_TRANS: B[k, n] is
+    stored at [n, k] (a transposed weight of the backward), an [N, K] block; else a [K, G*N]
+    block, where the gated up projection's gate and up halves (G = 2) are one [K, 2*f_e] block."""
+    if B_TRANS:
+        desc = tl.make_tensor_descriptor(b_e, shape=[N, K], strides=[stride_bn, 1],
+                                         block_shape=[BN, BK])
+    else:
+        desc = tl.make_tensor_descriptor(b_e, shape=[K, G * N], strides=[stride_bk, 1],
+                                         block_shape=[BK, BN])
+    return desc
+
+
+@triton.jit
 def _rows_kernel(
     a_ptr,              # SORTED [A, K] | GATHERED [T, K] | RAGGED [n_e, K_e] blocks
     b_ptr,              # the weight: expert e's [K_e, N_e] block, strided (w1, w2 or their transposes)
@@ -173,17 +188,12 @@ def _rows_kernel(
         if TMA:
             # Expert e's own blocks as tensor descriptors: the copy engine zero-fills what lies
             # past them, so a K tail never reads the next expert's rows or columns, and a ragged
-            # block needs no row mask. B_TRANS: B[k, n] is stored at [n, k] (a transposed weight).
+            # block needs no row mask.
             if A_MODE == RAGGED_C:
                 a_desc = tl.make_tensor_descriptor(a_ptr + rag0 * G, shape=[n_rows, K],
                                                    strides=[K, 1], block_shape=[BM, BK])
-            if B_TRANS:
-                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[N, K],
-                                                   strides=[stride_bn, 1], block_shape=[BN, BK])
-            else:
-                # The gated up projection's gate and up halves are one [K, 2*f_e] block.
-                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[K, G * N],
-                                                   strides=[stride_bk, 1], block_shape=[BK, BN])
+            b_desc = _weight_descriptor(b_ptr + o_col * stride_be, K, N, G, stride_bk, stride_bn,
+                                        B_TRANS, BK, BN)
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if EPI == EPI_ACT_C and GATED:
@@ -367,12 +377,8 @@ def _rows_ws_kernel(
                                                       K_PER_WIDTH, N_PER_WIDTH, ALIGN)
             a_desc = tl.make_tensor_descriptor(a_ptr + rag0 * G, shape=[n_rows, K],
                                                strides=[K, 1], block_shape=[BM, BK])
-            if B_TRANS:
-                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[N, K],
-                                                   strides=[stride_bn, 1], block_shape=[BN, BK])
-            else:
-                b_desc = tl.make_tensor_descriptor(b_ptr + o_col * stride_be, shape=[K, N],
-                                                   strides=[stride_bk, 1], block_shape=[BK, BN])
+            b_desc = _weight_descriptor(b_ptr + o_col * stride_be, K, N, G, stride_bk, stride_bn,
+                                        B_TRANS, BK, BN)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
                 b_a = a_desc.load([i_m * BM, k0])
