@@ -380,14 +380,17 @@ def test_warp_specialized_kernel_dispatch(monkeypatch):
     never under "off" or when not eligible."""
     def routing(rows, experts):
         return type("R", (), {"num_assignments": rows * experts, "expert_widths": (8,) * experts})
+
+    def ws(r, eligible, n_max):
+        return gg._ws_eligible(r, gg._tma_ok(eligible), n_max)
     monkeypatch.setattr(gg, "interpreting", lambda: False)
     with tma_mode("auto"):
-        assert gg._ws_eligible(routing(1024, 128), True, 2048)
-        assert not gg._ws_eligible(routing(256, 128), True, 2048)    # the seed configs' size
-        assert not gg._ws_eligible(routing(1024, 128), True, 256)
-        assert not gg._ws_eligible(routing(1024, 128), False, 2048)
+        assert ws(routing(1024, 128), True, 2048)
+        assert not ws(routing(256, 128), True, 2048)    # the seed configs' size
+        assert not ws(routing(1024, 128), True, 256)
+        assert not ws(routing(1024, 128), False, 2048)
     with tma_mode("only"):
-        assert gg._ws_eligible(routing(4, 2), True, 16)
-        assert not gg._ws_eligible(routing(4, 2), False, 16)
+        assert ws(routing(4, 2), True, 16)
+        assert not ws(routing(4, 2), False, 16)
     with tma_mode("off"):
-        assert not gg._ws_eligible(routing(1024, 128), True, 2048)
+        assert not ws(routing(1024, 128), True, 2048)

@@ -612,9 +612,9 @@ def tma_eligible(device: torch.device, dtype: torch.dtype, widths: tuple, d: int
                  operands=()) -> bool:
     """Whether a GEMM can take the tensor-descriptor path: a Hopper GPU (or the interpreter), a
     16-bit dtype, widths and d in multiples of 8 (16-byte rows, row bases and expert offsets, as
-    the copy engine requires), and every descriptor operand (a tensor and the dimension along
-    which it is contiguous, or None for a flat ragged buffer) 16-byte aligned with 16-byte
-    strides."""
+    the copy engine requires), and every descriptor operand, given as (tensor, its row stride in
+    elements, or None for a flat ragged buffer whose rows are widths or d long), 16-byte aligned
+    with a row stride in multiples of 8 (a None tensor is not eligible)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
     if not interpreting() and (device.type != "cuda" or not _has_tma(device.index or 0)):
@@ -666,16 +666,14 @@ def _routing_args(routing: Routing, device) -> dict:
                 E_PAD=next_pow2(len(widths)), ALIGN=width_alignment(widths))
 
 
-def _ws_eligible(routing: Routing, eligible: bool, n_max: int) -> bool:
-    """Whether a ragged-to-sorted GEMM takes the warp-specialized kernel: where descriptors are
-    eligible and the mode allows, and, under "auto", at the sizes where it was measured faster
-    (results/NOTES.md, session 7: about 1,000 rows per expert and d = 2048); "only" takes it
-    wherever descriptors are eligible."""
-    mode = _TMA_MODE[0]
-    if not eligible or mode == "off" or (mode == "auto" and interpreting()):
-        return False
+def _ws_eligible(routing: Routing, tma_ok: int, n_max: int) -> bool:
+    """Whether a ragged-to-sorted GEMM takes the warp-specialized kernel, given the launch's
+    TMA_OK code (:func:`_tma_ok`): always under TMA_ONLY, and under TMA_AUTO at the sizes where
+    it was measured faster (results/NOTES.md, session 7: about 1,000 rows per expert and
+    d = 2048)."""
     rows_per_expert = routing.num_assignments / max(1, len(routing.expert_widths))
-    return mode == "only" or (rows_per_expert >= 512 and n_max >= 512)
+    return tma_ok == TMA_ONLY or (tma_ok == TMA_AUTO and rows_per_expert >= 512
+                                  and n_max >= 512)
 
 
 def _launch_rows_ws(a, b, c, routing: Routing, *, k_fixed, k_per_width, n_fixed, stride_be,
@@ -689,7 +687,6 @@ def _launch_rows_ws(a, b, c, routing: Routing, *, k_fixed, k_per_width, n_fixed,
         bm, bn, bk = 128, (256 if n_fixed >= 256 else 128), 64
         programs = _num_sms(a.device.index or 0)
     schedule = tile_schedule(routing, bm, bn, n_cols=n_fixed)
-    _ensure_allocator()
     launch(_rows_ws_kernel, (programs,), a, b, c, schedule, routing.counts, routing.offsets,
            routing.ragged_offsets, routing.widths, device_woffsets(routing.expert_widths, a.device),
            schedule.shape[0], k_fixed, n_fixed, stride_be, stride_bk, stride_bn, stride_cm,
@@ -714,10 +711,11 @@ def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mo
                 (c, stride_cm if c_mode == SORTED else None)]
     operands += [(t, None) for t in (a if a_mode == RAGGED else None, z, hw) if t is not None]
     eligible = b_unit and tma_eligible(a.device, a.dtype, widths, k_fixed or n_fixed, operands)
+    tma_ok = _tma_ok(eligible)
     n_max = n_fixed if n_per_width == 0 else max(widths) * n_per_width
     k_max = k_fixed if k_per_width == 0 else max(widths) * k_per_width
     if (a_mode == RAGGED and c_mode == SORTED and epi == EPI_STORE and scale is None
-            and _ws_eligible(routing, eligible, n_max)):
+            and _ws_eligible(routing, tma_ok, n_max)):
         _launch_rows_ws(a, b, c, routing, k_fixed=k_fixed, k_per_width=k_per_width,
                         n_fixed=n_fixed, stride_be=stride_be, stride_bk=stride_bk,
                         stride_bn=stride_bn, stride_cm=stride_cm, b_trans=b_trans, g=g)
@@ -740,7 +738,7 @@ def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mo
         ACT=None if activation is None else ACT_CODES[activation],
         GATED=activation is not None and gate_factor(activation) == 2, G=g,
         UPCAST=dot_dtype_flag(a.dtype), DOT_PREC=_dot_precision(a.dtype),
-        TMA_OK=_tma_ok(eligible), B_TRANS=b_trans)
+        TMA_OK=tma_ok, B_TRANS=b_trans)
 
 
 def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str,
