@@ -23,13 +23,9 @@ from vmoe import bench
 from vmoe import grouped_gemm as gg
 from vmoe.config import gate_factor
 from vmoe.routing import build_routing
+from vmoe.testing import rel_err
 
 DEV, DT = "cuda", torch.bfloat16
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def gemms(inp, r, act):
@@ -86,7 +82,7 @@ def main():
                                cublas_tflops=round(2 * A * d * g * fbar / cub / 1e9, 1))
                     if mode != modes[0]:
                         first = outs[(modes[0], name)]
-                        row["rel_vs_first"] = f"{rel(outs[(mode, name)], first):.2e}"
+                        row["rel_vs_first"] = f"{rel_err(outs[(mode, name)], first):.2e}"
                         row["speedup"] = round(rows_by(rows, cfg.name, name, modes[0])["ms"] / ms, 3)
                     rows.append(row)
                     print(row, flush=True)
