@@ -53,6 +53,11 @@ def facts(fn, pointers: dict, constants: dict, num_warps: int, num_stages: int) 
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
     except Exception as exc:  # noqa: BLE001 (a config that fails to compile is a finding)
         return f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return compiled_facts(compiled)
+
+
+def compiled_facts(compiled) -> str:
+    """One line of facts about a kernel compiled for sm_90 (``triton.compile``'s result)."""
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
         fh.write(ptx)

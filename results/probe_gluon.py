@@ -166,16 +166,13 @@ def up_proj_ws(x, idx, w, gather=True):
 
 
 def compile_only():
-    """Compile both variants for sm_90 on this machine (no GPU): registers, spills, the copies."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
+    """Compile both variants for sm_90 on this machine (no GPU): registers, spills, the copies
+    (``results/probe_compile.py``'s facts line)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    from results.probe_compile import compiled_facts
+
     names = up_proj_ws_kernel.arg_names
     for gather in (True, False):
         consts = dict(GATHER=gather, BM=BM, BN=BN, BK=BK, STAGES=STAGES,
@@ -184,24 +181,16 @@ def compile_only():
         sig = {n: "constexpr" if n in consts else
                {"x_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16", "idx_ptr": "*i32"}.get(n, "i32")
                for n in names}
+        # Every size and stride divisible by 16, as at the probe's shapes (without it the
+        # cp.async copies cannot be 16 bytes and the lowering fails).
         attrs = {(names.index(n),): [["tt.divisibility", 16]]
                  for n in ("x_ptr", "w_ptr", "h_ptr", "idx_ptr", "M", "N", "K", "stride_x",
                            "stride_w", "stride_h")}
-        src = GluonASTSource(up_proj_ws_kernel, sig, consts, attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=CONSUMER_WARPS))
-        ptx = k.asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
-            fh.write(ptx)
-            fh.flush()
-            rep = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True).stderr
-        regs = re.findall(r"Used (\d+) registers", rep)
-        spills = re.findall(r"(\d+) bytes spill stores", rep)
-        print(f"gather={gather}: regs {regs} spill {spills} smem {k.metadata.shared} "
-              f"cp.async {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')} "
-              f"noinc {ptx.count('arrive.noinc')} tma {ptx.count('cp.async.bulk.tensor')} "
-              f"wgmma {ptx.count('wgmma.mma_async')} setmaxnreg {ptx.count('setmaxnreg')}")
+        compiled = triton.compile(GluonASTSource(up_proj_ws_kernel, sig, consts, attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=CONSUMER_WARPS))
+        print(f"gather={gather}: {compiled_facts(compiled)}, "
+              f"noinc arrivals {compiled.asm['ptx'].count('arrive.noinc')}")
 
 
 def main(out=None):
