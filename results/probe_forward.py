@@ -70,7 +70,7 @@ def main():
                     row["floor_ms"] = round(nbytes / (tb_s * 1e9), 4)
                 rows.append(row)
                 print(row, flush=True)
-        del inp, r, h, ys, z, zh
+        inp = r = h = ys = z = zh = parts = None  # free before the next config
         torch.cuda.empty_cache()
     with open(out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["config", "part", "ms", "floor_ms"],
