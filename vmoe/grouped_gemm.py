@@ -137,6 +137,18 @@ def _weight_descriptor(b_e, K, N, G: tl.constexpr, stride_bk, stride_bn, B_TRANS
 
 
 @triton.jit
+def _weight_tile(b_desc, k0, c0, B_TRANS: tl.constexpr):
+    """The [BK, BN] tile at rows k0.., columns c0.. of a weight block from
+    :func:`_weight_descriptor` (read as [BN, BK] and transposed when B_TRANS)."""
+    # (One return: a helper that returns from constexpr branches is not inlined by Triton 3.6.)
+    if B_TRANS:
+        tile = tl.trans(b_desc.load([c0, k0]))
+    else:
+        tile = b_desc.load([k0, c0])
+    return tile
+
+
+@triton.jit
 def _rows_kernel(
     a_ptr,              # SORTED [A, K] | GATHERED [T, K] | RAGGED [n_e, K_e] blocks
     b_ptr,              # the weight: expert e's [K_e, N_e] block, strided (w1, w2 or their transposes)
@@ -208,10 +220,7 @@ def _rows_kernel(
                               mask=m_m[:, None] & m_k[None, :], other=0.0)            # [BM, BK]
             p_bk = p_b + o_k[:, None].to(tl.int64) * stride_bk
             if TMA:
-                if B_TRANS:
-                    b_b = tl.trans(b_desc.load([i_n * BN, k0]))
-                else:
-                    b_b = b_desc.load([k0, i_n * BN])
+                b_b = _weight_tile(b_desc, k0, i_n * BN, B_TRANS)
             else:
                 b_b = tl.load(p_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)       # [BK, BN]
             if UPCAST:
@@ -382,10 +391,7 @@ def _rows_ws_kernel(
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
                 b_a = a_desc.load([i_m * BM, k0])
-                if B_TRANS:
-                    b_b = tl.trans(b_desc.load([i_n * BN, k0]))
-                else:
-                    b_b = b_desc.load([k0, i_n * BN])
+                b_b = _weight_tile(b_desc, k0, i_n * BN, B_TRANS)
                 if UPCAST:
                     b_a = b_a.to(tl.float32)
                     b_b = b_b.to(tl.float32)
