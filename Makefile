@@ -5,10 +5,23 @@ PY := $(VENV)/bin/python
 
 .PHONY: reproduce test lint clean
 
+# Without an NVIDIA driver the kernels run in Triton's CPU interpreter, and torch's CPU build is enough:
+# about 1 GB installed against about 6 GB for the CUDA build and its libraries, which a small CI disk
+# may not hold. pip finds TORCH_CPU among its configured sources (here, a local wheel) or on
+# TORCH_CPU_INDEX (elsewhere, say TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu); where neither
+# has it, the project install brings the default build as before.
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?=
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@echo "Installing vmoe and its dev tools into $(VENV): the CUDA build of torch, about 6 GB, a few minutes."
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "No NVIDIA GPU: installing torch's CPU build ($(TORCH_CPU)) into $(VENV)."; \
+		$(PY) -m pip install --progress-bar on $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) \
+			'$(TORCH_CPU)' || echo "$(TORCH_CPU) not found: the next step installs the default build."; \
+	fi
+	@echo "Installing vmoe and its dev tools into $(VENV) (with a GPU: the CUDA build of torch, about 6 GB)."
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 

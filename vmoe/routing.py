@@ -181,8 +181,9 @@ def _scatter_kernel(ids_ptr,                 # [A] any integer dtype
     b_drop = tl.sum(tl.where(b_null | (o_e == E), b_pre, 0), axis=0)
     b_before = tl.where(o_e == E, b_drop, b_pre)
     has_next = i_b + 1 < tl.num_programs(0)
-    b_next = tl.where(has_next, tl.load(p_prefix + (E + 1) + o_e, mask=b_live & has_next, other=0),
-                      b_cnt)
+    # tl.where, not b_live & has_next: Triton 3.9's interpreter turns a block & a scalar bool into int32.
+    m_next = tl.where(has_next, b_live, False)
+    b_next = tl.where(has_next, tl.load(p_prefix + (E + 1) + o_e, mask=m_next, other=0), b_cnt)
     b_own = tl.where(b_live, b_next - b_pre, 0)
     b_run = tl.cumsum(b_own, axis=0) - b_own
     # Sorted slot s of a lane of bin e goes to position b_first[e] + s:
