@@ -5,18 +5,19 @@ PY := $(VENV)/bin/python
 
 .PHONY: reproduce test lint clean
 
-# Without an NVIDIA driver the kernels run in Triton's CPU interpreter, and torch's CPU build is enough:
-# about 1 GB installed against about 6 GB for the CUDA build and its libraries, which a small CI disk
-# may not hold. pip finds TORCH_CPU among its configured sources (here, a local wheel) or on
-# TORCH_CPU_INDEX (elsewhere, say TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu); where neither
-# has it, the project install brings the default build as before.
+# Without an NVIDIA driver (neither its /proc entry nor nvidia-smi) the kernels run in Triton's CPU
+# interpreter, and torch's CPU build is enough: .venv takes about 2.5 GB with it, against about 6 GB
+# with the CUDA build and its libraries, which a small CI disk may not hold. pip finds TORCH_CPU among its
+# configured sources (here, a local wheel) or on TORCH_CPU_INDEX (elsewhere, say
+# TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu); where neither has it, the project install
+# brings the default build as before.
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+	@if [ ! -e /proc/driver/nvidia/version ] && ! nvidia-smi -L >/dev/null 2>&1; then \
 		echo "No NVIDIA GPU: installing torch's CPU build ($(TORCH_CPU)) into $(VENV)."; \
 		$(PY) -m pip install --progress-bar on $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) \
 			'$(TORCH_CPU)' || echo "$(TORCH_CPU) not found: the next step installs the default build."; \
