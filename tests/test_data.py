@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from vmoe.data import (
+from vmoe.train.data import (
     check_hashes,
     code_documents,
     prose_documents,

@@ -1,10 +1,10 @@
-"""vmoe._utils: the host-side integer helpers equal Triton's (which they replace on the launch path
+"""vmoe.ops.utils.device: the host-side integer helpers equal Triton's (which they replace on the launch path
 because Triton's are constexpr functions with a costly host wrapper)."""
 from __future__ import annotations
 
 import triton
 
-from vmoe._utils import cdiv, next_pow2
+from vmoe.ops.utils.device import cdiv, next_pow2
 
 
 def test_next_pow2_equals_triton():

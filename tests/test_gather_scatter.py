@@ -1,12 +1,12 @@
-"""vmoe.gather_scatter against vmoe.reference.gather/combine, in float64, and its determinism."""
+"""vmoe.ops.gather_scatter against vmoe.reference.gather/combine, in float64, and its determinism."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from vmoe import reference
-from vmoe.gather_scatter import combine, combine_weight_grad, gather
-from vmoe.routing import build_routing
+from vmoe.ops.gather_scatter import combine, combine_weight_grad, gather
+from vmoe.ops.routing import build_routing
 from vmoe.testing import DEVICE, DTYPE_IDS, assert_close, case_id, sizes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

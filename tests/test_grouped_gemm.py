@@ -1,4 +1,4 @@
-"""The ragged grouped GEMMs of vmoe.grouped_gemm against a per-expert torch loop in float64.
+"""The ragged grouped GEMMs of vmoe.ops.grouped_gemm against a per-expert torch loop in float64.
 
 Ragged buffers are flat: expert e's [n_e, g*f_e] block starts at element g*ragged_offsets[e]. The
 tests read exactly those blocks (through the routing's counts and ragged_offsets), so only the
@@ -15,10 +15,10 @@ import torch
 import triton
 from triton.runtime import _allocation
 
-from vmoe import grouped_gemm as gg
 from vmoe import reference
 from vmoe.config import gate_factor
-from vmoe.grouped_gemm import (
+from vmoe.ops import grouped_gemm as gg
+from vmoe.ops.grouped_gemm import (
     down_proj,
     down_proj_bwd,
     ragged_capacity,
@@ -30,7 +30,7 @@ from vmoe.grouped_gemm import (
     w2_grad,
     width_alignment,
 )
-from vmoe.routing import build_routing
+from vmoe.ops.routing import build_routing
 from vmoe.testing import ACT_DTYPE_IDS, ACT_DTYPES, DEVICE, DTYPE_IDS, assert_close, case_id, sizes
 
 # (T, d, widths, k): widths off the block sizes, a width-1 expert, and more experts than rows.

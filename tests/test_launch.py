@@ -1,4 +1,4 @@
-"""The direct launch path (vmoe/launch.py): the argument list it replays must be the one Triton
+"""The direct launch path (vmoe/ops/utils/launch.py): the argument list it replays must be the one Triton
 binds, for every kernel a layer training step launches, with the new call's tensors in place.
 
 On the CPU the kernels are interpreted and the direct path is off, so these tests check its pieces
@@ -15,7 +15,7 @@ import torch
 
 import vmoe
 from vmoe import MoEConfig, MoEMLP
-from vmoe import launch as launch_mod
+from vmoe.ops.utils import launch as launch_mod
 from vmoe.testing import DEVICE
 
 _MODULES = ("gather_scatter", "grouped_gemm", "router", "routing")
@@ -97,7 +97,7 @@ def test_bound_arguments_holds_heuristics_config_and_defaults(recorded):
     """The rows kernel is wrapped in heuristics and an autotuner: its binding carries the HAS_*
     flags computed from the None-ness of operands and the config's block shape."""
     _layer_step(_moe(torch.float32), 32, 5, torch.float32, seed=3)
-    rows = [(k, a, kw) for k, _, a, kw in recorded if k is vmoe.grouped_gemm._rows_kernel]
+    rows = [(k, a, kw) for k, _, a, kw in recorded if k is vmoe.ops.grouped_gemm._rows_kernel]
     assert rows
     for kernel, args, kwargs in rows:
         _, bound = launch_mod.bound_arguments(kernel, args, kwargs)
@@ -110,7 +110,7 @@ def test_bound_arguments_holds_heuristics_config_and_defaults(recorded):
 
 
 def test_key_separates_what_triton_specializes_on():
-    kernel = vmoe.gather_scatter._combine_kernel
+    kernel = vmoe.ops.gather_scatter._combine_kernel
     base = torch.zeros(64, dtype=torch.float16)
     key = _key
     same = key(kernel, (base[:32],), {"n": 16}, 0)

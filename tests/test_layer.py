@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import vmoe._utils
+import vmoe.ops.utils.device
 from vmoe import MoEConfig, MoEMLP, reference
 from vmoe.testing import DEVICE, assert_close, sizes
 
@@ -249,7 +249,7 @@ def test_launch_budget(activation, router, extra, monkeypatch):
     shared expert may add 4 to the forward (the routing's extra slot, the gate's GEMM, its sigmoid,
     the weights' concatenation) and 6 to the backward (the gate's sigmoid, its two GEMMs, one
     split-K reduction, the add into dx, and the copy of the routed slots' weight gradient)."""
-    monkeypatch.setattr(vmoe._utils, "_POISONING", False)  # the tests' NaN fills are launches too
+    monkeypatch.setattr(vmoe.ops.utils.device, "_POISONING", False)  # the tests' NaN fills are launches too
     sizes_ = [(4, 512), (8, 256), (4, 128)] + ([(4, 0)] if extra else [])
     cfg = MoEConfig(n_embd=256, expert_sizes=sizes_, num_active_experts=2,
                     activation=activation, router=router, **extra)
@@ -281,7 +281,8 @@ def test_backward_fills_no_zero_gradients(monkeypatch):
     its configs, and Triton's benchmark clears the L2 cache with a ``zero_`` per repetition."""
     from torch.profiler import ProfilerActivity, profile
 
-    monkeypatch.setattr(vmoe._utils, "_POISONING", False)  # the tests' NaN fills are not the layer's
+    # the tests' NaN fills are not the layer's
+    monkeypatch.setattr(vmoe.ops.utils.device, "_POISONING", False)
     moe = MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 16), (2, 8)], num_active_experts=2))
     moe = moe.to(DEVICE)
     x = torch.randn(20, 16, device=DEVICE, requires_grad=True)

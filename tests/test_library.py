@@ -1,11 +1,11 @@
-"""The PyTorch operators of vmoe.ops: torch.library.opcheck (schema, fake tensors, AOT dispatch with
+"""The PyTorch operators of vmoe.library: torch.library.opcheck (schema, fake tensors, AOT dispatch with
 dynamic shapes), and the eager path computing exactly what the operators compute."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vmoe import ops
+from vmoe import library as ops
 from vmoe.testing import DEVICE, make_inputs
 
 WIDTHS = (7, 16, 1, 20)

@@ -60,8 +60,8 @@ def test_readme_use_snippet_runs_on_cpu():
     """Pasted into a fresh interpreter on a machine without a GPU, the snippet runs, and on vmoe's
     kernels (in Triton's interpreter), not on the reference fallback."""
     code = readme_use_snippet(README.read_text())
-    check = ("\nimport vmoe._utils\n"
-             "assert vmoe._utils.interpreting(), 'the snippet did not select the Triton interpreter'\n")
+    check = ("\nfrom vmoe.ops.utils.device import interpreting\n"
+             "assert interpreting(), 'the snippet did not select the Triton interpreter'\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even where a GPU is present
     proc = subprocess.run([sys.executable, "-c", code + check], cwd=ROOT, env=env, capture_output=True,

@@ -33,7 +33,7 @@ os.environ.setdefault("VMOE_POISON", "1")
 import torch.distributed as dist  # noqa: E402
 
 from vmoe import MoEConfig, MoEMLP  # noqa: E402
-from vmoe.bench_parallel import contiguous_placement  # noqa: E402
+from vmoe.bench.parallel import contiguous_placement  # noqa: E402
 from vmoe.parallel import ExpertParallelMoEMLP, place_experts  # noqa: E402
 from vmoe.testing import DTYPE_IDS, assert_close, assert_shard_grads, spawn_ranks  # noqa: E402
 

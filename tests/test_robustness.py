@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import vmoe
-from vmoe import MoEConfig, MoEMLP, ops, reference
+from vmoe import MoEConfig, MoEMLP, reference
+from vmoe import library as ops
 from vmoe.config import ACTIVATIONS
-from vmoe.routing import build_routing
+from vmoe.ops.routing import build_routing
 from vmoe.testing import DEVICE, assert_close, make_inputs, tolerance
 
 WIDTHS = (7, 16, 1, 20)

@@ -1,6 +1,6 @@
-"""vmoe.router against reference.route and reference.route_aux_losses (float64), MoEMLP.aux_losses,
-and vmoe.routing: ids, weights, statistics, losses, the block histogram, the Routing it starts,
-and every gradient of the logits. See the table in vmoe/router.py."""
+"""vmoe.ops.router against reference.route and reference.route_aux_losses (float64), MoEMLP.aux_losses,
+and vmoe.ops.routing: ids, weights, statistics, losses, the block histogram, the Routing it starts,
+and every gradient of the logits. See the table in vmoe/ops/router.py."""
 from __future__ import annotations
 
 import re
@@ -12,8 +12,8 @@ import triton
 
 from vmoe import MoEConfig, MoEMLP, reference
 from vmoe.autograd import route
-from vmoe.router import route_block_tokens, route_bwd, route_fwd, route_stats
-from vmoe.routing import (
+from vmoe.ops.router import route_block_tokens, route_bwd, route_fwd, route_stats
+from vmoe.ops.routing import (
     _block_histogram_kernel,
     build_routing,
     finish_routing,

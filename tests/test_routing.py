@@ -1,5 +1,5 @@
-"""vmoe.routing against the sort + bincount + cumsum of vmoe.reference.routing, and the invariants
-of the Routing data structure (see the table in vmoe/routing.py)."""
+"""vmoe.ops.routing against the sort + bincount + cumsum of vmoe.reference.routing, and the invariants
+of the Routing data structure (see the table in vmoe/ops/routing.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import triton
 
 from vmoe import expert_mlp, reference
-from vmoe.routing import (
+from vmoe.ops.routing import (
     add_shared_slot,
     build_routing,
     finish_routing,

@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vmoe.data import write_corpus
-from vmoe.train import (
+from vmoe.train.data import write_corpus
+from vmoe.train.loop import (
     AUX_KEYS,
     CONFIGS,
     GPT,
@@ -45,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture
 def corpus(tmp_path):
-    """A small two-domain corpus in vmoe.data's format: repetitive, so a few steps can learn it."""
+    """A small two-domain corpus in vmoe.train.data's format: repetitive, so a few steps can learn it."""
     data = tmp_path / "data"
     write_corpus(data, {
         "train": {"prose": {"p1": PROSE * 40, "p2": PROSE[::-1] * 10}, "code": {"c1": CODE * 60}},

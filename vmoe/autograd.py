@@ -5,12 +5,12 @@ and the unweighted down-projection rows ys (for the gradient of the routing weig
 saved: the backward's first GEMM recomputes it from Z in its epilogue and writes it weighted,
 w * H, the operand of the W2 gradient. The weighted, sorted copy of dy is never written: the
 kernels gather dy by token and scale it by the routing weight on load.
-Derivation: notebooks/05_backward.ipynb.
+Derivation: notebooks/05_autograd.ipynb.
 
 Nothing is saved when no gradient can be asked for (grad mode off, as under ``torch.no_grad()``
 or ``torch.inference_mode()``, or no input requiring grad): Z and ys are then never kept.
 
-The Function calls :mod:`vmoe.ops`, which are PyTorch operators under ``torch.compile`` and plain
+The Function calls :mod:`vmoe.library`, which are PyTorch operators under ``torch.compile`` and plain
 calls in eager mode; ``setup_context`` is separate from ``forward`` so that ``torch.func.grad``
 can run it too. The backward is differentiable once: a second derivative raises.
 """
@@ -21,10 +21,11 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import ops, reference
-from ._utils import check_triton_device, interpreting
-from .config import IMPLS, check_expert_mlp_args
-from .routing import Routing
+from vmoe import library as ops
+from vmoe import reference
+from vmoe.config import IMPLS, check_expert_mlp_args
+from vmoe.ops.routing import Routing
+from vmoe.ops.utils.device import check_triton_device, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,7 +58,7 @@ class ExpertMLPFunction(torch.autograd.Function):
 
 
 class RouteFunction(torch.autograd.Function):
-    """The fused router (:mod:`vmoe.router`). Saved: the logits, the ids and, for the loss
+    """The fused router (:mod:`vmoe.ops.router`). Saved: the logits, the ids and, for the loss
     gradients, counts and p_sum; P and the logsumexp are recomputed in the one backward launch.
     Differentiable outputs: topk_weights, p_sum, lse_sq_sum and the three losses."""
 
@@ -97,7 +98,7 @@ class RouterOutput(NamedTuple):
 def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
           expert_sizes) -> RouterOutput:
     """Everything :class:`vmoe.MoEMLP` needs from its router logits, in three launches
-    (:mod:`vmoe.router`).
+    (:mod:`vmoe.ops.router`).
 
     Args:
         logits: ``[T, E]`` router logits (any float dtype; computed in fp32).
@@ -109,7 +110,7 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
 
     Returns:
         :class:`RouterOutput`: ``topk_ids`` (ties to the lower expert id), ``topk_weights``, the
-        :class:`vmoe.routing.Routing` of the ids, ``aux`` (the three losses of
+        :class:`vmoe.ops.routing.Routing` of the ids, ``aux`` (the three losses of
         ``MoEMLP.aux_losses``), ``f_i`` (fraction of assignments per expert), and the statistics
         ``p_sum`` and ``lse_sq_sum``. The weights, losses and statistics are differentiable
         w.r.t. the logits; the backward is one launch.
@@ -189,7 +190,7 @@ def check_routing(routing, topk_ids: torch.Tensor, expert_widths: tuple) -> None
     """A ``routing=`` argument must have been built for these ids and widths (host facts only:
     checking the ids themselves would be a host synchronization)."""
     if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a vmoe.routing.Routing from build_routing, "
+        raise TypeError(f"routing must be a vmoe.ops.routing.Routing from build_routing, "
                         f"got {type(routing).__name__}")
     T, k = topk_ids.shape
     if (routing.num_tokens, routing.k) != (T, k):
@@ -206,7 +207,7 @@ def check_routing(routing, topk_ids: torch.Tensor, expert_widths: tuple) -> None
 def apply_experts(x, topk_weights, w1, w2, routing_tensors, expert_widths: tuple,
                   activation: str) -> torch.Tensor:
     """The kernel path of :func:`expert_mlp`, from checked, contiguous inputs and the routing
-    arrays (:func:`vmoe.ops.routing`)."""
+    arrays (:func:`vmoe.library.routing`)."""
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take {KERNEL_DTYPES} "
                         "(use impl='reference' for others)")
@@ -240,7 +241,7 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
         activation: ``"relu2"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         impl: ``"auto"`` (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else the reference
             loop), ``"triton"`` or ``"reference"``.
-        routing: metadata already built by :func:`vmoe.routing.build_routing` for these ids and
+        routing: metadata already built by :func:`vmoe.ops.routing.build_routing` for these ids and
             widths (checked against their shapes).
 
     Under ``torch.autocast``, x, topk_weights, w1 and w2 are cast to the autocast dtype first, as

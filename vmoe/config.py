@@ -1,6 +1,6 @@
 """MoEConfig: the static description of a variable-width MoE layer, validated on construction.
 
-Shape letters used across vmoe (see notebooks/01_naive_moe.ipynb):
+Shape letters used across vmoe (see notebooks/01_reference.ipynb):
     T    tokens            d    model width (n_embd)
     E    experts           k    experts per token (num_active_experts)
     f_e  width of expert e F    total width, sum of f_e
@@ -8,7 +8,7 @@ Shape letters used across vmoe (see notebooks/01_naive_moe.ipynb):
     S    width of the shared (always-on) expert, 0 for none
 
 A width of 0 is a null expert: it owns no columns, costs nothing, and adds exactly 0 to the
-tokens routed to it (notebooks/06_moe_layer.ipynb).
+tokens routed to it (notebooks/06_layer.ipynb).
 """
 from __future__ import annotations
 

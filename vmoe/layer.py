@@ -1,15 +1,16 @@
 """MoEMLP: the router, top-k selection, the auxiliary losses, and the experts.
 
-Derivation of the losses: notebooks/06_moe_layer.ipynb. Shape letters: see :mod:`vmoe.config`.
+Derivation of the losses: notebooks/06_layer.ipynb. Shape letters: see :mod:`vmoe.config`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import ops, reference
-from .autograd import apply_experts, apply_route, autocast_inputs, use_triton
-from .config import MoEConfig, column_offsets, gate_factor
+from vmoe import library as ops
+from vmoe import reference
+from vmoe.autograd import apply_experts, apply_route, autocast_inputs, use_triton
+from vmoe.config import MoEConfig, column_offsets, gate_factor
 
 
 def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
@@ -125,7 +126,7 @@ class MoEMLP(nn.Module):
     def route(self, x2: torch.Tensor):
         """The router on ``[T, d]`` tokens: ``(x2, w1, w2, topk_ids, topk_weights, routing, counts,
         aux, f_i)``, with x2, w1, w2 and the weights in the experts' dtype (the autocast dtype
-        under autocast). On the kernel path, the fused router (:mod:`vmoe.router`): probabilities,
+        under autocast). On the kernel path, the fused router (:mod:`vmoe.ops.router`): probabilities,
         top-k, weights, counts, the five routing arrays and the aux losses in three launches, in
         float32 whatever the logits' dtype. Otherwise (``impl="reference"``, or no GPU and no
         interpreter) the same in torch ops, ``routing`` None: the oracle of the fused path, whose

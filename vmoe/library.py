@@ -5,18 +5,18 @@ one opaque node with a known output shape, and never traces into Triton's launch
 operator               what it computes
 =====================  =================================================================
 ``vmoe::routing``      ``(counts, offsets, sorted_to_assign, assign_to_sorted,
-                       ragged_offsets)`` of ``topk_ids`` (:func:`vmoe.routing.build_routing`)
+                       ragged_offsets)`` of ``topk_ids`` (:func:`vmoe.ops.routing.build_routing`)
 ``vmoe::add_shared_    the routing arrays with one more slot per token, for the shared
-slot``                 expert (:func:`vmoe.routing.add_shared_slot`)
+slot``                 expert (:func:`vmoe.ops.routing.add_shared_slot`)
 ``vmoe::expert_mlp``   ``(y, z, ys)``: the forward of :func:`vmoe.expert_mlp` from the
                        routing arrays; z (ragged pre-activation) and ys (unweighted rows)
                        are what the backward needs, empty when ``save`` is False
 ``vmoe::expert_mlp_    ``(dx, dw, dw1, dw2)`` from dy and the saved tensors; a gradient
 backward``             not asked for in ``needs`` comes back empty
-``vmoe::route``        the fused router (:func:`vmoe.router.route_impl`): top-k weights and
+``vmoe::route``        the fused router (:func:`vmoe.ops.router.route_impl`): top-k weights and
                        ids, aux-loss statistics and losses, f_i, and the routing arrays
 ``vmoe::route_         ``d_logits`` from the gradients of the router's differentiable outputs
-backward``             (any may be None) (:func:`vmoe.router.route_bwd`)
+backward``             (any may be None) (:func:`vmoe.ops.router.route_bwd`)
 =====================  =================================================================
 
 Routing metadata crosses the boundary as its five tensors plus host ints (the widths; k and T are
@@ -40,11 +40,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import gate_factor
-from .gather_scatter import combine, combine_weight_grad
-from .grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_grad, w2_grad
-from .router import route_bwd, route_impl
-from .routing import Routing, add_shared_slot, build_routing
+from vmoe.config import gate_factor
+from vmoe.ops.gather_scatter import combine, combine_weight_grad
+from vmoe.ops.grouped_gemm import down_proj, down_proj_bwd, up_proj, up_proj_bwd, w1_grad, w2_grad
+from vmoe.ops.router import route_bwd, route_impl
+from vmoe.ops.routing import Routing, add_shared_slot, build_routing
 
 
 def dispatch(op, impl, *args):

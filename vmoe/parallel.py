@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .autograd import expert_mlp
-from .config import MoEConfig, column_offsets, gate_factor
-from .layer import MoEMLP, add_router_state
+from vmoe.autograd import expert_mlp
+from vmoe.config import MoEConfig, column_offsets, gate_factor
+from vmoe.layer import MoEMLP, add_router_state
 
 
 def place_experts(expert_widths, world_size: int, token_counts=None) -> list[list[int]]:

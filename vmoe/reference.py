@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import check_expert_mlp_args, gate_factor
+from vmoe.config import check_expert_mlp_args, gate_factor
 
 
 def act(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -115,7 +115,7 @@ def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
 
 
 def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
-    """The fused router of :mod:`vmoe.router`, in torch ops, in the dtype of ``logits``.
+    """The fused router of :mod:`vmoe.ops.router`, in torch ops, in the dtype of ``logits``.
 
     Returns ``(topk_ids [T, k] int64, topk_weights [T, k], probs [T, E], lse [T])``. The top-k is
     the first k of a stable descending sort of the probabilities, so ties go to the lower expert id

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ACTIVATIONS, gate_factor
+from vmoe.config import ACTIVATIONS, gate_factor
 
 # ||out - ref|| / ||ref|| against a float64 oracle, by the dtype the kernels compute in.
 TOL = {
@@ -153,7 +153,7 @@ def assert_shard_grads(name: str, shard, moe, dtype: torch.dtype, placement=None
     over ranks (an all_reduce: every rank of the group must call this)."""
     import torch.distributed as dist
 
-    from .parallel import ExpertParallelMoEMLP
+    from vmoe.parallel import ExpertParallelMoEMLP
 
     full = ExpertParallelMoEMLP(moe.config, shard.local_experts, placement=placement)
     full = full.to(shard.w1.device, dtype)

@@ -10,14 +10,14 @@ import sys
 
 import torch
 
-from . import reference
-from ._utils import reexec_with_interpreter
-from .autograd import expert_mlp
-from .config import ACTIVATIONS, gate_factor
-from .gather_scatter import combine, gather
-from .grouped_gemm import down_proj, up_proj
-from .routing import build_routing
-from .testing import make_inputs, rel_err, tolerance
+from vmoe import reference
+from vmoe.autograd import expert_mlp
+from vmoe.config import ACTIVATIONS, gate_factor
+from vmoe.ops.gather_scatter import combine, gather
+from vmoe.ops.grouped_gemm import down_proj, up_proj
+from vmoe.ops.routing import build_routing
+from vmoe.ops.utils.device import reexec_with_interpreter
+from vmoe.testing import make_inputs, rel_err, tolerance
 
 
 def _ragged_to_dense(flat, routing, cols_per_width):

@@ -33,10 +33,10 @@ from functools import cache
 
 import torch
 
-from . import reference
-from ._utils import device_ints, interpreting
-from .autograd import expert_mlp
-from .config import MoEConfig, column_offsets, gate_factor
+from vmoe import reference
+from vmoe.autograd import expert_mlp
+from vmoe.config import MoEConfig, column_offsets, gate_factor
+from vmoe.ops.utils.device import device_ints, interpreting
 
 STK_BLOCK = 128
 

@@ -1,8 +1,8 @@
 """Benchmark harness: vmoe against the other ways of computing a variable-width MoE, one CSV per GPU.
 
-Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_benchmarks.ipynb`` and the
-README's results table read what it writes (:mod:`vmoe.report`, re-exported here). The providers are
-described in :mod:`vmoe.baselines`. Shape letters: see :mod:`vmoe.config`.
+Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_bench.ipynb`` and the
+README's results table read what it writes (:mod:`vmoe.bench.report`, re-exported here). The providers are
+described in :mod:`vmoe.bench.baselines`. Shape letters: see :mod:`vmoe.config`.
 
 Two scopes (``--scope``; a CSV row's ``scope`` column):
     expert  the expert computation alone, for a given routing and given weights (the default).
@@ -45,14 +45,15 @@ from pathlib import Path
 import torch
 import triton
 
-from . import baselines, reference, report
-from ._utils import interpreting, reexec_with_interpreter
-from .config import MoEConfig, gate_factor
-from .layer import MoEMLP
-from .reference import router_probs
-from .testing import rel_err, tolerance
+from vmoe import reference
+from vmoe.bench import baselines, report
+from vmoe.config import MoEConfig, gate_factor
+from vmoe.layer import MoEMLP
+from vmoe.ops.utils.device import interpreting, reexec_with_interpreter
+from vmoe.reference import router_probs
+from vmoe.testing import rel_err, tolerance
 
-# notebooks/07_benchmarks.ipynb and the tests read the results through vmoe.bench.
+# notebooks/07_bench.ipynb and the tests read the results through vmoe.bench.
 README_START, README_END, gpu_slug, gpu_name = (report.README_START, report.README_END, report.gpu_slug,
                                                 report.gpu_name)
 load_results, speedup_table, markdown_table = report.load_results, report.speedup_table, report.markdown_table

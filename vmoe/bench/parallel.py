@@ -2,8 +2,8 @@
 
 Run as (one CSV per GPU kind; ``--help`` for the options)::
 
-    torchrun --nproc_per_node 2 -m vmoe.bench_parallel          # -> results/parallel/<gpu>.csv
-    TRITON_INTERPRET=1 torchrun --nproc_per_node 2 -m vmoe.bench_parallel --smoke --out /tmp/x.csv
+    torchrun --nproc_per_node 2 -m vmoe.bench.parallel          # -> results/parallel/<gpu>.csv
+    TRITON_INTERPRET=1 torchrun --nproc_per_node 2 -m vmoe.bench.parallel --smoke --out /tmp/x.csv
 
 ``--nproc_per_node 1`` (or plain ``python -m``) measures the one-GPU rows alone.
 ``notebooks/09_parallel.ipynb`` draws its figure from ``results/parallel/*.csv``, a folder of its
@@ -73,13 +73,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import parallel, report
-from ._utils import interpreting, reexec_with_interpreter
-from .baselines import mlp_flops
-from .bench import BenchConfig, configs, gpu_name, gpu_slug
-from .config import MoEConfig
-from .layer import MoEMLP
-from .testing import rel_err, tolerance
+from vmoe import parallel
+from vmoe.bench import report
+from vmoe.bench.baselines import mlp_flops
+from vmoe.bench.harness import BenchConfig, configs, gpu_name, gpu_slug
+from vmoe.config import MoEConfig
+from vmoe.layer import MoEMLP
+from vmoe.ops.utils.device import interpreting, reexec_with_interpreter
+from vmoe.testing import rel_err, tolerance
 
 PASSES = ("fwd", "fwdbwd")
 PLACEMENTS = ("balanced", "contiguous")
@@ -419,7 +420,7 @@ def _init(device_kind: str) -> tuple[int, int, torch.device]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node W -m vmoe.bench_parallel",
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node W -m vmoe.bench.parallel",
                                      description="Time ExpertParallelMoEMLP on W GPUs against the full "
                                                  "layer on one, for two placements.")
     parser.add_argument("--out", help="CSV path (default results/parallel/<gpu>.csv); overwritten")
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        reexec_with_interpreter("vmoe.bench_parallel", argv)  # no GPU: the interpreter, on the CPU
+        reexec_with_interpreter("vmoe.bench.parallel", argv)  # no GPU: the interpreter, on the CPU
     device_kind = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
     if device_kind == "cpu" and not args.smoke:
         parser.error("no GPU (or TRITON_INTERPRET=1): only --smoke runs on the CPU")

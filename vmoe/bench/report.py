@@ -1,6 +1,6 @@
 """The benchmark's results: the CSV rows it writes, and the tables and README block built from them.
 
-:mod:`vmoe.bench` measures and calls :func:`write_rows`; ``notebooks/07_benchmarks.ipynb`` and the
+:mod:`vmoe.bench` measures and calls :func:`write_rows`; ``notebooks/07_bench.ipynb`` and the
 README read the CSV back through :func:`load_results`, :func:`speedup_table` and
 :func:`markdown_table` (all re-exported by :mod:`vmoe.bench`). Nothing here needs a GPU or torch.
 """

@@ -1,12 +1,12 @@
 """Activation functions and their derivatives, as Triton device functions shared by the kernels.
 
 Only erf, exp and sigmoid are used: libdevice functions (tanh, ...) do not run in the interpreter.
-The derivations are in notebooks/05_backward.ipynb. Every function works on fp32 blocks.
+The derivations are in notebooks/05_autograd.ipynb. Every function works on fp32 blocks.
 """
 import triton
 import triton.language as tl
 
-from .config import ACTIVATIONS
+from vmoe.config import ACTIVATIONS
 
 # The constexpr codes the kernels dispatch on, one per name in vmoe.config.ACTIVATIONS.
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}

@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, interpreting, new_empty, next_pow2
-from .launch import launch
-from .routing import Routing
+from vmoe.ops.routing import Routing
+from vmoe.ops.utils.device import cdiv, interpreting, new_empty, next_pow2
+from vmoe.ops.utils.launch import launch
 
 
 @triton.jit

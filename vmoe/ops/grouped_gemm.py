@@ -3,11 +3,11 @@ down projection, and their backward (the activation derivative fused in the epil
 weight gradients reduced over each expert's rows).
 
 Derivation, the version ladder and the padding it avoids: notebooks/04_grouped_gemm.ipynb and
-notebooks/05_backward.ipynb. Shape letters: see :mod:`vmoe.config`; ``g`` is the gate factor
+notebooks/05_autograd.ipynb. Shape letters: see :mod:`vmoe.config`; ``g`` is the gate factor
 (2 for swiglu, else 1) and ``A = T*k``.
 
 Layouts:
-  * sorted rows: ``[A, d]``, row p is sorted position p (:mod:`vmoe.routing`).
+  * sorted rows: ``[A, d]``, row p is sorted position p (:mod:`vmoe.ops.routing`).
   * ragged: expert e's ``[n_e, g*f_e]`` block starts at element ``g*ragged_offsets[e]``, row-major,
     so the whole tensor holds sum_e n_e*g*f_e elements, whatever the widths. Its buffer is sized
     for the worst routing, ``A * g * max(f_e)``: the exact size lives on the device, and reading
@@ -17,7 +17,7 @@ Layouts:
 
 Two kernels serve all six GEMMs. ``_rows_kernel`` computes ``C[rows of e] = A[rows of e] @ B_e`` for
 each expert, over a persistent grid whose tile schedule is rebuilt on the device from the counts
-(:func:`vmoe.routing.schedule_prologue`). ``_wgrad_kernel`` computes ``A_e^T @ B_e`` over each
+(:func:`vmoe.ops.routing.schedule_prologue`). ``_wgrad_kernel`` computes ``A_e^T @ B_e`` over each
 expert's rows; its tiles are known on the host (they depend only on the widths and d).
 
 On a Hopper GPU both also have a tensor-descriptor (TMA) path, chosen by the autotuner among its
@@ -38,11 +38,18 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from ._utils import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
-from .activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
-from .config import column_offsets, gate_factor
-from .launch import launch
-from .routing import Routing, expert_dims, locate_tile, max_row_tiles, schedule_prologue, tile_schedule
+from vmoe.config import column_offsets, gate_factor
+from vmoe.ops.activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
+from vmoe.ops.routing import (
+    Routing,
+    expert_dims,
+    locate_tile,
+    max_row_tiles,
+    schedule_prologue,
+    tile_schedule,
+)
+from vmoe.ops.utils.device import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
+from vmoe.ops.utils.launch import launch
 
 # Operand modes of the row kernel and the weight-gradient kernel.
 SORTED = 0    # dense [A, *], row p is sorted position p
@@ -371,8 +378,8 @@ def _rows_ws_kernel(
 
     Triton 3.6 specializes a Hopper loop only when every load in it is a descriptor load and
     no tensor reduction sits in the kernel before or in it; the in-register schedule of
-    _rows_kernel (:func:`vmoe.routing.locate_tile`) is such a reduction, so the tiles come from
-    a schedule written to memory first (:func:`vmoe.routing.tile_schedule`).
+    _rows_kernel (:func:`vmoe.ops.routing.locate_tile`) is such a reduction, so the tiles come from
+    a schedule written to memory first (:func:`vmoe.ops.routing.tile_schedule`).
     """
     for t in tl.range(tl.program_id(0), MAX_TILES, tl.num_programs(0), warp_specialize=WS):
         e = tl.load(schedule_ptr + t * 3)

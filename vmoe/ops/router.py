@@ -9,12 +9,12 @@ Forward, three launches:
   1. ``_route_fwd_kernel`` (one program per BT tokens): probabilities, logsumexp, top-k, weights,
      and the block statistics below.
   2. ``_route_stats_kernel`` (E + 2 programs): programs 0..E scan one column of the block
-     histogram over the blocks (:func:`vmoe.routing.scan_block_column`); program E + 1 reduces
+     histogram over the blocks (:func:`vmoe.ops.routing.scan_block_column`); program E + 1 reduces
      the block statistics in block order (deterministic, no float atomics) and computes the
      losses. The scan writes its prefix to a separate array, so that the last program can read
      the raw histogram at the same time.
-  3. ``vmoe.routing._scatter_kernel``: the expert-sorted permutation (:func:`scatter_routing`).
-The launch of :func:`vmoe.routing.build_routing` that makes the histogram is gone: kernel 1
+  3. ``vmoe.ops.routing._scatter_kernel``: the expert-sorted permutation (:func:`scatter_routing`).
+The launch of :func:`vmoe.ops.routing.build_routing` that makes the histogram is gone: kernel 1
 writes the histogram in its layout, for blocks of ``BT*k`` assignments (assignment ``a = t*k + j``).
 
 Backward, one launch: ``_route_bwd_kernel`` (one program per BT tokens) recomputes P and the
@@ -64,10 +64,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INT32_MAX, cdiv, device_ints, interpreting, new_empty, next_pow2
-from .config import ROUTERS
-from .launch import launch
-from .routing import scan_block_column, scatter_routing
+from vmoe.config import ROUTERS
+from vmoe.ops.routing import scan_block_column, scatter_routing
+from vmoe.ops.utils.device import INT32_MAX, cdiv, device_ints, interpreting, new_empty, next_pow2
+from vmoe.ops.utils.launch import launch
 
 
 @triton.jit
@@ -336,7 +336,7 @@ def route_block_tokens(num_experts: int, k: int) -> int:
     routing block holds ``BT*k`` assignments.
 
     On the GPU: at most 256 assignments per block (the scatter sorts a block's assignments in
-    registers, :mod:`vmoe.routing`) and 8192 logits per tile. In the
+    registers, :mod:`vmoe.ops.routing`) and 8192 logits per tile. In the
     interpreter, 4 tokens, so that tiny tests cross several blocks.
     """
     if interpreting():
@@ -485,7 +485,7 @@ def route_impl(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool, 
                group_sizes, weights_dtype: torch.dtype = torch.float32):
     """The three forward launches, from the logits to everything the layer needs:
     ``(topk_weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, topk_ids, f_i)`` followed by
-    the five routing arrays of :meth:`vmoe.routing.Routing.tensors`. The first six are
+    the five routing arrays of :meth:`vmoe.ops.routing.Routing.tensors`. The first six are
     differentiable (:class:`vmoe.autograd.RouteFunction`); the backward is :func:`route_bwd`."""
     T = logits.shape[0]
     ids, weights, block_counts, p_partial, lse_partial = route_fwd(logits, k, router,

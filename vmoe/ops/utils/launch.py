@@ -25,7 +25,7 @@ import torch
 from triton import knobs
 from triton.runtime.autotuner import Autotuner, Heuristics
 
-from ._utils import interpreting
+from vmoe.ops.utils.device import interpreting
 
 _ENABLED = os.environ.get("VMOE_DIRECT_LAUNCH", "1") not in ("", "0") and not interpreting()
 # A program that launched with ever-new host values (say, one float per step) would grow the cache

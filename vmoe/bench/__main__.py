@@ -1,0 +1,5 @@
+import sys
+
+from vmoe.bench.harness import main
+
+sys.exit(main())

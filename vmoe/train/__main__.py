@@ -1,0 +1,3 @@
+from vmoe.train.loop import main
+
+main()
