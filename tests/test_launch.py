@@ -13,7 +13,10 @@ import types
 import pytest
 import torch
 
-import vmoe
+import vmoe.ops.gather_scatter
+import vmoe.ops.grouped_gemm
+import vmoe.ops.router
+import vmoe.ops.routing
 from vmoe import MoEConfig, MoEMLP
 from vmoe.ops.utils import launch as launch_mod
 from vmoe.testing import DEVICE
@@ -32,7 +35,7 @@ def recorded(monkeypatch):
         real(kernel, grid, *args, **kwargs)
 
     for name in _MODULES:
-        monkeypatch.setattr(getattr(vmoe, name), "launch", record)
+        monkeypatch.setattr(getattr(vmoe.ops, name), "launch", record)
     return calls
 
 

@@ -134,6 +134,47 @@ def test_double_backward_raises():
         gx.square().sum().backward()
 
 
+@pytest.mark.parametrize("target", ["weights", "backward"])
+def test_gradient_penalty_with_a_constant_incoming_gradient_raises(target):
+    """``autograd.grad(y.sum(), x, create_graph=True)``: the incoming gradient is a constant, so
+    ``once_differentiable`` alone would hand back a graph-less dx and the penalty would silently add
+    nothing to the weights' gradients."""
+    x, ids, w, w1, w2 = make_inputs(6, 8, WIDTHS, 2, "silu", torch.float32, DEVICE)
+    leaves = _leaves(x, w, w1, w2)
+    y = vmoe.expert_mlp(leaves[0], ids, *leaves[1:], WIDTHS, "silu")
+    gx, = torch.autograd.grad(y.sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice.*impl='reference'"):
+        if target == "weights":
+            torch.autograd.grad(gx.square().sum(), leaves[2])
+        else:
+            gx.square().sum().backward()
+
+
+def test_gradient_penalty_through_the_layer_raises():
+    moe = MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 16), (2, 7)], num_active_experts=2)).to(DEVICE)
+    x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    out, _, _ = moe(x)
+    gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.square().sum().backward()
+
+
+def test_gradient_penalty_on_the_reference_path_differentiates_twice():
+    """The loop is plain torch: the penalty reaches the weights, as a float64 finite difference says."""
+    x, ids, w, w1, w2 = make_inputs(5, 6, (3, 4), 2, "silu", torch.float64, DEVICE)
+    w1 = w1.detach().requires_grad_()
+
+    def penalty(w1_):
+        xl = x.detach().requires_grad_()
+        y = vmoe.expert_mlp(xl, ids, w, w1_, w2, (3, 4), "silu", impl="reference")
+        gx, = torch.autograd.grad(y.sum(), xl, create_graph=True)
+        return gx.square().sum()
+
+    grad, = torch.autograd.grad(penalty(w1), w1)
+    assert grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(penalty, (w1,))
+
+
 def test_func_grad_matches_autograd_and_leaves_no_state():
     x, ids, w, w1, w2 = make_inputs(6, 8, WIDTHS, 2, "swiglu", torch.float32, DEVICE)
     got = torch.func.grad(lambda a: vmoe.expert_mlp(a, ids, w, w1, w2, WIDTHS, "swiglu").sum())(x)
@@ -214,6 +255,91 @@ def test_inference_saves_nothing_for_backward(mode, monkeypatch):
     with context():
         moe(x)
     assert saved == [mode == "train"]
+
+
+# Dtypes: widths survive casts, aux losses stay float32, a wrong input dtype names both -----------
+
+def test_widths_survive_a_round_trip_through_bfloat16():
+    """257 is not a bfloat16: a float buffer of the widths would come back as 256 and skew
+    compute_loss on the torch path."""
+    cfg = MoEConfig(n_embd=16, expert_sizes=[(2, 257), (2, 7)], num_active_experts=2, impl="reference")
+    moe = MoEMLP(cfg).to(torch.bfloat16).to(torch.float32)
+    x = torch.randn(12, 16)
+    _, aux, _ = moe(x)
+    logits = moe.router(x).double()
+    probs = torch.softmax(logits, -1) if cfg.router == "softmax" else torch.sigmoid(logits)
+    widths = torch.tensor(cfg.expert_widths, dtype=torch.float64)
+    expected = ((probs * widths).sum(-1).mean() / widths.mean()).item()
+    err = abs(aux["compute_loss"].item() - expected) / expected
+    assert err < 1e-6, f"compute_loss rel err {err:.2e} after a bfloat16 round trip"
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_aux_losses_under_autocast_are_float32_accurate(impl):
+    cfg = MoEConfig(n_embd=16, expert_sizes=[(3, 257), (2, 7)], num_active_experts=2, impl=impl)
+    moe = MoEMLP(cfg).to(DEVICE)
+    x = torch.randn(64, 16, device=DEVICE)
+    _, aux32, _ = moe(x)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        _, aux, _ = moe(x)
+    for name, value in aux.items():
+        assert value.dtype == torch.float32, name
+    # The router's logits come from a bf16 matmul under autocast: compare against the float64
+    # losses of those logits, not of the float32 ones.
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logits = moe.router(x).double()
+    probs = torch.softmax(logits, -1) if cfg.router == "softmax" else torch.sigmoid(logits)
+    widths = torch.tensor(cfg.expert_widths, dtype=torch.float64, device=DEVICE)
+    expected = ((probs * widths).sum(-1).mean() / widths.mean()).item()
+    err = abs(aux["compute_loss"].item() - expected) / expected
+    assert err < 1e-5, f"compute_loss rel err {err:.2e} under autocast ({impl})"
+    assert aux32["compute_loss"].dtype == torch.float32
+
+
+def test_float64_input_to_a_float32_layer_names_both_dtypes():
+    moe = MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 16)], num_active_experts=1)).to(DEVICE)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64.*parameters are torch.float32"):
+        moe(torch.randn(4, 16, device=DEVICE, dtype=torch.float64))
+
+
+def test_reference_path_on_a_cpu_without_the_interpreter_warns_once(monkeypatch):
+    import vmoe.layer
+    import vmoe.ops.utils.device
+
+    monkeypatch.setattr(vmoe.ops.utils.device, "_INTERPRETING", False)
+    monkeypatch.setattr(vmoe.layer, "_warned_reference_on_cpu", False)
+    moe = MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 16)], num_active_experts=1))
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
+        moe(x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moe(x)  # once only
+        MoEMLP(MoEConfig(n_embd=16, expert_sizes=[(2, 16)], num_active_experts=1, impl="reference"))(x)
+
+
+# torch.compile on the torch path --------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes,shared", [([(2, 8), (2, 4)], 0), ([(2, 8), (1, 0)], 4)],
+                         ids=["routed", "null-shared"])
+def test_reference_path_compiles_fullgraph(sizes, shared):
+    """The loop's expert sizes depend on the data; under compile it takes a masked form instead, so
+    ``torch.compile(fullgraph=True)`` works and gives the eager loop's output and gradients."""
+    cfg = MoEConfig(n_embd=16, expert_sizes=sizes, num_active_experts=2, impl="reference",
+                    shared_expert_width=shared)
+    moe = MoEMLP(cfg)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    x = torch.randn(10, 16)
+    results = []
+    for layer in (moe, compiled):
+        moe.zero_grad()
+        xl = x.clone().requires_grad_()
+        out, aux, _ = layer(xl)
+        (out.square().sum() + sum(aux.values())).backward()
+        results.append((out, xl.grad, *(p.grad.clone() for p in (moe.w1, moe.w2, moe.router.weight))))
+    for name, a, b in zip(["out", "dx", "dw1", "dw2", "drouter"], *results):
+        assert_close(name, b, a, torch.float32)
 
 
 # Config ---------------------------------------------------------------------------------------------

@@ -365,7 +365,7 @@ def test_argument_errors():
 
 def test_no_host_sync_in_router():
     """router.py's launch paths read nothing back from the device."""
-    src = Path(__file__).resolve().parent.parent.joinpath("vmoe", "router.py").read_text()
+    src = Path(__file__).resolve().parent.parent.joinpath("vmoe", "ops", "router.py").read_text()
     pattern = re.compile(r"\.(item|tolist|cpu|numpy)\(|synchronize\(|\.nonzero\(")
     bad = [line for line in src.splitlines() if pattern.search(line) and "host-ok" not in line]
     assert not bad, f"host synchronization in router.py: {bad}"

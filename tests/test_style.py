@@ -24,8 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vmoe"
-# Modules off the launch paths: oracles, benchmarks, reports and checks may read values back.
-OFF_LAUNCH_PATH = {"reference.py", "bench.py", "baselines.py", "report.py", "validate.py", "testing.py"}
+# Off the launch paths: the oracle, the checks and the measuring tools (vmoe/bench/) may read values
+# back. Paths relative to vmoe/; a folder ends in "/".
+OFF_LAUNCH_PATH = {"reference.py", "validate.py", "testing.py", "bench/"}
 MARKER = "# host-ok"
 
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
@@ -176,7 +177,11 @@ def find_host_syncs(source: str, filename: str) -> list[str]:
 
 
 def launch_path_modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p.name not in OFF_LAUNCH_PATH)
+    def off(p: Path) -> bool:
+        rel = p.relative_to(PACKAGE).as_posix()
+        return any(rel == o or (o.endswith("/") and rel.startswith(o)) for o in OFF_LAUNCH_PATH)
+
+    return sorted(p for p in PACKAGE.rglob("*.py") if not off(p))
 
 
 PLANTED = '''

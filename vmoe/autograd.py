@@ -16,18 +16,57 @@ can run it too. The backward is differentiable once: a second derivative raises.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._C import _functions
 
 from vmoe import library as ops
 from vmoe import reference
 from vmoe.config import IMPLS, check_expert_mlp_args
+from vmoe.ops.grouped_gemm import kernel_weight
 from vmoe.ops.routing import Routing
 from vmoe.ops.utils.device import check_triton_device, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def differentiable_once(backward):
+    """``torch.autograd.function.once_differentiable``, also when the incoming gradient is a
+    constant.
+
+    The kernels' backward builds no graph. ``once_differentiable`` marks its gradients as not
+    differentiable only when an incoming gradient requires grad; under ``create_graph=True`` with
+    a constant incoming gradient (a gradient penalty: ``autograd.grad(y.sum(), x,
+    create_graph=True)``) it hands back graph-less gradients, and the penalty's second derivative
+    is silently dropped. Here every backward that runs with grad mode on (``create_graph=True``)
+    returns gradients that raise when differentiated."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        # The node that raises takes the differentiable inputs too, so that a second backward
+        # toward them reaches it (autograd.grad prunes nodes that lead nowhere it was asked for).
+        inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        err_fn = _functions.DelayedError(
+            b"vmoe's Triton kernels cannot differentiate twice: a second derivative (a backward "
+            b"through a gradient taken with create_graph=True) is not supported; use impl='reference'",
+            len(outputs) + len(inputs))
+
+        def fake_requires_grad(g):
+            if g is None:
+                return None
+            g = g.detach()
+            g.requires_grad = True
+            return g
+
+        return err_fn(*[fake_requires_grad(g) for g in outputs], *inputs)[:len(outputs)]
+
+    return wrapper
 
 
 class ExpertMLPFunction(torch.autograd.Function):
@@ -49,7 +88,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         ctx.expert_widths, ctx.activation = expert_widths, activation
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, dy, _dz, _dys):
         needs = tuple(ctx.needs_input_grad[:4])
         grads = ops.expert_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.expert_widths,
@@ -77,7 +116,7 @@ class RouteFunction(torch.autograd.Function):
         ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, *_):
         logits, ids, counts, p_sum = ctx.saved_tensors
         d_logits = ops.route_backward(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
@@ -206,16 +245,18 @@ def check_routing(routing, topk_ids: torch.Tensor, expert_widths: tuple) -> None
 
 def apply_experts(x, topk_weights, w1, w2, routing_tensors, expert_widths: tuple,
                   activation: str) -> torch.Tensor:
-    """The kernel path of :func:`expert_mlp`, from checked, contiguous inputs and the routing
-    arrays (:func:`vmoe.library.routing`)."""
+    """The kernel path of :func:`expert_mlp`, from checked inputs and the routing arrays
+    (:func:`vmoe.library.routing`). w1 and w2 may also be per-expert ``[E, d, g*I]`` and
+    ``[E, I, d]`` for experts of one width (:mod:`vmoe.hf`), read in place whatever their strides
+    (:func:`vmoe.ops.grouped_gemm.kernel_weight`); everything else is made contiguous."""
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels take {KERNEL_DTYPES} "
                         "(use impl='reference' for others)")
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w1, w2))
     function = _pick(ExpertMLPFunction, _ExpertMLPEager)
-    y, _, _ = function.apply(x.contiguous(), topk_weights.contiguous(), w1.contiguous(),
-                             w2.contiguous(), *routing_tensors, tuple(expert_widths), activation,
-                             save)
+    widths = tuple(expert_widths)
+    y, _, _ = function.apply(x.contiguous(), topk_weights.contiguous(), kernel_weight(w1, widths),
+                             kernel_weight(w2, widths), *routing_tensors, widths, activation, save)
     return y
 
 

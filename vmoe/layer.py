@@ -4,6 +4,9 @@ Derivation of the losses: notebooks/06_layer.ipynb. Shape letters: see :mod:`vmo
 """
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -11,23 +14,42 @@ from vmoe import library as ops
 from vmoe import reference
 from vmoe.autograd import apply_experts, apply_route, autocast_inputs, use_triton
 from vmoe.config import MoEConfig, column_offsets, gate_factor
+from vmoe.ops.utils.device import device_ints
 
 
-def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
-    """P ``[T, E]`` from the router logits: sigmoid, or softmax over the experts."""
-    return torch.sigmoid(logits) if router == "sigmoid" else torch.softmax(logits, dim=-1)
+class Routed(NamedTuple):
+    """What :meth:`MoEMLP.route` hands to the experts, for ``[T, d]`` tokens."""
+
+    x2: torch.Tensor             # [T, d] in the experts' dtype (the autocast dtype under autocast)
+    w1: torch.Tensor             # [d, g*(F+S)] in the experts' dtype
+    w2: torch.Tensor             # [F+S, d] in the experts' dtype
+    topk_ids: torch.Tensor       # [T, k]
+    topk_weights: torch.Tensor   # [T, k] in the experts' dtype
+    routing: tuple | None        # the five routing arrays (kernel path), None on the torch path
+    counts: torch.Tensor         # [E] assignments per expert
+    aux: dict                    # router_z_loss, load_balance_loss, compute_loss: [] float32
+    f_i: torch.Tensor            # [E] fraction of the T*k assignments per expert
 
 
 def add_router_state(module: nn.Module, config: MoEConfig) -> None:
-    """What :meth:`MoEMLP.route` and :meth:`MoEMLP.aux_losses` read besides the weights: the
-    widths as a float buffer, and the load-balance groups (one per ``(count, width)`` pair)."""
-    module.register_buffer("expert_widths_f", torch.tensor(config.expert_widths,
-                                                           dtype=torch.float32), persistent=False)
-    starts = [0]
-    for count, _ in config.expert_sizes:
-        starts.append(starts[-1] + count)
-    module._groups = list(zip(starts[:-1], starts[1:]))
+    """What :meth:`MoEMLP.route` reads besides the weights: the load-balance group sizes, one per
+    ``(count, width)`` pair. The widths themselves are read from the config, never from a buffer,
+    so that ``module.to(dtype)`` cannot round them."""
     module._group_sizes = tuple(count for count, _ in config.expert_sizes)
+
+
+_warned_reference_on_cpu = False
+
+
+def _warn_reference_on_cpu() -> None:
+    """Say once that ``impl="auto"`` fell back to the per-expert loop on a CPU."""
+    global _warned_reference_on_cpu
+    if not _warned_reference_on_cpu:
+        _warned_reference_on_cpu = True
+        warnings.warn("vmoe: no GPU and TRITON_INTERPRET is not set, so MoEMLP runs the reference "
+                      "per-expert loop (impl='auto' resolved to 'reference'). Set TRITON_INTERPRET=1 "
+                      "before importing vmoe to run the Triton kernels in the interpreter, or pass "
+                      "impl='reference' to choose the loop and silence this.", stacklevel=3)
 
 
 class MoEMLP(nn.Module):
@@ -91,6 +113,12 @@ class MoEMLP(nn.Module):
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.n_embd:
             raise ValueError(f"x must be [B, S, n_embd] or [T, n_embd] with n_embd={cfg.n_embd}, "
                              f"got shape {tuple(x.shape)}")
+        weight = self.router.weight
+        if (x.dtype != weight.dtype and x.is_floating_point()
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
+                            f"cast one to the other (x.to({weight.dtype}) or moe.to({x.dtype})), "
+                            "or run under torch.autocast")
         shape = x.shape
         x2, w1, w2, topk_ids, topk_weights, routing, _, aux, f_i = self.route(
             x.reshape(-1, cfg.n_embd))
@@ -123,15 +151,14 @@ class MoEMLP(nn.Module):
         gate = topk_weights.new_ones(x2.shape[0], 1) if gate is None else gate.to(topk_weights.dtype)
         return torch.cat([topk_weights, gate], 1)
 
-    def route(self, x2: torch.Tensor):
-        """The router on ``[T, d]`` tokens: ``(x2, w1, w2, topk_ids, topk_weights, routing, counts,
-        aux, f_i)``, with x2, w1, w2 and the weights in the experts' dtype (the autocast dtype
-        under autocast). On the kernel path, the fused router (:mod:`vmoe.ops.router`): probabilities,
-        top-k, weights, counts, the five routing arrays and the aux losses in three launches, in
-        float32 whatever the logits' dtype. Otherwise (``impl="reference"``, or no GPU and no
-        interpreter) the same in torch ops, ``routing`` None: the oracle of the fused path, whose
-        top-k ties may break differently (torch.topk promises no order; the fused router picks
-        the lower id)."""
+    def route(self, x2: torch.Tensor) -> Routed:
+        """The router on ``[T, d]`` tokens, as a :class:`Routed`, with x2, w1, w2 and the weights
+        in the experts' dtype (the autocast dtype under autocast). On the kernel path, the fused
+        router (:mod:`vmoe.ops.router`): probabilities, top-k, weights, counts, the five routing
+        arrays and the aux losses in three launches, in float32 whatever the logits' dtype.
+        Otherwise (``impl="reference"``, or no GPU and no interpreter) the same in torch ops,
+        ``routing`` None: the oracle of the fused path, whose top-k ties may break differently
+        (torch.topk promises no order; the fused router picks the lower id)."""
         cfg = self.config
         T, E, k = x2.shape[0], cfg.num_experts, cfg.num_active_experts
         logits = self.router(x2)                                           # [T, E]
@@ -142,9 +169,11 @@ class MoEMLP(nn.Module):
                                      self._group_sizes, x2.dtype)
             aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
                    "compute_loss": compute_loss}
-            return x2, w1, w2, topk_ids, topk_weights, routing, routing[0], aux, f_i
+            return Routed(x2, w1, w2, topk_ids, topk_weights, routing, routing[0], aux, f_i)
+        if cfg.impl == "auto":
+            _warn_reference_on_cpu()
         logits = logits.float()
-        probs = router_probs(logits, cfg.router)
+        probs = reference.router_probs(logits, cfg.router)
         topk_probs, topk_ids = probs.topk(k, dim=-1)
         if cfg.norm_topk_prob:
             topk_probs = topk_probs / topk_probs.sum(-1, keepdim=True)
@@ -152,24 +181,16 @@ class MoEMLP(nn.Module):
         counts = torch.zeros(E, device=x2.device).scatter_add_(
             0, topk_ids.reshape(-1), torch.ones(T * k, device=x2.device))
         aux = self.aux_losses(logits, probs, counts)
-        return (x2, w1, w2, topk_ids, topk_weights.to(x2.dtype), None, counts, aux,
-                counts / max(T * k, 1))
+        return Routed(x2, w1, w2, topk_ids, topk_weights.to(x2.dtype), None, counts, aux,
+                      counts / max(T * k, 1))
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
         """The three auxiliary losses (see the class docstring) from ``[T, E]`` logits and
-        probabilities and the ``[E]`` assignment counts."""
-        if logits.shape[0] == 0:
-            zero = logits.sum() * 0.0
-            return {"router_z_loss": zero, "load_balance_loss": zero, "compute_loss": zero}
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        p_mean = probs.mean(0)                                               # [E]
-        group_losses = []
-        for lo, hi in self._groups:
-            n = counts[lo:hi]
-            f = n / n.sum().clamp_min(1.0)
-            p = p_mean[lo:hi] / p_mean[lo:hi].sum().clamp_min(1e-20)
-            group_losses.append((hi - lo) * (f * p).sum())
-        lb_loss = torch.stack(group_losses).mean()
-        w = self.expert_widths_f.float()  # module.to(dtype) casts buffers too
-        compute_loss = (probs @ w).mean() / w.mean()
-        return {"router_z_loss": z_loss, "load_balance_loss": lb_loss, "compute_loss": compute_loss}
+        probabilities and the ``[E]`` assignment counts, in float32 whatever the autocast state
+        (:func:`vmoe.reference.route_aux_losses`)."""
+        logits, probs = logits.float(), probs.float()
+        widths = None
+        if not torch.compiler.is_compiling():  # a cached copy; under compile, a traced constant
+            widths = device_ints(self.config.expert_widths, probs.device, torch.float32)
+        return reference.route_aux_losses(torch.logsumexp(logits, dim=-1), probs, counts,
+                                          self.config.expert_sizes, widths)

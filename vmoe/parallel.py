@@ -207,7 +207,7 @@ class ExpertParallelMoEMLP(nn.Module):
     token count, as the training loop sees fit). Every rank of the group must call it.
     """
 
-    # The torch path's losses (impl="reference") read only _groups and expert_widths_f.
+    # The torch path's losses (impl="reference") read only the config.
     aux_losses = MoEMLP.aux_losses
     # MoEMLP's router, on the local tokens, with this shard's w1 and w2 cast for its experts.
     route = MoEMLP.route
@@ -333,7 +333,9 @@ class ExpertParallelMoEMLP(nn.Module):
             raise ValueError(f"x must be [..., n_embd] with n_embd={d}, got shape "
                              f"{tuple(x_local.shape)}")
         shape = x_local.shape
-        x2, w1, w2, topk_ids, topk_weights, _, counts, aux, f_i = self.route(x_local.reshape(-1, d))
+        routed = self.route(x_local.reshape(-1, d))
+        x2, w1, w2, counts = routed.x2, routed.w1, routed.w2, routed.counts
+        topk_ids, topk_weights, aux, f_i = routed.topk_ids, routed.topk_weights, routed.aux, routed.f_i
         T, device = x2.shape[0], x2.device
 
         # Destination order: owner rank, then local expert index there (stable: token order).

@@ -65,6 +65,8 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
 
 def expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple, activation: str):
     """:func:`expert_mlp` for arguments already checked (``vmoe.expert_mlp`` checks them once)."""
+    if torch.compiler.is_compiling():
+        return _expert_mlp_masked(x, topk_ids, topk_weights, w1, w2, expert_widths, activation)
     g = gate_factor(activation)
     y = torch.zeros_like(x)
     ids = topk_ids.long()
@@ -82,6 +84,24 @@ def expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple
         # gradients. Sums of empty slices are exact zeros that carry the graph (and, unlike
         # 0 * x, no NaN of x).
         y = y + sum(t[:0].sum() for t in inputs)
+    return y
+
+
+def _expert_mlp_masked(x, topk_ids, topk_weights, w1, w2, expert_widths: tuple, activation: str):
+    """:func:`expert_mlp_unchecked` with no data-dependent shape, for ``torch.compile(fullgraph=True)``:
+    every expert runs on every token, and a token's result is scaled by the summed weight of its
+    slots that chose the expert (0 for the others). E times the loop's FLOPs, and the same sums
+    but for the order of additions."""
+    g = gate_factor(activation)
+    y = torch.zeros_like(x)
+    ids = topk_ids.long()
+    offset = 0
+    for e, f in enumerate(expert_widths):
+        if f:
+            weight = (topk_weights * (ids == e).to(topk_weights.dtype)).sum(-1, keepdim=True)  # [T, 1]
+            h = act(x @ w1[:, g * offset: g * (offset + f)], activation)
+            y = y + (h @ w2[offset: offset + f]) * weight.to(x.dtype)
+        offset += f
     return y
 
 
@@ -107,6 +127,7 @@ def combine(ys: torch.Tensor, assign_to_sorted: torch.Tensor, weights: torch.Ten
 
 
 def router_probs(logits: torch.Tensor, router: str) -> torch.Tensor:
+    """P ``[T, E]`` from the router logits: sigmoid, or softmax over the experts."""
     if router == "sigmoid":
         return torch.sigmoid(logits)
     if router == "softmax":
@@ -131,9 +152,14 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
 
 
 def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
-                     expert_sizes) -> dict:
-    """``MoEMLP.aux_losses`` in the dtype of ``probs`` (float64 for an oracle), from the ``[T]``
-    logsumexp instead of the logits; ``expert_sizes`` is ``[(count, width), ...]``, one group a pair."""
+                     expert_sizes, widths: torch.Tensor | None = None) -> dict:
+    """The three auxiliary losses of :class:`vmoe.MoEMLP` in the dtype of ``probs`` (float64 for
+    an oracle), from the ``[T]`` logsumexp of the logits, the ``[T, E]`` probabilities and the
+    ``[E]`` counts; ``expert_sizes`` is ``[(count, width), ...]``, one load-balance group a pair.
+    ``widths``, the ``[E]`` widths as floats on ``probs``' device, saves building them per call.
+
+    No matrix products: under ``torch.autocast`` a matmul would run in the autocast dtype, and the
+    losses are promised in the dtype of ``probs``."""
     if probs.shape[0] == 0:
         zero = probs.sum() * 0.0
         return {"router_z_loss": zero, "load_balance_loss": zero, "compute_loss": zero}
@@ -147,8 +173,10 @@ def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tenso
         p = pm / pm.sum().clamp_min(1e-20)
         group_losses.append(count * (f * p).sum())
         lo += count
-    w = torch.tensor([w for count, w in expert_sizes for _ in range(count)], dtype=probs.dtype,
-                     device=probs.device)
-    compute_loss = (probs @ w).mean() / w.mean()
+    if widths is None:
+        widths = torch.tensor([w for count, w in expert_sizes for _ in range(count)],
+                              device=probs.device)
+    w = widths.to(probs.dtype)
+    compute_loss = (probs * w).sum(-1).mean() / w.mean()
     return {"router_z_loss": z_loss, "load_balance_loss": torch.stack(group_losses).mean(),
             "compute_loss": compute_loss}

@@ -415,25 +415,13 @@ def grouped_mm_layer(x, router_w, b1s, b2s, cfg: MoEConfig):
     (``b1s``, ``b2s`` from :func:`to_buckets`). Returns ``(out, aux, f_i)``."""
     T, E, k = x.shape[0], cfg.num_experts, cfg.num_active_experts
     logits = torch.nn.functional.linear(x, router_w).float()                 # [T, E]
-    probs = torch.softmax(logits, dim=-1) if cfg.router == "softmax" else torch.sigmoid(logits)
+    probs = reference.router_probs(logits, cfg.router)
     top, ids = probs.topk(k, dim=-1)
     if cfg.norm_topk_prob:
         top = top / top.sum(-1, keepdim=True)
     out = grouped_mm_moe(x, ids, top.to(x.dtype), b1s, b2s, cfg.expert_widths, cfg.activation)
     counts = torch.bincount(ids.reshape(-1), minlength=E).float()
-    return out, _aux_losses(logits, probs, counts, cfg), counts / max(T * k, 1)
-
-
-def _aux_losses(logits, probs, counts, cfg: MoEConfig) -> dict:
-    """:meth:`vmoe.MoEMLP.aux_losses` written out: router z-loss, load balance within each group of
-    equal-width experts (averaged over the groups), and the expected width over the mean width."""
-    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-    p_mean = probs.mean(0)                                                  # [E]
-    group_losses, lo = [], 0
-    for count, _ in cfg.expert_sizes:
-        n, p = counts[lo:lo + count], p_mean[lo:lo + count]
-        group_losses.append(count * (n / n.sum().clamp_min(1.0) * p / p.sum().clamp_min(1e-20)).sum())
-        lo += count
-    w = device_ints(cfg.expert_widths, logits.device, torch.float32)
-    return {"router_z_loss": z_loss, "load_balance_loss": torch.stack(group_losses).mean(),
-            "compute_loss": (probs @ w).mean() / w.mean()}
+    widths = device_ints(cfg.expert_widths, logits.device, torch.float32)
+    aux = reference.route_aux_losses(torch.logsumexp(logits, dim=-1), probs, counts, cfg.expert_sizes,
+                                     widths)
+    return out, aux, counts / max(T * k, 1)
