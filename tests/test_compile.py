@@ -168,7 +168,7 @@ def test_reduce_overhead_training_step_matches_eager():
 def test_reduce_overhead_first_use_of_device_constants():
     """The compiled step is the first to ask for vmoe's cached device constants (widths, column
     offsets), as in a training run resumed from a checkpoint: made inside CUDA graph trees' pool
-    they were live untracked allocations there, and the step failed (session 6)."""
+    they would be live untracked allocations there, and the step would fail."""
     cfg = MoEConfig(n_embd=64, expert_sizes=[(3, 40), (2, 24), (2, 8)], num_active_experts=2,
                     router="softmax")
     _utils._DEVICE_INTS.clear()

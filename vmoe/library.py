@@ -22,6 +22,11 @@ backward``             (any may be None) (:func:`vmoe.ops.router.route_bwd`)
 Routing metadata crosses the boundary as its five tensors plus host ints (the widths; k and T are
 read off the shapes), never as a Python object.
 
+w1 and w2 are vmoe's ``[d, g*F]`` and ``[F, d]``, or, for experts of one width, per-expert
+``[E, d, g*I]`` and ``[E, I, d]`` with the strides they come with (a transformers experts
+module's parameters seen through a transposed view, :mod:`vmoe.hf`); the weight gradients of
+``vmoe::expert_mlp_backward`` have the weights' shapes, and a per-expert weight's strides.
+
 Why ``torch.library.custom_op`` rather than ``triton_op``: the kernels are autotuned with a
 pruning hook and a grid computed from the chosen block shape, and the forward is three kernels
 whose intermediate buffers are sized for the worst routing; as one opaque op each, Inductor has
@@ -30,8 +35,8 @@ arithmetic. Autotuning runs on the first real call (or a CUDA-graph warm-up), ne
 
 Why eager code calls the implementations directly (:func:`dispatch`): a custom op's dispatch costs
 about 50 µs of host time a call (measured on this repo's CPU machine, torch 2.14), more than
-vmoe's own launches; under ``torch.compile`` that cost is gone, since the graph calls the op
-once. Both paths run the same implementation functions below, and one ``autograd.Function``
+vmoe's own launches; under ``torch.compile`` the graph calls the op directly and pays no
+dispatch. Both paths run the same implementation functions below, and one ``autograd.Function``
 (:mod:`vmoe.autograd`) differentiates both.
 """
 from __future__ import annotations
@@ -216,8 +221,10 @@ def expert_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, topk_weights: torc
 @expert_mlp_backward_op.register_fake
 def _(dy, x, topk_weights, w1, w2, z, ys, counts, offsets, sorted_to_assign, assign_to_sorted,
       ragged_offsets, expert_widths, activation, needs):
-    return tuple(t.new_empty(t.shape) if need else dy.new_empty(0)
-                 for t, need in zip((x, topk_weights, w1, w2), needs))
+    # A per-expert 3-D weight's gradient keeps the weight's strides, as the kernels write it
+    # (vmoe.ops.grouped_gemm._weight_grad_buffer); everything else is contiguous.
+    return tuple((torch.empty_like(t) if t.dim() == 3 else t.new_empty(t.shape)) if need
+                 else dy.new_empty(0) for t, need in zip((x, topk_weights, w1, w2), needs))
 
 
 def expert_mlp_backward(*args):

@@ -36,6 +36,7 @@ router (or x) requires grad on every rank or on none.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import astuple
 
@@ -137,21 +138,26 @@ class AllToAll(torch.autograd.Function):
     """``all_to_all_single`` of the rows of x, differentiable: the backward is the reverse exchange.
 
     ``send_splits[r]`` rows of x go to rank r; ``recv_splits[r]`` rows come from rank r.
+    ``hook``, when not None, is called with no argument around each exchange, forward and
+    backward, and returns the context manager the exchange runs in (the parallel benchmark's
+    timer: :attr:`ExpertParallelMoEMLP.exchange_hook`).
     """
 
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
+    def forward(ctx, x, send_splits, recv_splits, group, hook=None):
+        ctx.splits, ctx.group, ctx.hook = (send_splits, recv_splits), group, hook
         out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        with hook() if hook is not None else contextlib.nullcontext():
+            dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, dy):
         send_splits, recv_splits = ctx.splits
         dx = dy.new_empty((sum(send_splits),) + tuple(dy.shape[1:]))
-        dist.all_to_all_single(dx, dy.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return dx, None, None, None
+        with ctx.hook() if ctx.hook is not None else contextlib.nullcontext():
+            dist.all_to_all_single(dx, dy.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return dx, None, None, None, None
 
 
 def config_digest(config: MoEConfig) -> int:
@@ -199,6 +205,9 @@ class ExpertParallelMoEMLP(nn.Module):
         w1: ``[d, g * sum(local_widths)]``: the full w1's column block of each local expert
             (``g*f_e`` columns; for swiglu gate then up, as in MoEMLP), in ``local_experts`` order.
         w2: ``[sum(local_widths), d]``: their rows of the full w2, in the same order.
+        exchange_hook: None, or a callable that returns a context manager; each of the layer's
+            ``all_to_all_single`` exchanges (two forward, two backward) runs inside one. For
+            instruments: ``python -m vmoe.bench.parallel`` times the exchanges with it.
 
     ``forward(x_local)`` takes ``[..., d]`` (the token count may differ between ranks, and be 0)
     and returns ``(out, aux_loss, f_i)`` as ``moe(x_local)`` would on the full layer: ``out`` has
@@ -230,6 +239,7 @@ class ExpertParallelMoEMLP(nn.Module):
             raise ValueError(f"local_experts {self.local_experts} are not rank {rank}'s experts "
                              f"{placement[rank]} in the placement {placement}")
         self.local_widths = tuple(widths[e] for e in self.local_experts)
+        self.exchange_hook = None
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(d, g * sum(self.local_widths)))
         self.w2 = nn.Parameter(torch.empty(sum(self.local_widths), d))
@@ -356,7 +366,8 @@ class ExpertParallelMoEMLP(nn.Module):
 
         payload = torch.cat([x2[send_tokens],
                              topk_weights.reshape(-1)[send_order].to(x2.dtype)[:, None]], dim=1)
-        received = AllToAll.apply(payload, send_splits, recv_splits, self.group)  # [R, d+1]
+        received = AllToAll.apply(payload, send_splits, recv_splits, self.group,
+                                  self.exchange_hook)                     # [R, d+1]
         x_recv, w_recv = received[:, :d], received[:, d:]
         # Rows from each source arrive in local expert order: their local ids follow the table.
         L = len(self.local_experts)
@@ -365,6 +376,7 @@ class ExpertParallelMoEMLP(nn.Module):
                                             output_size=sum(recv_splits))[:, None]  # [R, 1]
         y_recv = expert_mlp(x_recv, local_ids, w_recv, w1, w2, self.local_widths, cfg.activation,
                             impl=cfg.impl)                                    # [R, d], weighted
-        y_back = AllToAll.apply(y_recv, recv_splits, send_splits, self.group)  # [A, d]
+        y_back = AllToAll.apply(y_recv, recv_splits, send_splits, self.group,
+                                self.exchange_hook)                       # [A, d]
         out = torch.zeros(T, d, dtype=y_back.dtype, device=device).index_add(0, send_tokens, y_back)
         return out.reshape(shape), aux, f_i

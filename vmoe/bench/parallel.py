@@ -37,15 +37,14 @@ median (a step ends when the slowest rank ends) with the slowest rank's split. T
 use the same timer (without the barrier), so the two compare like with like. On the CPU the
 events are ``time.perf_counter``.
 
-**Exchange against compute.** During the timed steps :class:`vmoe.parallel.AllToAll` is replaced
-by a subclass that records an event pair around each of its ``all_to_all_single`` calls (two in
-the forward, two in the backward); ``exchange_ms`` is their sum per step (median over steps). An
-exchange starts when this rank issues it and ends when every peer's rows have arrived, so it
-includes the wait for a slower peer: imbalance in compute shows up as exchange time on the
-faster rank. ``compute_ms`` is the rest of the step (routing, the all_gather of the [E] counts
-and its host sync, the local experts, the combine). ``a2a_alone_ms`` times the same exchanges
-(the same split sizes and row widths) alone, after a barrier, with nothing around them: the
-transfer itself. The swap touches nothing but the timing; it is undone after each measurement.
+**Exchange against compute.** The layer's ``exchange_hook`` records an event pair around each of
+its ``all_to_all_single`` calls (two in the forward, two in the backward); ``exchange_ms`` is their
+sum per step (median over steps). An exchange starts when this rank issues it and ends when every
+peer's rows have arrived, so it includes the wait for a slower peer: imbalance in compute shows up
+as exchange time on the faster rank. ``compute_ms`` is the rest of the step (routing, the
+all_gather of the [E] counts and its host sync, the local experts, the combine). ``a2a_alone_ms``
+times the same exchanges (the same split sizes and row widths) alone, after a barrier, with nothing
+around them: the transfer itself. The hook touches nothing but the timing.
 
 **Balance.** Per rank: ``experts`` held, their total width ``width_total`` (Σ f_e),
 ``recv_rows`` (R, the assignments of every rank's tokens routed to its experts) and
@@ -134,54 +133,22 @@ class _Clock:
 
 
 class _Exchanges:
-    """The (start, end) marks of the current step's exchanges, while recording."""
+    """The layer's exchange hook: a (start, end) mark pair around each exchange, while recording."""
 
-    clock: _Clock | None = None
-    marks: list | None = None
+    def __init__(self, clock: _Clock):
+        self.clock, self.marks = clock, None
 
-
-_ORIGINAL_ALL_TO_ALL = parallel.AllToAll
-
-
-class _TimedAllToAll(torch.autograd.Function):
-    """vmoe.parallel.AllToAll with a mark before and after each exchange, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
-        start = _mark()
-        out = _ORIGINAL_ALL_TO_ALL.forward(ctx, x, send_splits, recv_splits, group)
-        _record(start)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        start = _mark()
-        grads = _ORIGINAL_ALL_TO_ALL.backward(ctx, dy)
-        _record(start)
-        return grads
-
-
-def _mark():
-    return _Exchanges.clock.mark() if _Exchanges.marks is not None else None
-
-
-def _record(start) -> None:
-    if _Exchanges.marks is not None:
-        _Exchanges.marks.append((start, _Exchanges.clock.mark()))
-
-
-@contextlib.contextmanager
-def _timed_exchanges(clock: _Clock):
-    parallel.AllToAll, _Exchanges.clock = _TimedAllToAll, clock
-    try:
+    @contextlib.contextmanager
+    def __call__(self):
+        start = self.clock.mark() if self.marks is not None else None
         yield
-    finally:
-        parallel.AllToAll, _Exchanges.clock, _Exchanges.marks = _ORIGINAL_ALL_TO_ALL, None, None
+        if self.marks is not None:
+            self.marks.append((start, self.clock.mark()))
 
 
 def _time_steps(step, clear, clock: _Clock, iters: int, warmup: int, barrier: bool,
-                exchanges: bool = False) -> dict:
-    """Median ms of ``step`` (and of its exchanges and the rest when ``exchanges``)."""
+                exchanges: _Exchanges | None = None) -> dict:
+    """Median ms of ``step`` (and of its exchanges and the rest, given the layer's hook)."""
     for _ in range(warmup):
         step()
         clear()
@@ -191,14 +158,14 @@ def _time_steps(step, clear, clock: _Clock, iters: int, warmup: int, barrier: bo
         if barrier:
             dist.barrier()
         if exchanges:
-            _Exchanges.marks = []
+            exchanges.marks = []
         start = clock.mark()
         step()
         end = clock.mark()
         marks.append((start, end))
         if exchanges:
-            exchange_marks.append(_Exchanges.marks)
-            _Exchanges.marks = None
+            exchange_marks.append(exchanges.marks)
+            exchanges.marks = None
         clear()
     clock.sync()
     steps = [clock.ms(a, b) for a, b in marks]
@@ -333,8 +300,8 @@ def measure_parallel(cfg: BenchConfig, placement_name: str, rank: int, world: in
     mine = []
     for pass_ in PASSES:
         step, clear = _step(shard, x, dy, pass_)
-        with _timed_exchanges(clock):
-            t = _time_steps(step, clear, clock, iters, warmup, barrier=True, exchanges=True)
+        shard.exchange_hook = _Exchanges(clock)
+        t = _time_steps(step, clear, clock, iters, warmup, barrier=True, exchanges=shard.exchange_hook)
         n_exchanges = 2 if pass_ == "fwd" else 4
         t["a2a_alone_ms"] = _time_a2a_alone(send, recv, cfg.d, dtype, device, clock, iters, warmup,
                                             n_exchanges)

@@ -2,7 +2,7 @@
 losses in three launches, and the gradient of the logits in one, with no host synchronization.
 
 Shape letters: see :mod:`vmoe.config`; BT is the tokens per program (:func:`route_block_tokens`),
-``NB = max(cdiv(T, BT), 1)`` the token blocks and ``G`` the groups of experts (the ``count`` of
+``NB = max(cdiv(T, BT), 1)`` the token blocks and ``NUM_GROUPS`` the groups of experts (the ``count`` of
 each ``(count, width)`` pair of ``MoEConfig.expert_sizes``). The router GEMM stays in cuBLAS.
 
 Forward, three launches:
@@ -14,8 +14,8 @@ Forward, three launches:
      losses. The scan writes its prefix to a separate array, so that the last program can read
      the raw histogram at the same time.
   3. ``vmoe.ops.routing._scatter_kernel``: the expert-sorted permutation (:func:`scatter_routing`).
-The launch of :func:`vmoe.ops.routing.build_routing` that makes the histogram is gone: kernel 1
-writes the histogram in its layout, for blocks of ``BT*k`` assignments (assignment ``a = t*k + j``).
+No separate launch makes the histogram (as :func:`vmoe.ops.routing.build_routing` does for ids
+it is given): kernel 1 writes the histogram in that layout, for blocks of ``BT*k`` assignments (assignment ``a = t*k + j``).
 
 Backward, one launch: ``_route_bwd_kernel`` (one program per BT tokens) recomputes P and the
 logsumexp from the saved logits, and every program recomputes the loss gradient with respect to
@@ -88,18 +88,18 @@ def _probs(b_x, SOFTMAX: tl.constexpr):
 
 @triton.jit
 def _group_total(b_in, b_v):
-    """For each expert, the sum of ``b_v [E_PAD]`` over its group; ``b_in [G_PAD, E_PAD]`` says
+    """For each expert, the sum of ``b_v [E_PAD]`` over its group; ``b_in [GROUPS_PAD, E_PAD]`` says
     which experts each group holds."""
-    b_g = tl.sum(tl.where(b_in, b_v[None, :], 0.0), axis=1)          # [G_PAD]
+    b_g = tl.sum(tl.where(b_in, b_v[None, :], 0.0), axis=1)          # [GROUPS_PAD]
     return tl.sum(tl.where(b_in, b_g[:, None], 0.0), axis=0)          # [E_PAD]
 
 
 @triton.jit
-def _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD: tl.constexpr):
-    """Per expert: the group membership matrix [G_PAD, E_PAD], f (count over the group's count),
+def _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, GROUPS_PAD: tl.constexpr):
+    """Per expert: the group membership matrix [GROUPS_PAD, E_PAD], f (count over the group's count),
     p_mean, the group's total of p_mean, and the group's size |g|."""
-    o_g = tl.arange(0, G_PAD)
-    b_in = (b_gid[None, :] == o_g[:, None]) & m_e[None, :]            # [G_PAD, E_PAD]
+    o_g = tl.arange(0, GROUPS_PAD)
+    b_in = (b_gid[None, :] == o_g[:, None]) & m_e[None, :]            # [GROUPS_PAD, E_PAD]
     b_pm = b_ps * inv_t                                               # p_mean, [E_PAD]
     b_f = b_n / tl.maximum(_group_total(b_in, b_n), 1.0)
     b_pg = _group_total(b_in, b_pm)
@@ -108,29 +108,29 @@ def _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD: tl.constexpr):
 
 
 @triton.jit
-def _aux_losses(b_n, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, G, G_PAD: tl.constexpr):
+def _aux_losses(b_n, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, NUM_GROUPS, GROUPS_PAD: tl.constexpr):
     """``MoEMLP.aux_losses`` from the statistics: (router_z_loss, load_balance_loss, compute_loss).
     ``inv_t`` is 1 / max(T, 1), a host float: an int argument equal to 1 would be specialised."""
-    _, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD)
+    _, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, GROUPS_PAD)
     b_p = b_pm / tl.maximum(b_pg, 1e-20)
     # sum_g |g| sum_{i in g} f_i p_i, one term per expert.
-    lb = tl.sum(tl.where(m_e, b_size * b_f * b_p, 0.0), axis=0) / G
+    lb = tl.sum(tl.where(m_e, b_size * b_f * b_p, 0.0), axis=0) / NUM_GROUPS
     mean_w = tl.sum(b_w, axis=0) / E
     compute = tl.sum(tl.where(m_e, b_ps * b_w, 0.0), axis=0) * inv_t / mean_w
     return lse_sq_sum * inv_t, lb, compute
 
 
 @triton.jit
-def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_lb, d_c, G_PAD: tl.constexpr):
+def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, NUM_GROUPS, d_lb, d_c, GROUPS_PAD: tl.constexpr):
     """The gradient of ``d_lb * lb + d_c * compute`` w.r.t. p_sum, ``[E_PAD]`` (counts have none;
     the z-loss is ``lse_sq_sum / T``)."""
-    b_in, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, G_PAD)
+    b_in, b_f, b_pm, b_pg, b_size = _balance_terms(b_n, b_ps, b_gid, m_e, inv_t, GROUPS_PAD)
     b_d = tl.maximum(b_pg, 1e-20)
     # p_i = pm_i / D_g: d/dpm_i of sum_j f_j p_j is f_i / D_g - sum_j f_j pm_j / D_g^2, the second
     # term only where the clamp is inactive (torch's clamp_min passes the gradient at x >= min).
     b_fpm = _group_total(b_in, b_f * b_pm)
     b_dd = tl.where(b_pg >= 1e-20, b_fpm / (b_d * b_d), 0.0)
-    b_dpm = d_lb / G * b_size * (b_f / b_d - b_dd)
+    b_dpm = d_lb / NUM_GROUPS * b_size * (b_f / b_d - b_dd)
     mean_w = tl.sum(b_w, axis=0) / E
     b_dps = (b_dpm + d_c * b_w / mean_w) * inv_t
     return tl.where(m_e, b_dps, 0.0)
@@ -206,9 +206,9 @@ def _route_stats_kernel(block_counts_ptr,    # [NB, E+1] int32, read only
                         lb_loss_ptr,         # [] fp32
                         compute_loss_ptr,    # [] fp32
                         frac_ptr,            # [E] fp32
-                        NB, E, G, inv_t, inv_a,
+                        NB, E, NUM_GROUPS, inv_t, inv_a,
                         SCAN: tl.constexpr, SB: tl.constexpr, E_PAD: tl.constexpr,
-                        G_PAD: tl.constexpr):
+                        GROUPS_PAD: tl.constexpr):
     i_p = tl.program_id(0)
     if i_p <= E:
         scan_block_column(block_counts_ptr, block_prefix_ptr, counts_ptr, i_p, NB, E, SCAN)
@@ -235,8 +235,8 @@ def _route_stats_kernel(block_counts_ptr,    # [NB, E+1] int32, read only
         tl.store(frac_ptr + o_e, b_nf * inv_a, mask=m_e)
         b_gid = tl.load(group_ptr + o_e, mask=m_e, other=-1)
         b_w = tl.load(widths_ptr + o_e, mask=m_e, other=0).to(tl.float32)
-        z, lb, compute = _aux_losses(b_nf, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, G,
-                                      G_PAD)
+        z, lb, compute = _aux_losses(b_nf, b_ps, lse_sq_sum, b_gid, b_w, m_e, inv_t, E, NUM_GROUPS,
+                                      GROUPS_PAD)
         tl.store(z_loss_ptr, z)
         tl.store(lb_loss_ptr, lb)
         tl.store(compute_loss_ptr, compute)
@@ -264,9 +264,9 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
                       group_ptr,           # [E] int32
                       widths_ptr,          # [E] int32
                       d_logits_ptr,        # [T, E] row stride stride_d
-                      T, E, G, inv_t, stride_l, stride_d,
+                      T, E, NUM_GROUPS, inv_t, stride_l, stride_d,
                       KTOP: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
-                      BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                      BT: tl.constexpr, E_PAD: tl.constexpr, GROUPS_PAD: tl.constexpr,
                       HAS_DW: tl.constexpr, HAS_DPS: tl.constexpr, HAS_DLSQ: tl.constexpr,
                       HAS_DZ: tl.constexpr, HAS_DLB: tl.constexpr, HAS_DC: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
@@ -300,7 +300,7 @@ def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
         b_ps = tl.load(p_sum_ptr + o_e, mask=m_e, other=0.0)
         b_gid = tl.load(group_ptr + o_e, mask=m_e, other=-1)
         b_w = tl.load(widths_ptr + o_e, mask=m_e, other=0).to(tl.float32)
-        b_dps = _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, G, d_lb, d_c, G_PAD)
+        b_dps = _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, NUM_GROUPS, d_lb, d_c, GROUPS_PAD)
         b_dp += b_dps[None, :]
     if HAS_DW:
         # The slot gradients spread onto their experts' columns; ids of a row are distinct.
@@ -433,9 +433,9 @@ def route_stats(block_counts: torch.Tensor, p_partial: torch.Tensor, lse_partial
         p_partial_ptr=p_partial, lse_partial_ptr=lse_partial, group_ptr=group_ids,
         widths_ptr=widths, p_sum_ptr=p_sum, lse_sq_sum_ptr=lse_sq_sum, z_loss_ptr=z_loss,
         lb_loss_ptr=lb_loss, compute_loss_ptr=compute_loss, frac_ptr=f_i,
-        NB=NB, E=E, G=len(group_sizes), inv_t=1.0 / max(num_tokens, 1),
+        NB=NB, E=E, NUM_GROUPS=len(group_sizes), inv_t=1.0 / max(num_tokens, 1),
         inv_a=1.0 / max(num_tokens * k, 1),
-        SCAN=SCAN, SB=SB, E_PAD=E_PAD, G_PAD=next_pow2(len(group_sizes)))
+        SCAN=SCAN, SB=SB, E_PAD=E_PAD, GROUPS_PAD=next_pow2(len(group_sizes)))
     return block_prefix, counts, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, f_i
 
 
@@ -467,7 +467,7 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
     d_topk_weights, d_p_sum = (None if g is None else g.contiguous()
                                for g in (d_topk_weights, d_p_sum))
     BT = route_block_tokens(E, k)
-    G = len(group_sizes)
+    num_groups = len(group_sizes)
     launch(_route_bwd_kernel, (cdiv(T, BT),),
         logits_ptr=logits, ids_ptr=topk_ids.contiguous(), d_weights_ptr=d_topk_weights,
         d_p_sum_ptr=d_p_sum, d_lse_sq_sum_ptr=d_lse_sq_sum, d_z_loss_ptr=d_z_loss,
@@ -475,9 +475,9 @@ def route_bwd(logits: torch.Tensor, topk_ids: torch.Tensor, d_topk_weights: torc
         counts_ptr=counts if has_stats else None, p_sum_ptr=p_sum if has_stats else None,
         group_ptr=_group_ids(group_sizes, E, dev) if has_stats else None,
         widths_ptr=device_ints(tuple(expert_widths), dev) if has_stats else None,
-        d_logits_ptr=d_logits, T=T, E=E, G=G, inv_t=1.0 / T, stride_l=logits.stride(0),
+        d_logits_ptr=d_logits, T=T, E=E, NUM_GROUPS=num_groups, inv_t=1.0 / T, stride_l=logits.stride(0),
         stride_d=d_logits.stride(0), KTOP=k, SOFTMAX=router == "softmax",
-        NORM=bool(norm_topk_prob), BT=BT, E_PAD=next_pow2(E), G_PAD=next_pow2(G))
+        NORM=bool(norm_topk_prob), BT=BT, E_PAD=next_pow2(E), GROUPS_PAD=next_pow2(num_groups))
     return d_logits
 
 
