@@ -152,11 +152,11 @@ def _scatter_kernel(ids_ptr,                 # [A] any integer dtype
     # BLOCK assignments per block; BLOCK_PAD, the power of two >= BLOCK, shapes the lanes (the
     # router's blocks hold BT*k assignments, not a power of two when k is not).
     #
-    # No tile here grows with BLOCK_PAD**2 or BLOCK_PAD*E1_PAD. The previous version ranked each
-    # lane among the earlier lanes of its expert with a [BLOCK_PAD, BLOCK_PAD] comparison and
-    # picked offsets[id] with a [BLOCK_PAD, E1_PAD] one: at BLOCK = 256 that spilled 686-848 bytes
-    # per thread and took 360-450 µs for T*k = 131k (H200, Triton 3.6), against about 5 µs for a
-    # sort of BLOCK_PAD keys, a few [E1_PAD] rows and one gather (results/probe_scatter.py).
+    # No tile here grows with BLOCK_PAD**2 or BLOCK_PAD*E1_PAD. Ranking each lane among the
+    # earlier lanes of its expert with a [BLOCK_PAD, BLOCK_PAD] comparison, and picking offsets[id]
+    # with a [BLOCK_PAD, E1_PAD] one, spills 686-848 bytes per thread at BLOCK = 256 and takes
+    # 360-450 µs for T*k = 131k (H200, Triton 3.6), against about 5 µs for a
+    # sort of BLOCK_PAD keys, a few [E1_PAD] rows and one gather (vmoe/bench/probes/scatter.py).
     i_b = tl.program_id(0)
     o_e = tl.arange(0, E1_PAD)
     m_e = o_e < E + 1
