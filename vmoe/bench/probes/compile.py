@@ -4,11 +4,11 @@ autotuning config, what the Hopper build holds: registers and spill bytes (Trito
 ``wgmma`` instructions, and whether Triton warp-specialized the kernel (``ttg.warp_specialize``
 in TTGIR, ``setmaxnreg`` in PTX), or the compiler's first error line.
 
-The register, spill and warp-specialization facts of results/NOTES.md (session 7) come from it.
+The register, spill and warp-specialization facts of results/NOTES.md ("Kernels") come from it.
 It needs the device's Triton (3.6.0, which bundles ptxas) beside the CPU's own:
 
     pip install --target /tmp/triton36 triton==3.6.0
-    PYTHONPATH=/tmp/triton36:. python results/probe_compile.py [relu2|swiglu] [GEMM_REGEX]
+    PYTHONPATH=/tmp/triton36:. python -m vmoe.bench.probes.compile [relu2|swiglu] [GEMM_REGEX]
 
 The GEMMs are the six of ``expert_mlp`` (``ws_down_proj`` and ``ws_up_proj_bwd`` are the
 warp-specialized kernel), at the large configs' specialization: bf16, every size and stride
@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vmoe import grouped_gemm as gg
+from vmoe.ops import grouped_gemm as gg
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 TARGET = GPUTarget("cuda", 90, 32)

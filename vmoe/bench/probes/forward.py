@@ -1,9 +1,9 @@
-"""Where the forward's time goes at the large configs (issue 16): vmoe's expert forward as the
-benchmark times it (``expert_mlp``, routing included) and each of its launches alone (the routing
-metadata, up_proj, down_proj, the combine), beside the dense stand-in and its own parts (the two
-matmuls and the activation's torch kernels), all timed with ``do_bench`` in one run on one card.
+"""Where the forward's time goes at the large configs: vmoe's expert forward as the benchmark times
+it (``expert_mlp``, routing included) and each of its launches alone (the routing metadata, up_proj,
+down_proj, the combine), beside the dense stand-in and its own parts (the two matmuls and the
+activation's torch kernels), all timed with ``do_bench`` in one run on one card.
 
-    PYTHONPATH=. python results/probe_forward.py OUT.csv [CONFIG_REGEX]
+    python -m vmoe.bench.probes.forward OUT.csv [CONFIG_REGEX]   # CONFIG_REGEX default: relu2
 
 The combine reads the [T k, d] rows ys once and writes [T, d]: a memory pass the dense stand-in
 does not have (its [T k, d] output is the matmul's own store). Its byte floor is printed beside
@@ -18,12 +18,12 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from vmoe import bench
-from vmoe import grouped_gemm as gg
 from vmoe.autograd import expert_mlp
-from vmoe.baselines import _act
-from vmoe.gather_scatter import combine
-from vmoe.routing import build_routing
+from vmoe.bench import harness as bench
+from vmoe.bench.baselines import _act
+from vmoe.ops import grouped_gemm as gg
+from vmoe.ops.gather_scatter import combine
+from vmoe.ops.routing import build_routing
 
 DEV, DT = "cuda", torch.bfloat16
 

@@ -1,10 +1,12 @@
-"""The tensor-descriptor (TMA) path of the grouped GEMMs against the pointer path, per GEMM, on
-the large configs (issue 16): each of the six GEMMs of ``expert_mlp``'s forward and backward
-timed with ``do_bench`` under each mode of ``tma_mode`` named on the command line (default: "off",
-the pointer kernels, and "auto", what users get; each autotuned over its own configs), the outputs
-compared with the first mode's, and cuBLAS on the same FLOPs beside them.
+"""The tensor-descriptor (TMA) path of the grouped GEMMs against the pointer path, per GEMM, on the
+large configs: each of the six GEMMs of ``expert_mlp``'s forward and backward timed with
+``do_bench`` under each mode of ``tma_mode`` named on the command line (default: "off", the pointer
+kernels, and "auto", what users get; each autotuned over its own configs), the outputs compared
+with the first mode's, and cuBLAS on the same FLOPs beside them.
 
-    PYTHONPATH=. python results/probe_tma.py OUT.csv [CONFIG_REGEX] [MODE ...]
+    python -m vmoe.bench.probes.gemms OUT.csv [CONFIG_REGEX] [MODE ...]
+
+(CONFIG_REGEX default: ``128x768-k8-relu2|32x1536.*swiglu``; the CSV is rewritten after every GEMM.)
 
 FLOPs count the useful work: 2 * d * sum_e n_e f_e per GEMM (times g where the GEMM spans both
 swiglu halves). The cuBLAS line for a row GEMM is ``[A, d] @ [d, g f_bar]`` (or its mirror) and
@@ -19,10 +21,10 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from vmoe import bench
-from vmoe import grouped_gemm as gg
+from vmoe.bench import harness as bench
 from vmoe.config import gate_factor
-from vmoe.routing import build_routing
+from vmoe.ops import grouped_gemm as gg
+from vmoe.ops.routing import build_routing
 from vmoe.testing import rel_err
 
 DEV, DT = "cuda", torch.bfloat16

@@ -1,10 +1,10 @@
 """Where a layer's GPU time goes, kernel by kernel: torch.profiler over a few eager training steps
 of ``MoEMLP`` (forward, ``(out * dy).sum() + sum(aux)``, backward), bf16.
 
-Written for the open questions of results/NOTES.md (session 4): the router's share of the large
-layer's forward, and why null experts did not shorten the forward. Not yet run on a GPU.
+Written for two questions of results/NOTES.md: the router's share of the large layer's forward, and
+why null experts did not shorten the forward (both answered there, under "Layer").
 
-    PYTHONPATH=. python results/probe_kernels.py [--match SUBSTRING] [--steps 10]
+    python -m vmoe.bench.probes.kernels [--match SUBSTRING] [--steps 10]
 
 Prints, per config, each kernel's mean GPU time per step (µs) and its share of the step.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from probe_util import kernel_times, layer_steps
 
 from vmoe import MoEConfig, MoEMLP
+from vmoe.bench.probes.profiling import kernel_times, layer_steps
 
 CONFIGS = [
     ("large-128x768-k8-relu2", 16384, 2048, dict(expert_sizes=[(128, 768)], num_active_experts=8)),

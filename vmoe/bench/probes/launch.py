@@ -1,4 +1,4 @@
-"""Host time of the eager layer with and without vmoe's direct launch path (vmoe/launch.py).
+"""Host time of the eager layer with and without vmoe's direct launch path (:mod:`vmoe.ops.utils.launch`).
 
 For one seed config (T=4096, d=256, bf16) the GPU work of a forward is ~50 µs, so an eager call's
 wall time is host time. Three alternating pairs of: 300 no-grad forwards and 200 training steps,
@@ -6,7 +6,7 @@ timed with perf_counter around the loop (synchronized at both ends), direct path
 Then Triton's launch against the direct one for a single kernel (the combine, 2000 launches), and
 a cProfile of 300 forwards on the direct path (where the rest of the host time goes).
 
-    PYTHONPATH=. python results/probe_launch.py
+    python -m vmoe.bench.probes.launch
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pstats
 import time
 
 import torch
-from probe_util import layer_steps
 
 from vmoe import MoEConfig, MoEMLP
-from vmoe import launch as launch_mod
-from vmoe.gather_scatter import combine
-from vmoe.routing import build_routing
+from vmoe.bench.probes.profiling import layer_steps
+from vmoe.ops.gather_scatter import combine
+from vmoe.ops.routing import build_routing
+from vmoe.ops.utils import launch as launch_mod
 
 CONFIGS = {
     "seed-4x512+8x256+4x128-k2": dict(expert_sizes=[(4, 512), (8, 256), (4, 128)],

@@ -1,7 +1,9 @@
-"""Null and shared experts at layer scope, on the GPU (issue: null and shared experts).
+"""Null and shared experts at layer scope, on the GPU.
 
-Run from the repo root: ``PYTHONPATH=. python results/probe_null_shared.py OUT.csv``. bf16, one
-training step = forward, ``(out * dy).sum() + sum(aux)``, backward; ``do_bench`` medians.
+Run as ``python -m vmoe.bench.probes.null_shared OUT.csv [N_SHARED_CASES]`` (N_SHARED_CASES: how
+many of the two shared cases below to run, default both). bf16, one training step = forward,
+``(out * dy).sum() + sum(aux)``, backward; ``do_bench`` medians, and the GPU's own time per call
+(torch.profiler's kernel sum).
 
 - ``null``: the original author's follow-up layer, 24x384 + 24x128 + 16 null experts, sigmoid
   top-8, relu2, d=768, against the same layer without the nulls (k=8 over the 48 real experts).
@@ -18,9 +20,9 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton.testing
-from probe_util import kernel_times, layer_steps
 
 from vmoe import MoEConfig, MoEMLP, reference
+from vmoe.bench.probes.profiling import kernel_times, layer_steps
 from vmoe.config import gate_factor
 
 DEV, DT = "cuda", torch.bfloat16

@@ -1,4 +1,4 @@
-"""What the probes of this folder share: a layer's two timed calls, and GPU time per call.
+"""What the probes share: a layer's two timed calls, and GPU time per call.
 
 At the sizes the probes look at, an eager call is partly or wholly host-bound, so a wall-clock
 timer (do_bench) measures the host; the kernels' own times (:func:`kernel_times`) do not.

@@ -1,11 +1,12 @@
-"""Launch 3 of the routing (``vmoe.routing.scatter_routing``, the ``_scatter_kernel``) alone: its time
-for T*k = 131k assignments, before and after the kernel's rewrite, and whether both give the same
-bits.
+r"""Launch 3 of the routing (``vmoe.ops.routing.scatter_routing``, the ``_scatter_kernel``) alone: its
+time for T*k = 131k assignments, for the shipped kernel and (optionally) another version of it, and
+whether both give the same bits.
 
-The session-7 profile (torch.profiler, H200) found the scatter at 276-449 µs, 16-23% of a training
-step at d = 768, where moving 131k int32 twice takes a few µs. For each case, both the block of
-``build_routing`` (``_block_size``) and that of the fused router (``route_block_tokens(E, k) * k``,
-256 for these E at k = 8):
+A per-kernel profile of a training step (torch.profiler, H200; results/NOTES.md) found the scatter
+kernel that ranked a block's assignments with a [BLOCK, BLOCK] comparison tile at 276-449 µs,
+16-23% of a training step at d = 768, where moving 131k int32 twice takes a few µs. For each case,
+both the block of ``build_routing`` (``_block_size``) and that of the fused router
+(``route_block_tokens(E, k) * k``, 256 for these E at k = 8):
 
 - ``p50``: ``triton.testing.do_bench`` median of one ``scatter_routing`` call, host work included
   (allocations and the launch; a kernel of a few µs is host-bound here);
@@ -14,15 +15,17 @@ step at d = 768, where moving 131k int32 twice takes a few µs. For each case, b
 - registers and spills of each compiled kernel;
 - whether every array of the new Routing equals the old one bitwise (exit status 1 if not).
 
-The old kernel is ``vmoe._routing_before``, a copy of the module before the rewrite, made by hand
-(git-excluded) before the run:
+The other version ("old") is ``vmoe.ops._routing_before``, a copy of an earlier routing module made
+by hand (not committed) before the run; for the comparison kernel, the parent of c36b6ac, with its
+imports pointed at this tree's modules:
 
-    git show <before>:vmoe/routing.py > vmoe/_routing_before.py
-    PYTHONPATH=. python results/probe_scatter.py
-    PYTHONPATH=. python results/probe_scatter.py --cpu-smoke   # tiny sizes, Triton interpreter
+    git show c36b6ac^:vmoe/routing.py | sed 's/from \._utils /from vmoe.ops.utils.device /; \
+        s/from \.launch /from vmoe.ops.utils.launch /' > vmoe/ops/_routing_before.py
+    python -m vmoe.bench.probes.scatter
+    python -m vmoe.bench.probes.scatter --cpu-smoke   # tiny sizes, Triton interpreter
 
-Without that file it says so and times the new kernel alone. ``--cpu-smoke`` runs the same code
-path at tiny sizes in the interpreter (no timings), to check the probe itself.
+Without that file it says so and times the shipped kernel alone. ``--cpu-smoke`` runs the same
+code path at tiny sizes in the interpreter (no timings), to check the probe itself.
 """
 from __future__ import annotations
 
@@ -31,17 +34,13 @@ import importlib
 import os
 import sys
 
-if "--cpu-smoke" in sys.argv:
-    # Triton reads TRITON_INTERPRET when vmoe's kernels are decorated, i.e. at import.
-    os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
-
-from vmoe import routing as new  # noqa: E402
-from vmoe._utils import cdiv, next_pow2  # noqa: E402
-from vmoe.router import route_block_tokens  # noqa: E402
+from vmoe.ops import routing as new
+from vmoe.ops.router import route_block_tokens
+from vmoe.ops.utils.device import cdiv, interpreting, next_pow2
 
 # (name, T, k, widths)
 CASES = [
@@ -86,14 +85,19 @@ def main():
                         help="tiny sizes in the Triton interpreter: checks the probe, times nothing")
     args = parser.parse_args()
     smoke = args.cpu_smoke
+    if smoke and not interpreting():
+        # Triton reads TRITON_INTERPRET when vmoe's kernels are decorated, i.e. when ``python -m``
+        # imports vmoe before this module runs: run again with it set.
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]],
+                  dict(os.environ, TRITON_INTERPRET="1"))
     if not smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --cpu-smoke for the interpreter check")
     device = "cpu" if smoke else "cuda"
     try:
-        old = importlib.import_module("vmoe._routing_before")
+        old = importlib.import_module("vmoe.ops._routing_before")
     except ModuleNotFoundError:
         old = None
-        print("vmoe/_routing_before.py is absent: the old kernel is not timed, nothing compared")
+        print("vmoe/ops/_routing_before.py is absent: the old kernel is not timed, nothing compared")
     if not smoke:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 

@@ -1,11 +1,11 @@
 """What an expert layer costs per token as a function of its experts' widths, at notebook 08's
-training size (issue 14): d=384, k=2, T = 64 x 256 tokens, bf16, one step = ``vmoe.expert_mlp``
+training size: d=384, k=2, T = 64 x 256 tokens, bf16, one step = ``vmoe.expert_mlp``
 forward + backward (x, topk_weights, w1, w2 all require grad). The time is the GPU's: the sum of
 the kernels' times under torch.profiler, per step, over 10 steps (an eager step of this size is
 host-bound, ~1.2 ms whatever the widths: the first run of this probe timed it with do_bench and
 saw only that), with the slowest kernel named.
 
-Written for two findings of session 6's training batch (results/train_h200.csv): the uniform
+Written for two findings of the training batch of results/train_h200.csv: the uniform
 control at width 610 trained 37% slower than uniform at 768 (610 is not a multiple of 16), and
 var23 at a realised width of 958 trained only 2% faster than uniform while the uniform control at
 928 was 12% faster. The routing is synthetic and fixed, so only the widths differ:
@@ -15,7 +15,7 @@ var23 at a realised width of 958 trained only 2% faster than uniform while the u
   probability p, else to one of the 4 narrow ones, with p chosen so that the realised width
   k * (p * f_wide + (1 - p) * f_narrow) equals the training runs' mean (1243 and 958).
 
-    PYTHONPATH=. python results/probe_width_cost.py [OUT.csv] [CASE_REGEX]
+    python -m vmoe.bench.probes.width_cost [OUT.csv] [CASE_REGEX]
 
 (each case autotunes its kernels first, ~10 s; the CSV is rewritten after every case).
 
@@ -29,9 +29,9 @@ import re
 import sys
 
 import torch
-from probe_util import kernel_times
 
 from vmoe import expert_mlp
+from vmoe.bench.probes.profiling import kernel_times
 
 DEV, DT = "cuda", torch.bfloat16
 T, D, K = 64 * 256, 384, 2
