@@ -1,9 +1,11 @@
 """Tests of the benchmark harness: FLOP counting, applicability, the CSV it writes, the tables built
-from it, and the baselines it times (against the float64 reference). No timing is asserted."""
+from it (the README's summary and results/README.md's full tables, checked against the committed
+CSVs), and the baselines it times (against the float64 reference). No timing is asserted."""
 from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from vmoe.bench import harness as bench
 from vmoe.config import gate_factor
 from vmoe.testing import DEVICE, ON_GPU, rel_err, tolerance
 
+ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_COLUMNS = ["config", "provider", "mode", "scope", "ms_p50", "ms_p20", "ms_p80", "tflops", "rel_err",
                     "ok", "peak_mem_mb", "gpu", "torch", "triton", "vmoe_commit", "T", "d", "k", "E",
                     "widths", "activation", "dtype", "applicable", "reason", "timer"]
@@ -293,6 +296,131 @@ def test_gpu_slug(name, slug):
     assert bench.gpu_slug(name) == slug
 
 
+def test_write_csv_format_and_columns(tmp_path):
+    path = tmp_path / "sub" / "x.csv"
+    rows = [{"b": 1 / 3, "a": 7, "flag": True, "none": None, "nan": float("nan"), "extra": "dropped"},
+            {"a": 1234567.0, "b": "text, with a comma"}]
+    report.write_csv(path, rows, ["a", "b", "flag", "none", "nan"])
+    raw = path.read_bytes()
+    assert b"\r" not in raw and not (tmp_path / "sub" / "x.csv.tmp").exists()
+    assert raw.decode().splitlines() == [
+        "a,b,flag,none,nan",
+        "7,0.333333,True,,nan",             # 6 significant digits; None is an empty cell
+        '1.23457e+06,"text, with a comma",,,',  # a missing key is empty; text is quoted as csv does
+    ]
+    # Without columns: every key, in first-seen order.
+    report.write_csv(path, [{"x": 1}, {"y": 2.5, "x": 3}])
+    assert path.read_text() == "x,y\n1,\n3,2.5\n"
+
+
+def test_write_csv_appends_under_one_header(tmp_path):
+    path = tmp_path / "log.csv"
+    report.write_csv(path, [{"step": 0, "loss": 2.0}], ["step", "loss"], append=True)
+    report.write_csv(path, [{"step": 5, "loss": 1.25}, {"step": 10, "loss": 1.0}], ["step", "loss"],
+                     append=True)
+    report.write_csv(path, [{"step": 15, "loss": 0.5}], append=True)  # the file's own header
+    assert path.read_text() == "step,loss\n0,2\n5,1.25\n10,1\n15,0.5\n"
+    with pytest.raises(ValueError, match="cannot append"):
+        report.write_csv(path, [{"loss": 1.0, "step": 20}], ["loss", "step"], append=True)
+    assert path.read_text().count("\n") == 5
+    # Without append the file is replaced.
+    report.write_csv(path, [{"step": 1, "loss": 3.0}], ["step", "loss"])
+    assert path.read_text() == "step,loss\n1,3\n"
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _span(cell: str) -> tuple[float, float]:
+    """"1.000–4.000×" -> (1.0, 4.0); "2.50" -> (2.5, 2.5)."""
+    lo, _, hi = cell.rstrip("×").partition("–")
+    return float(lo), float(hi or lo)
+
+
+def test_summary_table_ranges_over_a_family():
+    df, ms = _synthetic()
+    graph = df[(df["provider"] == "vmoe")].assign(provider="vmoe_graph", ok=True)
+    graph["ms_p50"] = graph["ms_p50"] / 10
+    t = report.summary_table(pd.concat([df, graph], ignore_index=True))
+    assert len(t) == 1
+    r = t.iloc[0]
+    a, b = ms["cfg-a"], ms["cfg-b"]
+    assert (r.gpu, r.scope, r.family, r["mode"], r.configs, r.vmoe_commit) == (
+        "Test GPU 9000", "expert", "cfg", "fwd", 2, "abc1234")
+    assert (r.vmoe_ms_min, r.vmoe_ms_max) == (a["vmoe"], b["vmoe"])
+    assert (r.vmoe_graph_ms_min, r.vmoe_graph_ms_max) == (a["vmoe"] / 10, b["vmoe"] / 10)
+    assert r.vmoe_over_dense_min == r.vmoe_over_dense_max == 2.0
+    # stk failed its check on cfg-b and grouped_mm does not apply to it: cfg-a alone gives their range.
+    assert r.stk_over_vmoe_min == r.stk_over_vmoe_max == a["stk"] / a["vmoe"]
+    assert r.grouped_mm_over_vmoe_min == r.grouped_mm_over_vmoe_max == a["grouped_mm"] / a["vmoe"]
+    md = report.summary_markdown(df)
+    assert md.startswith(report.SUMMARY_INTRO) and "**Test GPU 9000**" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| cfg (2) |")]
+    cells = _cells(row)
+    assert cells[:4] == ["cfg (2)", "expert", "fwd", "abc1234"]
+    assert _span(cells[4]) == (1.0, 4.0) and cells[5] == "–"
+    assert cells[7] == "2.00×" and cells[8] == "3.00×" and cells[9] == "2.00×"
+
+
+def _committed_results():
+    csvs = report.benchmark_csvs(ROOT / "results")
+    assert csvs, "no benchmark CSV under results/"
+    return pd.concat([report.load_results(p) for p in csvs], ignore_index=True)
+
+
+def _block(path: Path) -> str:
+    text = path.read_text()
+    start, end = text.index(report.README_START), text.index(report.README_END)
+    return text[start + len(report.README_START):end].strip()
+
+
+def test_readmes_are_regenerated_from_the_committed_csvs():
+    """`python -m vmoe.bench --reproduce` has run since the CSVs last changed."""
+    df = _committed_results()
+    stale = "stale: run `python -m vmoe.bench --reproduce`"
+    assert _block(ROOT / "README.md") == report.summary_markdown(df).strip(), "README.md is " + stale
+    assert _block(ROOT / "results" / "README.md") == report.markdown_table(df).strip(), \
+        "results/README.md is " + stale
+
+
+def test_readme_summary_rows_match_the_csv():
+    """Each summary row of README.md, recomputed from the raw CSV rows with pandas alone."""
+    df = _committed_results()
+    df = df[df["ok"].fillna(True).astype(bool) & df["ms_p50"].notna()]
+    readme = _block(ROOT / "README.md")
+    gpu = None
+    checked = set()
+    for line in readme.splitlines():
+        if line.startswith("**"):
+            gpu = line[2:line.index("**", 2)]
+            continue
+        if not line.startswith("| ") or line.startswith("| configs"):
+            continue
+        fam_n, scope, mode, commit, vmoe_ms, graph_ms, _, over_dense, _, gmm_over = _cells(line)
+        fam, n = fam_n.split(" (")
+        rows = df[(df["gpu"] == gpu) & (df["scope"] == scope) & (df["mode"] == mode)
+                  & df["config"].str.startswith(fam + "-")]
+        ms = rows.pivot_table(index="config", columns="provider", values="ms_p50", aggfunc="min")
+        assert int(n.rstrip(")")) == ms["vmoe"].notna().sum(), line
+        assert commit == "/".join(pd.unique(rows[rows["provider"] == "vmoe"]["vmoe_commit"])), line
+        assert _span(vmoe_ms) == pytest.approx((ms["vmoe"].min(), ms["vmoe"].max()), abs=5e-4), line
+        if "vmoe_graph" in ms:
+            assert _span(graph_ms) == pytest.approx((ms["vmoe_graph"].min(), ms["vmoe_graph"].max()),
+                                                    abs=5e-4), line
+        else:
+            assert graph_ms == "–", line
+        ratio = ms["vmoe"] / ms["dense"]
+        assert _span(over_dense) == pytest.approx((ratio.min(), ratio.max()), abs=5e-3), line
+        ratio = (ms["grouped_mm"] / ms["vmoe"]).dropna()
+        assert _span(gmm_over) == pytest.approx((ratio.min(), ratio.max()), abs=5e-3), line
+        checked.add((gpu, fam, scope, mode))
+    # Every (gpu, family, scope, mode) of the CSVs has its row.
+    expected = {(g, c.split("-")[0], s, m) for g, c, s, m in
+                df[df["provider"] == "vmoe"][["gpu", "config", "scope", "mode"]].itertuples(index=False)}
+    assert checked == expected
+
+
 def _check_provider(provider, cfg, dtype, ids=None, tol=None):
     inp = bench.make_inputs(cfg, torch.device(DEVICE), dtype, dense=False)
     if ids is not None:
@@ -384,6 +512,10 @@ def test_reproduce_rewrites_the_readme_from_every_results_csv(tmp_path, monkeypa
     assert bench.main(["--reproduce"]) == 0
     text = (tmp_path / "README.md").read_text()
     assert "Test GPU 9000" in text and "Other GPU 1" in text
+    # README.md gets the summary, one table per GPU; results/README.md every row.
+    assert text.count("| configs | scope | mode |") == 2 and "| cfg-a |" not in text
+    tables = (tmp_path / "results" / "README.md").read_text()
+    assert tables.count("| cfg-a | fwd |") == 2 and "Other GPU 1" in tables
 
 
 def test_markdown_table_shows_the_graph_replay_time():
@@ -398,7 +530,8 @@ def test_markdown_table_shows_the_graph_replay_time():
 
 def test_bench_keeps_the_names_the_notebook_uses():
     # notebooks/07_bench.ipynb reads the results through vmoe.bench.
-    for name in ("load_results", "speedup_table", "markdown_table", "README_START", "README_END"):
+    for name in ("load_results", "speedup_table", "markdown_table", "summary_table", "summary_markdown",
+                 "README_START", "README_END"):
         assert getattr(bench, name) is getattr(report, name), name
     assert callable(bench.gpu_slug) and callable(bench.gpu_name) and callable(bench.main)
     assert bench.MODES == ("fwd", "fwdbwd")

@@ -1,8 +1,9 @@
 """Benchmark harness: vmoe against the other ways of computing a variable-width MoE, one CSV per GPU.
 
-Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_bench.ipynb`` and the
-README's results table read what it writes (:mod:`vmoe.bench.report`, re-exported here). The providers are
-described in :mod:`vmoe.bench.baselines`. Shape letters: see :mod:`vmoe.config`.
+Run as ``python -m vmoe.bench`` (``--help`` for the options); ``notebooks/07_bench.ipynb``, the
+README's summary and ``results/README.md``'s full tables read what it writes
+(:mod:`vmoe.bench.report`, re-exported here). The providers are described in
+:mod:`vmoe.bench.baselines`. Shape letters: see :mod:`vmoe.config`.
 
 Two scopes (``--scope``; a CSV row's ``scope`` column):
     expert  the expert computation alone, for a given routing and given weights (the default).
@@ -57,6 +58,7 @@ from vmoe.testing import rel_err, tolerance
 README_START, README_END, gpu_slug, gpu_name = (report.README_START, report.README_END, report.gpu_slug,
                                                 report.gpu_name)
 load_results, speedup_table, markdown_table = report.load_results, report.speedup_table, report.markdown_table
+summary_table, summary_markdown = report.summary_table, report.summary_markdown
 
 SCOPES = ("expert", "layer")
 SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense"),
@@ -115,8 +117,8 @@ def _seed_set():
 
 
 def _large_set():
-    # Today's sizes: Qwen3-30B-A3B-like (128 x 768), OLMoE-like (64 x 1024), and variable-width
-    # mixes of the same total width.
+    # The sizes of current MoE models: Qwen3-30B-A3B-like (128 x 768), OLMoE-like (64 x 1024), and
+    # variable-width mixes of the same total width.
     T, d, k = 16384, 2048, 8
     table = [[(128, 768)], [(32, 1536), (32, 768), (64, 384)], [(64, 1024)],
              [(16, 2048), (16, 1024), (32, 512)]]
@@ -528,7 +530,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmoe.bench",
                                      description="Check, then time, vmoe against the other providers.")
     parser.add_argument("--configs", choices=["seed", "large", "all", "tiny"], default="all",
-                        help="seed: the original 8 configs; large: today's sizes; all: both "
+                        help="seed: the original 8 configs; large: T=16384, d=2048, k=8; all: both "
                              "(tiny: interpreter-sized, for tests)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
@@ -544,22 +546,24 @@ def main(argv=None) -> int:
     parser.add_argument("--match", help="only configs whose name matches this regular expression "
                                         "(to split a sweep over several runs into one CSV)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--readme", help="rewrite the results block of this README from the CSV")
+    parser.add_argument("--readme", help="rewrite the results block of this README with the CSV's summary")
+    parser.add_argument("--tables", help="rewrite the results block of this file with the CSV's full tables")
     parser.add_argument("--from-csv", dest="from_csv", help="measure nothing: regenerate the tables "
                                                             "from this CSV")
     parser.add_argument("--reproduce", action="store_true",
-                        help="measure nothing: rewrite README.md's results block from results/*.csv")
+                        help="measure nothing: rewrite the results blocks of README.md (the summary) "
+                             "and results/README.md (the full tables) from results/*.csv")
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        report.regenerate([args.from_csv], args.readme)
+        report.regenerate([args.from_csv], args.readme, args.tables)
         return 0
     if args.reproduce:
         csvs = report.benchmark_csvs("results")
         if not csvs:
             print("no results/*.csv yet: run `python -m vmoe.bench` on a GPU first")
             return 0
-        report.regenerate(csvs, args.readme or "README.md")
+        report.regenerate(csvs, args.readme or "README.md", args.tables or "results/README.md")
         return 0
     device = torch.device(args.device)
     if device.type == "cpu" and not interpreting():
@@ -586,8 +590,8 @@ def main(argv=None) -> int:
                      scopes=scopes)
     bad = [r for r in rows if r["ok"] is False]
     print(f"{len(rows)} rows written to {out}; {len(bad)} failed the check or raised")
-    if args.readme:
-        report.regenerate([out], args.readme)
+    if args.readme or args.tables:
+        report.regenerate([out], args.readme, args.tables)
     return 1 if bad else 0
 
 

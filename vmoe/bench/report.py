@@ -1,13 +1,20 @@
-"""The benchmark's results: the CSV rows it writes, and the tables and README block built from them.
+"""The benchmark's results: the CSV rows it writes, and the tables and README blocks built from them.
 
 :mod:`vmoe.bench` measures and calls :func:`write_rows`; ``notebooks/07_bench.ipynb`` and the
-README read the CSV back through :func:`load_results`, :func:`speedup_table` and
-:func:`markdown_table` (all re-exported by :mod:`vmoe.bench`). Nothing here needs a GPU or torch.
+READMEs read the CSV back through :func:`load_results`, :func:`speedup_table`,
+:func:`summary_table` and :func:`markdown_table` (all re-exported by :mod:`vmoe.bench`).
+``python -m vmoe.bench --reproduce`` puts :func:`summary_markdown` (one compact table per GPU) in
+``README.md`` and :func:`markdown_table` (every row) in ``results/README.md``.
+
+:func:`write_csv` is vmoe's one CSV writer (one float format, ``\\n`` line ends), for the
+benchmark's rows and any other measurement. Nothing here needs a GPU or torch.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
+import numbers
 import os
 import re
 import subprocess
@@ -20,7 +27,7 @@ TEXT_COLUMNS = ("config", "provider", "mode", "scope", "gpu", "torch", "triton",
                 "activation", "dtype", "reason", "timer")
 # A row is replaced, not duplicated, when the same measurement is taken again.
 ROW_KEY = ("gpu", "dtype", "config", "provider", "mode", "scope")
-# Rows written before the scope column existed all timed the expert computation alone.
+# A CSV without the scope column holds rows of the expert computation alone.
 DEFAULTS = {"scope": "expert"}
 
 README_START = "<!-- results:start -->"
@@ -95,32 +102,86 @@ def summary(row: dict) -> str:
             f"{row['rel_err']:.1e} {ok}")
 
 
+FLOAT_FORMAT = "{:.6g}"  # 6 significant digits: far finer than the run-to-run noise of a timing
+
+
 def _fmt(v) -> str:
-    if isinstance(v, bool):
+    """A value as :func:`write_csv` writes it: floats with :data:`FLOAT_FORMAT` ("nan" for NaN),
+    None as an empty cell, anything else (ints, bools, text) as ``str`` gives it."""
+    if v is None:
+        return ""
+    if isinstance(v, (bool, numbers.Integral)) or not isinstance(v, numbers.Real):
         return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
+    v = float(v)
+    return "nan" if math.isnan(v) else FLOAT_FORMAT.format(v)
+
+
+def write_csv(path, rows, columns=None, *, append: bool = False) -> None:
+    """Write ``rows`` (dicts) to the CSV at ``path``: vmoe's one CSV writer.
+
+    ``columns`` is the header, in order; a row's other keys are left out and its missing ones are
+    empty cells. Without it the header is every key of ``rows`` in first-seen order (or, when
+    appending, the file's own header). Floats get :data:`FLOAT_FORMAT`, lines end in ``\\n``.
+
+    ``append=False`` replaces the file atomically: written beside it, fsynced, renamed over it (the
+    rename fsynced too, through the folder).
+    ``append=True`` adds the rows to its end (the header first if the file is new or empty) in one
+    write, fsynced: once this returns the rows survive a kill, and a kill during it leaves at most
+    a partial last line. A file whose header differs from ``columns`` raises ``ValueError`` rather
+    than being misaligned.
+    """
+    path = Path(path)
+    rows = list(rows)
+    existing = None
+    if append and path.exists() and path.stat().st_size > 0:
+        with open(path, newline="") as fh:
+            existing = next(csv.reader(fh), [])
+    if columns is None:
+        columns = existing or list(dict.fromkeys(k for r in rows for k in r))
+    columns = list(columns)
+    if existing is not None and existing != columns:
+        raise ValueError(f"cannot append to {path}: its columns are {existing}, the rows' are {columns}")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    if existing is None:
+        writer.writeheader()
+    writer.writerows({c: _fmt(r.get(c)) for c in columns} for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path if append else path.with_name(path.name + ".tmp")
+    with open(target, "a" if append else "w", newline="") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    if not append:
+        os.replace(target, path)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename in ``folder`` durable; nothing where a folder cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_rows(path, rows: list[dict]) -> None:
-    """Write ``rows`` into the CSV at ``path``, replacing rows with the same key and keeping the rest."""
+    """Write the benchmark's ``rows`` into the CSV at ``path`` (:data:`COLUMNS`), replacing rows with
+    the same :data:`ROW_KEY` and keeping the rest."""
     path = Path(path)
     kept = []
     if path.exists():
         with open(path, newline="") as fh:
             new_keys = {_key(r) for r in rows}
             kept = [r for r in csv.DictReader(fh) if _key(r) not in new_keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in kept:
-            writer.writerow({c: r.get(c) or DEFAULTS.get(c, "") for c in COLUMNS})
-        for r in rows:
-            writer.writerow({c: _fmt(r[c]) for c in COLUMNS})
-    os.replace(tmp, path)
+    kept = [{c: r.get(c) or DEFAULTS.get(c, "") for c in COLUMNS} for r in kept]
+    write_csv(path, kept + list(rows), COLUMNS)
 
 
 def _key(row: dict) -> tuple:
@@ -144,7 +205,7 @@ def benchmark_csvs(folder) -> list:
 
 def load_results(path):
     """The CSV as a DataFrame, with ``ok`` and ``applicable`` as nullable booleans, and ``scope``
-    ("expert" for rows written before the column existed)."""
+    ("expert" where a CSV has no such column)."""
     import pandas as pd
 
     # Text columns stay text: a commit such as 329e820 or a version such as 3.10 would otherwise
@@ -217,6 +278,106 @@ def speedup_table(df, scope: str = "expert"):
     return out.reset_index()[keys + SPEEDUP_COLUMNS]
 
 
+SUMMARY_COLUMNS = ["vmoe_ms", "vmoe_graph_ms", "vmoe_tflops", "vmoe_over_dense", "stk_over_vmoe",
+                   "grouped_mm_over_vmoe"]
+SCOPE_ORDER = ("expert", "layer")
+
+
+def family(config: str) -> str:
+    """A config's family, its name up to the first "-": "seed-8x512-k2" -> "seed"."""
+    return str(config).split("-", 1)[0]
+
+
+def summary_table(df):
+    """Per (gpu, dtype, scope, family, mode): ``configs``, how many of the family's configs vmoe ran;
+    ``vmoe_commit``, the commits of those vmoe rows ("/"-joined); and for each of
+    :data:`SUMMARY_COLUMNS` its ``<column>_min`` and ``<column>_max`` over them (NaN where none
+    has it). The columns are :func:`speedup_table`'s, with ``vmoe_graph_ms``, the CUDA-graph
+    replay's p50, beside them; only rows that passed their check count.
+    """
+    import pandas as pd
+
+    df = _with_defaults(df)
+    keys = ["gpu", "dtype", "scope", "config", "mode"]
+    scopes = sorted(pd.unique(df["scope"]), key=lambda s: (s not in SCOPE_ORDER, SCOPE_ORDER.index(s)
+                                                           if s in SCOPE_ORDER else 0))
+    per_config = []
+    for scope in scopes:
+        t = speedup_table(df, scope)
+        t.insert(2, "scope", scope)
+        per_config.append(t)
+    t = pd.concat(per_config, ignore_index=True)
+    t = t[t["vmoe_ms"].notna()]
+    passed = df[df["ok"].map(_as_bool).map(lambda v: v is True)]
+    index = pd.MultiIndex.from_frame(t[keys])
+    graph = passed[passed["provider"] == "vmoe_graph"].groupby(keys)["ms_p50"].min()
+    t["vmoe_graph_ms"] = graph.reindex(index).to_numpy()
+    commit = passed[passed["provider"] == "vmoe"].groupby(keys)["vmoe_commit"].first()
+    t["vmoe_commit"] = commit.reindex(index).to_numpy()
+    t["family"] = t["config"].map(family)
+    groups = t.groupby(["gpu", "dtype", "scope", "family", "mode"], sort=False)
+    out = groups.agg(configs=("config", "nunique"),
+                     vmoe_commit=("vmoe_commit", lambda c: "/".join(str(v) for v in pd.unique(c.dropna()))),
+                     **{f"{c}_{f}": (c, f) for c in SUMMARY_COLUMNS for f in ("min", "max")})
+    return out.reset_index()
+
+
+SUMMARY_INTRO = ("Each row sums up one family of configs at one scope (`expert`: the expert computation on a "
+                 "given routing; `layer`: the whole `MoEMLP`, router and aux losses included) and mode "
+                 "(`fwd` forward, `fwdbwd` forward + backward); a cell is the range over the family's "
+                 "configs, and `results/README.md` has every row. vmoe ms is the median of one eager call, "
+                 "vmoe graph ms the same calls replayed from a CUDA graph, with no host launch cost; "
+                 "TFLOP/s counts useful FLOPs only. "
+                 "vmoe ÷ dense is vmoe's time over a dense MLP with the same useful FLOPs (plus the router "
+                 "GEMM at layer scope): 1.00× would match it. stk ÷ vmoe and grouped_mm ÷ vmoe are that "
+                 "baseline's time over vmoe's: above 1, vmoe is faster.")
+# (header, format, suffix, column) per range column of the summary.
+_SUMMARY_COLS = [("vmoe ms", "{:.3f}", "", "vmoe_ms"), ("vmoe graph ms", "{:.3f}", "", "vmoe_graph_ms"),
+                 ("vmoe TFLOP/s", "{:.1f}", "", "vmoe_tflops"),
+                 ("vmoe ÷ dense", "{:.2f}", "×", "vmoe_over_dense"),
+                 ("stk ÷ vmoe", "{:.2f}", "×", "stk_over_vmoe"),
+                 ("grouped_mm ÷ vmoe", "{:.2f}", "×", "grouped_mm_over_vmoe")]
+
+
+def _range(lo, hi, fmt: str, suffix: str) -> str:
+    """"lo–hi" with the suffix once ("13.60–35.91×"), one value where both print alike, "–" for none."""
+    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
+        return "–"
+    a, b = fmt.format(lo), fmt.format(hi)
+    return (a if a == b else f"{a}–{b}") + suffix
+
+
+def _card(rows) -> str:
+    """"**gpu** (dtypes; torch …, triton …; timer: …, median)" for one GPU's rows."""
+    import pandas as pd
+
+    versions = ", ".join(f"{c} {'/'.join(str(v) for v in pd.unique(rows[c]))}" for c in ("torch", "triton"))
+    dtypes = "/".join(str(v) for v in pd.unique(rows["dtype"]))
+    timers = "/".join(str(v) for v in pd.unique(rows["timer"].dropna()))
+    return f"**{pd.unique(rows['gpu'])[0]}** ({dtypes}; {versions}; timer: {timers}, median)"
+
+
+def summary_markdown(df) -> str:
+    """README.md's results: :data:`SUMMARY_INTRO`, then per GPU its name and versions and one
+    compact table of :func:`summary_table`'s ranges; all from the CSV."""
+    import pandas as pd
+
+    df = _with_defaults(df)
+    table = summary_table(df)
+    parts = [SUMMARY_INTRO]
+    header = ["configs", "scope", "mode", "vmoe commit"] + [h for h, *_ in _SUMMARY_COLS]
+    for gpu in pd.unique(df["gpu"]):
+        lines = [_card(df[df["gpu"] == gpu]), "", "| " + " | ".join(header) + " |",
+                 "|---|---|---|---|" + "---:|" * len(_SUMMARY_COLS)]
+        for r in table[table["gpu"] == gpu].itertuples(index=False):
+            cells = [f"{r.family} ({r.configs})", r.scope, r.mode, r.vmoe_commit]
+            cells += [_range(getattr(r, f"{c}_min"), getattr(r, f"{c}_max"), f, sfx)
+                      for _, f, sfx, c in _SUMMARY_COLS]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 INTRO = ("`fwd` is the forward, `fwdbwd` forward + backward. vmoe ÷ dense is vmoe's time over "
          "a dense MLP with the same useful FLOPs (1.00× is the ceiling); X ÷ vmoe is X's time "
          "over vmoe's (above 1: vmoe is faster).")
@@ -271,8 +432,9 @@ def _notes(rows, prefix: str = "") -> list[str]:
 
 
 def markdown_table(df) -> str:
-    """The README's results: per GPU, naming the GPU and versions, a markdown table of the expert
-    computation and, where measured, one of the whole layer; all from the CSV."""
+    """The full tables (``results/README.md``): per GPU, naming the GPU and versions, a markdown
+    table of every config of the expert computation and, where measured, one of the whole layer;
+    all from the CSV."""
     import pandas as pd
 
     df = _with_defaults(df)
@@ -320,8 +482,10 @@ def rewrite_readme(path, block: str) -> bool:
     return True
 
 
-def regenerate(csv_paths, readme) -> None:
-    """Print the markdown tables of ``csv_paths``; if ``readme`` is given, put them in its results block."""
+def regenerate(csv_paths, readme=None, tables=None) -> None:
+    """Print the summary of ``csv_paths`` (:func:`summary_markdown`) and put it in the results block
+    of ``readme``; put the full tables (:func:`markdown_table`) in that of ``tables``, or print them
+    when no ``tables`` file is given. Either file is left alone when ``None``."""
     try:
         import pandas as pd
     except ImportError:
@@ -329,10 +493,12 @@ def regenerate(csv_paths, readme) -> None:
               "`python -m vmoe.bench --from-csv CSV` where it is)")
         return
     df = pd.concat([load_results(p) for p in csv_paths], ignore_index=True)
-    md = markdown_table(df)
-    print(md)
-    if readme:
-        if rewrite_readme(readme, md):
-            print(f"rewrote the results block of {readme}")
+    summary, full = summary_markdown(df), markdown_table(df)
+    print(summary if tables else summary + "\n\n" + full)
+    for path, block in ((readme, summary), (tables, full)):
+        if not path:
+            continue
+        if rewrite_readme(path, block):
+            print(f"rewrote the results block of {path}")
         else:
-            print(f"unchanged: the results block of {readme} already matches the CSV")
+            print(f"unchanged: the results block of {path} already matches the CSV")
