@@ -158,4 +158,4 @@ train-batch: $(VENV)/.installed
 		$(PY) -m vmoe.train --config $$1 $${2:+--expert-width $$2} --seed $$seed --compile reduce-overhead \
 			--total-tokens 16777216 --resume $(TRAIN_FLAGS) || exit 1; \
 	done; done
-	$(PY) -m vmoe.train --collect
+	$(PY) -m vmoe.train --collect --results results

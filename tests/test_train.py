@@ -1,18 +1,33 @@
-"""The training entry point on the CPU: the tiny config (``impl="reference"``) on a synthetic corpus.
+"""The training entry point on the CPU, on a synthetic corpus.
 
 What must hold for the GPU runs to mean anything: the model's shapes, that training lowers the
 loss, that a run stopped and resumed takes bitwise the steps of one that never stopped, that the
 log has its columns and the widths their definition, and that every named config constructs.
+And for a newcomer on a CPU: that ``python -m vmoe.train --config tiny`` runs the Triton kernels
+(re-executing itself under the interpreter), logs no "nan" for the first row, and that a GPU-sized
+config warns; ``--collect`` writes nowhere git tracks unless told to.
+
+Most tests train :data:`TINY`: the tiny config's model with the per-expert reference loop (the
+kernels have their own tests, and the interpreter costs tens of milliseconds per token) and
+enough tokens to learn the synthetic corpus.
 """
 from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
+import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import vmoe.layer
+import vmoe.train.loop as loop
+from vmoe.ops.utils.device import interpreting
 from vmoe.train.data import write_corpus
 from vmoe.train.loop import (
     AUX_KEYS,
@@ -21,6 +36,7 @@ from vmoe.train.loop import (
     LOG_COLUMNS,
     VOCAB,
     collect,
+    gpu_sized_warning,
     lr_at,
     main,
     resolve_config,
@@ -28,7 +44,9 @@ from vmoe.train.loop import (
     train,
 )
 
-TINY = CONFIGS["tiny"]
+TINY = replace(CONFIGS["tiny"], impl="reference", seq_len=32, batch_size=8, total_tokens=20 * 8 * 32,
+               eval_interval=5, eval_tokens=4 * 32)
+ROOT = Path(__file__).resolve().parents[1]
 PROSE = b"Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n"
 CODE = b"def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n"
 
@@ -145,6 +163,111 @@ def test_collect(corpus, tmp_path):
     assert list(df.columns) == LOG_COLUMNS
     assert sorted(df["seed"].unique()) == [0, 1] and len(df) == 4
     assert (tmp_path / "results" / "train_cpu.csv").exists()
+
+
+def test_collect_writes_where_git_does_not_track_unless_told(corpus, tmp_path, monkeypatch):
+    """``--collect`` alone writes beside the runs (results/runs/, ignored by git); the committed
+    results/train_<gpu>.csv takes an explicit ``--results results``."""
+    monkeypatch.chdir(tmp_path)
+    train(replace(TINY, total_tokens=5 * 8 * 32), seed=0, out=Path("results/runs"), data_dir=corpus,
+          device="cpu")
+    main(["--collect"])
+    assert (tmp_path / "results" / "runs" / "train_cpu.csv").exists()
+    assert not (tmp_path / "results" / "train_cpu.csv").exists()
+    main(["--collect", "--results", "results"])
+    assert (tmp_path / "results" / "train_cpu.csv").exists()
+
+
+def test_first_row_and_line_have_no_nan(corpus, tmp_path, capsys):
+    """Step 0 has no training behind it: its train loss, lr, aux losses and tokens/s are empty
+    cells, and its progress line gives no tokens/s (rather than "nan tokens/s")."""
+    run = train(replace(TINY, total_tokens=5 * 8 * 32), seed=0, out=tmp_path, data_dir=corpus, device="cpu")
+    first, second = read_log(run)
+    for col in ("train_loss", "train_bpb", "tokens_per_s", "lr", *AUX_KEYS):
+        assert first[col] == "", (col, first[col])
+        assert math.isfinite(float(second[col])), (col, second[col])
+    assert math.isfinite(float(first["val_bpb"]))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "step 0/5" in text and "step 5/5" in text
+    assert "nan" not in text.lower(), text
+    assert "tokens/s" in text.split("step 5/5")[1]
+
+
+def test_gpu_sized_config_warns_on_the_cpu(corpus, tmp_path):
+    """Every config but tiny is sized for a GPU: on the CPU, train() warns once (before reading
+    anything) that it takes hours; tiny, and any config on a GPU, does not."""
+    for name in CONFIGS:
+        warning = gpu_sized_warning(CONFIGS[name], torch.device("cpu"))
+        assert (warning is None) == (name == "tiny"), (name, warning)
+        assert gpu_sized_warning(CONFIGS[name], torch.device("cuda")) is None
+    assert "hours" in gpu_sized_warning(CONFIGS["var5"], torch.device("cpu"))
+    assert gpu_sized_warning(TINY, torch.device("cpu")) is None
+    big = replace(TINY, total_tokens=10**9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(big, seed=0, out=tmp_path, data_dir=corpus, device="cpu", max_steps=0)
+    said = [str(w.message) for w in caught if "sized for a GPU" in str(w.message)]
+    assert len(said) == 1 and "hours" in said[0] and "--config tiny" in said[0], said
+
+
+def test_cli_on_a_cpu_reexecs_under_the_interpreter(monkeypatch, corpus, tmp_path):
+    """Without a GPU and without TRITON_INTERPRET, ``python -m vmoe.train`` re-runs itself with
+    TRITON_INTERPRET=1 (so that the kernels run), passing its arguments on."""
+    calls = []
+
+    class Reexec(Exception):
+        pass
+
+    def fake_reexec(module, argv):
+        calls.append((module, list(argv)))
+        raise Reexec
+
+    monkeypatch.setattr(loop, "interpreting", lambda: False)
+    monkeypatch.setattr(loop, "reexec_with_interpreter", fake_reexec)
+    monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: False)
+    argv = ["--config", "tiny", "--data", str(corpus), "--out", str(tmp_path), "--max-steps", "0"]
+    with pytest.raises(Reexec):
+        main(argv)
+    assert calls == [("vmoe.train", argv)]
+    main(["--collect", "--out", str(tmp_path)])  # no model, no kernels: no re-exec
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not interpreting() or torch.cuda.is_available(),
+                    reason="the tiny config's kernels on the CPU need TRITON_INTERPRET=1 at import")
+def test_tiny_config_runs_the_kernels(monkeypatch, corpus, tmp_path, capsys):
+    """The shipped tiny config, through the command line, on the CPU: every MoE layer takes the
+    Triton path (in the interpreter), and the run leaves a log row and a checkpoint."""
+    chose = []
+    real = vmoe.layer.use_triton
+
+    def spy(x, impl="auto"):
+        chose.append(real(x, impl))
+        return chose[-1]
+
+    monkeypatch.setattr(vmoe.layer, "use_triton", spy)
+    main(["--config", "tiny", "--data", str(corpus), "--out", str(tmp_path), "--max-steps", "1"])
+    assert chose and all(chose), chose
+    run = run_dir_for(CONFIGS["tiny"], 0, tmp_path)
+    assert [r["step"] for r in read_log(run)] == ["0"]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["state"]["step"] == 1
+    assert "nan" not in capsys.readouterr().out.lower()
+
+
+def test_cli_smoke_run_without_the_interpreter_set(corpus, tmp_path):
+    """What a newcomer types on a CPU, TRITON_INTERPRET unset: the command re-executes itself under
+    the interpreter (the MoE layers never fall back to the reference loop), exits 0, and prints no
+    "nan"."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VMOE_POISON")}
+    env.update(TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "vmoe.train", "--config", "tiny", "--data", str(corpus),
+                           "--out", str(tmp_path), "--max-steps", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "re-running under TRITON_INTERPRET=1" in proc.stderr
+    assert "resolved to 'reference'" not in proc.stderr
+    assert "step 0/" in proc.stdout and "nan" not in (proc.stdout + proc.stderr).lower()
 
 
 def test_lr_schedule():

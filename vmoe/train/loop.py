@@ -11,8 +11,25 @@ to, averaged over tokens and layers (for ``uniform`` 8 x 768 and k=2 it is alway
 runs (or continues) ``results/runs/var5_s0``: ``ckpt.pt`` (written at every evaluation and when
 ``--max-seconds`` is reached, so a run spans several time-limited jobs) and ``log.csv`` (one row
 per evaluation). ``results/runs/`` is scratch, ignored by git (a checkpoint of the d=384 configs
-is about 390 MB: weights and AdamW's two moments in float32); ``python -m vmoe.train --collect``
-concatenates every run's log into ``results/train_<gpu>.csv``, the file to commit.
+is about 390 MB: weights and AdamW's two moments in float32). ``python -m vmoe.train --collect``
+concatenates every run's log into ``results/runs/train_<gpu>.csv``; ``--collect --results results``
+writes ``results/train_<gpu>.csv``, the file to commit.
+
+On a CPU, ``python -m vmoe.train --config tiny`` is the smoke run (about half a minute): it
+re-executes itself under ``TRITON_INTERPRET=1``, so the MoE layers run the Triton kernels in
+Triton's interpreter. The other configs are sized for a GPU; started on a CPU they warn.
+
+A job may be killed at any moment (a time limit, a preemption) and ``--resume`` continues it:
+
+- the corpus is checked when it is read (:func:`vmoe.train.data.read_corpus`: sizes and sha256
+  against ``meta.json`` and the pinned values), and a checkpoint records the corpus' sha256, so a
+  resume on another corpus is refused;
+- an evaluation's row is appended to ``log.csv`` and made durable (fsync) before the checkpoint
+  that records the evaluation is written, so no row is lost; rows past the checkpoint, and a last
+  line cut short by a kill, are dropped on resume and written again;
+- a checkpoint is written to a temporary file, made durable, and renamed over ``ckpt.pt``; the one
+  it replaces stays as ``ckpt.prev.pt`` (so a run takes twice a checkpoint's disk), which a resume
+  falls back to (with a warning) when ``ckpt.pt`` does not load.
 
 Determinism: the training windows come from a CPU ``torch.Generator`` seeded by the seed, whose
 state is checkpointed with the model, the optimizer, the global RNG states and the counters, and
@@ -35,11 +52,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import math
 import os
 import string
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,11 +67,20 @@ import torch.nn.functional as F
 from vmoe.bench import report
 from vmoe.bench.report import gpu_slug
 from vmoe.config import gate_factor
+from vmoe.ops.utils.device import interpreting, reexec_with_interpreter
 from vmoe.train.data import DEFAULT_DIR as DEFAULT_DATA
-from vmoe.train.data import DOMAINS, sha256_file
+from vmoe.train.data import DOMAINS, read_corpus
 from vmoe.train.model import AUX_KEYS, CONFIGS, GPT, VOCAB, TrainConfig, resolve_config
 
 DEFAULT_OUT = Path("results/runs")
+CKPT, PREV_CKPT, LOG = "ckpt.pt", "ckpt.prev.pt", "log.csv"
+# What a checkpoint holds (and "data_sha256", the corpus' {file: sha256}); one without any of
+# these is damaged.
+CKPT_KEYS = ("model", "optimizer", "data_rng", "cpu_rng", "cuda_rng", "state", "acc", "config", "seed")
+# A lower bound on what a training step costs per token and MoE layer with the kernels in Triton's
+# interpreter: measured 25-50 ms at the tiny config's width on 2 cores, more for wider layers. Only
+# for the estimate in the GPU-sized warning.
+INTERPRETER_S_PER_TOKEN_LAYER = 0.02
 # Byte classes for the realised width: a token is classed by its own (input) byte, the one the
 # router sees. Digits and non-ASCII bytes are in neither class.
 PUNCT_BYTES = frozenset((string.punctuation + string.whitespace).encode())
@@ -95,18 +122,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 
 class ByteCorpus:
-    """``train.bin`` and ``val.bin`` of a :mod:`vmoe.train.data` folder, held in host memory (about 10 MB)."""
+    """``train.bin`` and ``val.bin`` of a :mod:`vmoe.train.data` folder, held in host memory (about
+    10 MB), checked by :func:`vmoe.train.data.read_corpus` as they are read."""
 
     def __init__(self, data_dir: Path):
-        data_dir = Path(data_dir)
-        missing = [n for n in ("train.bin", "val.bin", "meta.json") if not (data_dir / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)}: run `python -m vmoe.train.data` "
-                                    f"(or `make data`) first")
-        self.meta = json.loads((data_dir / "meta.json").read_text())
-        self.train = torch.frombuffer(bytearray((data_dir / "train.bin").read_bytes()), dtype=torch.uint8)
-        self.val = torch.frombuffer(bytearray((data_dir / "val.bin").read_bytes()), dtype=torch.uint8)
-        self.sha256 = sha256_file(data_dir / "train.bin")[:12]
+        self.data_dir = Path(data_dir)
+        self.meta, blobs = read_corpus(self.data_dir)
+        self.train = torch.frombuffer(bytearray(blobs["train"]), dtype=torch.uint8)
+        self.val = torch.frombuffer(bytearray(blobs["val"]), dtype=torch.uint8)
+        self.sha256s = {f"{split}.bin": self.meta[split]["sha256"] for split in ("train", "val")}
+        self.sha256 = self.sha256s["train.bin"][:12]  # log.csv's data_sha256
 
     def batch(self, gen: torch.Generator, batch_size: int, seq_len: int, device: torch.device):
         """Random windows of ``seq_len + 1`` bytes of train.bin: ``(x, y)``, each ``[B, S]`` int64 on
@@ -216,31 +241,144 @@ def _sync(device: torch.device) -> float:
 
 
 def _append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    """Append ``row`` (and the header, to a new file) in one write, flushed and fsynced: once this
+    returns the row survives a kill; a kill during it leaves at most a partial last line, which
+    :func:`_read_log` drops."""
+    report.write_csv(path, [row], LOG_COLUMNS, append=True)
+
+
+def _read_log(path: Path) -> tuple[list[dict], bool]:
+    """``(rows, repaired)``: log.csv's whole rows, and whether anything else was dropped.
+
+    A last line without its line end is what a job killed while appending leaves; its evaluation
+    has no checkpoint yet (rows are durable before the checkpoint is written), so the resumed run
+    evaluates it again. Any other line without every column or with a non-integer step is dropped
+    with a warning that names it.
+    """
+    with path.open(newline="", errors="replace") as f:
+        lines = f.read().splitlines(keepends=True)
+    repaired = False
+    if lines and not lines[-1].endswith("\n"):
+        warnings.warn(f"{path}: dropped a partial last line, left by a job killed while writing it: "
+                      f"{lines[-1][:60]!r}", stacklevel=3)
+        lines.pop()
+        repaired = True
+    if not lines:
+        return [], repaired
+    header = next(csv.reader(lines[:1]))
+    if header != LOG_COLUMNS:
+        raise ValueError(f"{path} has other columns than this version of vmoe.train writes: move it "
+                         f"away (or remove its run folder, {path.parent}) to start the run afresh")
+    rows = []
+    for n, fields in enumerate(csv.reader(lines[1:]), start=2):
+        if len(fields) != len(LOG_COLUMNS) or not fields[LOG_COLUMNS.index("step")].isdigit():
+            warnings.warn(f"{path}: dropped line {n}, which is not a whole row: {','.join(fields)[:60]!r}",
+                          stacklevel=3)
+            repaired = True
+            continue
+        rows.append(dict(zip(LOG_COLUMNS, fields)))
+    return rows, repaired
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    """Replace log.csv with ``rows``: through a temporary file, fsynced, then renamed over it."""
+    report.write_csv(path, rows, LOG_COLUMNS)
 
 
 def _truncate_log(path: Path, after_step: int) -> None:
-    """Drop the rows past the checkpoint's step: a job killed between a log row and its checkpoint
-    would otherwise log that evaluation twice after resuming."""
+    """Keep the rows up to the checkpoint's step, and repair a partial last line: a job killed
+    between a row and its checkpoint would otherwise log that evaluation twice after resuming."""
     if not path.exists():
         return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows, repaired = _read_log(path)
     keep = [r for r in rows if int(r["step"]) <= after_step]  # host-ok: CSV text
-    if len(keep) != len(rows):
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(keep)
+    if repaired or len(keep) != len(rows):
+        _write_log(path, keep)
+
+
+def _save_checkpoint(ck: dict, path: Path, prev: Path) -> None:
+    """Write ``ck`` to ``path`` so that a kill at any moment leaves a checkpoint that loads: into a
+    temporary file, fsynced, then renamed over ``path``; the checkpoint it replaces becomes
+    ``prev``, the fallback of :func:`_load_checkpoint`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(ck, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, prev)
+    os.replace(tmp, path)
+    report.fsync_dir(path.parent)
+
+
+def _load_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
+    """``(checkpoint, its path)``: ``ckpt.pt``, or, when that is missing or does not load,
+    ``ckpt.prev.pt`` with a warning naming both; None when the run has neither.
+
+    A file that ``torch.load`` refuses, or whose dict lacks one of :data:`CKPT_KEYS`, is damaged
+    (a disk filled up, a copy cut short). A damaged ``ckpt.pt`` that the previous one stands in for
+    is renamed ``ckpt.pt.damaged``, so that the next checkpoint does not rotate it into
+    ``ckpt.prev.pt``; when no file loads, the error names them and the fix.
+    """
+    path, prev = run_dir / CKPT, run_dir / PREV_CKPT
+    failed = []
+    for candidate in (path, prev):
+        if not candidate.exists():
+            continue
+        try:
+            ck = torch.load(candidate, map_location="cpu", weights_only=True)
+            missing = [k for k in CKPT_KEYS if k not in ck] if isinstance(ck, dict) else ["a dict"]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+        except Exception as e:  # torch.load raises EOFError, RuntimeError, UnpicklingError, ...
+            first_line = (str(e).splitlines() or [""])[0]
+            failed.append(f"{candidate} does not load ({type(e).__name__}: {first_line})")
+            continue
+        if candidate == prev:
+            why = f"{path} is missing"
+            if failed:
+                damaged = path.with_name(path.name + ".damaged")
+                os.replace(path, damaged)
+                why = f"{failed[0]} (kept as {damaged})"
+            warnings.warn(f"{why}; resuming from the previous checkpoint {prev} (step "
+                          f"{ck['state']['step']}) instead", stacklevel=3)
+        return ck, candidate
+    if failed:
+        raise ValueError("no checkpoint of this run loads:\n  " + "\n  ".join(failed) + "\n"
+                         f"--resume cannot continue it: remove {run_dir} to start the run afresh (or "
+                         f"pass another --out)")
+    return None
 
 
 def run_dir_for(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT) -> Path:
     return Path(out) / f"{cfg.name}_s{seed}"
+
+
+def _check_same_corpus(ck: dict, path: Path, data: ByteCorpus, log_path: Path) -> None:
+    """Refuse to resume a checkpoint on another corpus than it was trained on: its ``data_sha256``
+    or, for a checkpoint without one, the ``data_sha256`` column of the run's log."""
+    if "data_sha256" in ck:
+        trained_on, other = ck["data_sha256"], ck["data_sha256"] != data.sha256s
+    else:
+        logged = {r["data_sha256"] for r in _read_log(log_path)[0]} if log_path.exists() else set()
+        trained_on, other = sorted(logged), not logged <= {data.sha256}
+    if other:
+        raise ValueError(f"{path} was trained on another corpus than the one in {data.data_dir}:\n  "
+                         f"{trained_on}\nnot\n  {data.sha256s}\nresume with the corpus it was "
+                         f"trained on (--data), or remove {path.parent} to start the run afresh")
+
+
+def gpu_sized_warning(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The warning for a run that a CPU would take hours over, or None."""
+    if device.type != "cpu":
+        return None
+    hours = cfg.total_tokens * cfg.n_layer * INTERPRETER_S_PER_TOKEN_LAYER / 3600
+    if hours < 0.25:
+        return None
+    return (f"{cfg.name} is sized for a GPU ({cfg.total_steps:,} steps of {cfg.tokens_per_step:,} tokens, "
+            f"d={cfg.n_embd}, {cfg.n_layer} layers): on this CPU, with the MoE layers in Triton's "
+            f"interpreter, it takes hours (at least ~{hours:,.0f} h). `--config tiny` is the CPU "
+            f"smoke run; --max-steps stops earlier.")
 
 
 def _progress(total: int, initial: int, desc: str):
@@ -261,18 +399,27 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     checkpoint is an error rather than overwritten. ``compile``: False (eager), True or a
     ``torch.compile`` mode; "reduce-overhead" replays each step as CUDA graphs, which takes the
     host's launch time out of tokens/s at this model size.
+
+    Refuses (ValueError, naming the file and the fix) a corpus that is damaged or not the pinned
+    one, a checkpoint of another config, seed or corpus, and a run whose checkpoints all fail to
+    load; see the module docstring for what a killed job leaves and how a resume repairs it.
     """
     started = time.monotonic()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = run_dir_for(cfg, seed, out)
-    ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "log.csv"
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or remove {run_dir}")
+    ckpt_path, prev_path, log_path = run_dir / CKPT, run_dir / PREV_CKPT, run_dir / LOG
+    if not resume:
+        for path in (ckpt_path, prev_path):
+            if path.exists():
+                raise FileExistsError(f"{path} exists: pass --resume to continue it, or remove {run_dir}")
+    warning = gpu_sized_warning(cfg, device)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    data = ByteCorpus(data_dir)
+    windows, domain = data.eval_windows(cfg.eval_tokens, cfg.seq_len)
     run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    data = ByteCorpus(data_dir)
-    windows, domain = data.eval_windows(cfg.eval_tokens, cfg.seq_len)
 
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
@@ -281,11 +428,13 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     st = {"step": 0, "tokens": 0, "wall": 0.0, "last_eval": -1, "tokens_at_eval": 0, "wall_at_eval": 0.0,
           "n_acc": 0}
     acc = torch.zeros(1 + len(AUX_KEYS), device=device)  # ce and aux sums since the last evaluation
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    loaded = _load_checkpoint(run_dir) if resume else None
+    if loaded is not None:
+        ck, path = loaded
         if ck["config"] != cfg.to_json() or ck["seed"] != seed:
-            raise ValueError(f"{ckpt_path} was written by another config or seed:\n  {ck['config']} "
+            raise ValueError(f"{path} was written by another config or seed:\n  {ck['config']} "
                              f"seed {ck['seed']}\nnot\n  {cfg.to_json()} seed {seed}")
+        _check_same_corpus(ck, path, data, log_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["data_rng"])
@@ -300,13 +449,12 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
 
     def save():
         acc_host = acc.cpu()  # host-ok: checkpoints are written at boundaries only
-        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-              "cpu_rng": torch.get_rng_state(),
-              "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-              "state": dict(st), "acc": acc_host, "config": cfg.to_json(), "seed": seed}
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, ckpt_path)  # a job killed mid-save leaves the previous checkpoint whole
+        _save_checkpoint({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "state": dict(st), "acc": acc_host, "config": cfg.to_json(), "seed": seed,
+            "data_sha256": data.sha256s}, ckpt_path, prev_path)
 
     mode = "default" if compile is True else compile or None
     env = {**environment(device), "data_sha256": data.sha256, "compile": mode or False}
@@ -324,25 +472,29 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
             row = evaluate(model, windows, domain, device, cfg.batch_size, autocast)
             means = (acc / max(st["n_acc"], 1)).tolist()  # host-ok: evaluation boundary
             seg_wall = st["wall"] - st["wall_at_eval"]
+            trained = st["n_acc"] > 0  # the first row (step 0) has no training behind it
+            # Undefined values (no training steps since the last row) are empty cells, not "nan".
             row.update({
                 "config": cfg.name, "seed": seed, "step": step, "tokens": st["tokens"],
                 "wall_s": round(st["wall"], 3),
-                "train_loss": means[0] if st["n_acc"] else float("nan"),
-                "train_bpb": means[0] / math.log(2) if st["n_acc"] else float("nan"),
+                "train_loss": means[0] if trained else None,
+                "train_bpb": means[0] / math.log(2) if trained else None,
                 "tokens_per_s": (st["tokens"] - st["tokens_at_eval"]) / seg_wall
-                if st["tokens"] > st["tokens_at_eval"] and seg_wall > 0 else float("nan"),
-                "lr": lr_at(cfg, step - 1) if step else float("nan"),
-                **{key: means[1 + i] if st["n_acc"] else float("nan") for i, key in enumerate(AUX_KEYS)},
+                if st["tokens"] > st["tokens_at_eval"] and seg_wall > 0 else None,
+                "lr": lr_at(cfg, step - 1) if step else None,
+                **{key: means[1 + i] if trained else None for i, key in enumerate(AUX_KEYS)},
                 "expert_sizes": " ".join(f"{c}x{w}" for c, w in cfg.expert_sizes), "k": cfg.k,
                 "compute_loss_weight": cfg.compute_loss_weight, "total_tokens": cfg.total_tokens, **env})
             acc.zero_()
             st.update(last_eval=step, tokens_at_eval=st["tokens"], wall_at_eval=st["wall"], n_acc=0)
-            save()
+            # The row first: once the checkpoint records this evaluation, a resume never repeats it.
             _append_log(log_path, row)
+            save()
+            speed = "" if row["tokens_per_s"] is None else f", {row['tokens_per_s']:,.0f} tokens/s"
             bar.write(f"{cfg.name} s{seed} step {step}/{total}: val bpb {row['val_bpb']:.4f} (prose "
                       f"{row['val_bpb_prose']:.4f}, code {row['val_bpb_code']:.4f}), width "
-                      f"{row['width']:.1f} (code {row['width_code']:.1f}, prose {row['width_prose']:.1f}), "
-                      f"{row['tokens_per_s']:,.0f} tokens/s")
+                      f"{row['width']:.1f} (code {row['width_code']:.1f}, prose {row['width_prose']:.1f})"
+                      f"{speed}")
             t0 = _sync(device)
         if step >= total:
             break
@@ -375,19 +527,20 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     return run_dir
 
 
-def collect(out: Path = DEFAULT_OUT, results: Path | None = Path("results")):
+def collect(out: Path = DEFAULT_OUT, results: Path | None = None):
     """Every run's ``log.csv`` under ``out`` in one DataFrame; with ``results``, also written to
     ``results/train_<gpu>.csv``, one file per GPU (as the benchmark's CSVs are)."""
     import pandas as pd
 
-    logs = sorted(Path(out).glob("*/log.csv"))
+    logs = sorted(Path(out).glob(f"*/{LOG}"))
     if not logs:
         return pd.DataFrame(columns=LOG_COLUMNS)
     df = pd.concat([pd.read_csv(p) for p in logs], ignore_index=True)
     if results is not None:
         Path(results).mkdir(parents=True, exist_ok=True)
         for gpu, part in df.groupby("gpu"):
-            part.to_csv(Path(results) / f"train_{gpu_slug(str(gpu))}.csv", index=False)
+            rows = part.astype(object).where(part.notna(), None).to_dict("records")  # NaN: empty
+            report.write_csv(Path(results) / f"train_{gpu_slug(str(gpu))}.csv", rows, list(part.columns))
     return df
 
 
@@ -410,24 +563,36 @@ def main(argv=None):
                         "reduce-overhead: CUDA graphs)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--collect", action="store_true",
-                        help="only concatenate the runs' logs under --out into results/train_<gpu>.csv")
-    parser.add_argument("--results", type=Path, default=Path("results"),
-                        help="where --collect writes train_<gpu>.csv (default results)")
+                        help="only concatenate the runs' logs under --out into train_<gpu>.csv")
+    parser.add_argument("--results", type=Path,
+                        help="where --collect writes train_<gpu>.csv (default: the --out folder, which git "
+                        "ignores; `--results results` writes the committed results/train_<gpu>.csv)")
     args = parser.parse_args(argv)
     if args.collect:
-        df = collect(args.out, args.results)
-        print(f"{len(df)} rows from {df['config'].nunique() if len(df) else 0} configs")
+        dest = args.results or args.out
+        df = collect(args.out, dest)
+        print(f"{len(df)} rows from {df['config'].nunique() if len(df) else 0} configs"
+              + (f" -> {dest}/train_<gpu>.csv" if len(df) else ""))
         return
     if args.config is None:
         parser.error("--config is required (or --collect)")
     try:
         cfg = resolve_config(args.config, args.expert_width, args.total_tokens)
+    except (KeyError, ValueError) as e:
+        parser.error(str(e))
+    on_cpu = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu"
+    if on_cpu and cfg.impl != "reference" and not torch.cuda.is_available() and not interpreting():
+        # Triton picks the interpreter when vmoe is imported, which has happened by now.
+        print("no GPU: re-running under TRITON_INTERPRET=1, so that the MoE layers run the Triton "
+              "kernels in Triton's interpreter", file=sys.stderr)
+        reexec_with_interpreter("vmoe.train", sys.argv[1:] if argv is None else list(argv))
+    try:
         run_dir = train(cfg, args.seed, out=args.out, data_dir=args.data, max_seconds=args.max_seconds,
                         max_steps=args.max_steps, resume=args.resume, compile=args.compile,
                         device=args.device)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    print(f"{run_dir}: see log.csv")
+    print(f"{run_dir}: see {LOG}")
 
 
 if __name__ == "__main__":

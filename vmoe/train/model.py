@@ -75,10 +75,12 @@ class TrainConfig:
 # that evenly routed tokens cost the same (active width k * 768 = 1536 = 4d, a dense GPT's MLP).
 _BASE = TrainConfig()
 CONFIGS = {
-    "tiny": TrainConfig(name="tiny", n_layer=2, n_head=2, n_embd=32, seq_len=32,
-                        expert_sizes=((2, 48), (2, 16)), batch_size=8, lr=3e-3, min_lr=3e-4,
-                        warmup_steps=2, total_tokens=20 * 8 * 32, eval_interval=5, eval_tokens=4 * 32,
-                        impl="reference"),
+    # The CPU smoke run: the MoE layers run the Triton kernels (in Triton's interpreter, where each
+    # token of each layer costs milliseconds), so it is small enough for the whole run, evaluations
+    # included, to take about half a minute on 2 cores.
+    "tiny": TrainConfig(name="tiny", n_layer=2, n_head=2, n_embd=32, seq_len=16,
+                        expert_sizes=((2, 48), (2, 16)), batch_size=2, lr=3e-3, min_lr=3e-4,
+                        warmup_steps=2, total_tokens=6 * 2 * 16, eval_interval=3, eval_tokens=2 * 16),
     "uniform": replace(_BASE, name="uniform", expert_sizes=((8, 768),)),
     "var5": replace(_BASE, name="var5", expert_sizes=((4, 1280), (4, 256))),
     "var23": replace(_BASE, name="var23", expert_sizes=((4, 1472), (4, 64))),
