@@ -14,6 +14,14 @@ Layouts:
     it back would be a host synchronization.
   * w1 ``[d, g*F]``: expert e owns columns ``[g*o_e, g*(o_e+f_e))`` (gate first, then up).
     w2 ``[F, d]``: expert e owns rows ``[o_e, o_e+f_e)``.
+  * per expert, when every expert has the same width I: w1 ``[E, d, g*I]`` and w2 ``[E, I, d]``,
+    expert e's block being ``w[e]``, with any strides for which :func:`per_expert_weight` holds.
+    A transformers experts module stores ``gate_up_proj [E, 2I, d]`` and ``down_proj [E, d, I]``
+    (``nn.Linear``'s out-by-in); ``.transpose(1, 2)`` of each is this layout with no copy
+    (:mod:`vmoe.hf`). The kernels address any weight as ``base + o_e*stride_be + r*stride_r +
+    c*stride_c``; with o_e = e*I, ``stride_be = w.stride(0) / I`` reaches ``w[e]``
+    (:func:`_expert_strides`). Its gradients come back with the weight's own strides, so that a
+    parameter seen through a transposed view receives its gradient in its own layout.
 
 Two kernels serve all six GEMMs. ``_rows_kernel`` computes ``C[rows of e] = A[rows of e] @ B_e`` for
 each expert, over a persistent grid whose tile schedule is rebuilt on the device from the counts
@@ -48,7 +56,15 @@ from vmoe.ops.routing import (
     schedule_prologue,
     tile_schedule,
 )
-from vmoe.ops.utils.device import cdiv, device_ints, dot_dtype_flag, interpreting, new_empty, next_pow2
+from vmoe.ops.utils.device import (
+    cdiv,
+    device_ints,
+    dot_dtype_flag,
+    interpreting,
+    new_empty,
+    next_pow2,
+    poisoning,
+)
 from vmoe.ops.utils.launch import launch
 
 # Operand modes of the row kernel and the weight-gradient kernel.
@@ -615,6 +631,66 @@ def width_alignment(widths: tuple) -> int:
     return functools.reduce(math.gcd, widths, 16)
 
 
+def uniform_width(widths: tuple) -> int:
+    """I when every expert has the same width I >= 1, else 0."""
+    # (tuple.count: about 1 µs for 128 experts, and no cache wrapper for torch.compile to trace.)
+    return widths[0] if widths and widths[0] > 0 and widths.count(widths[0]) == len(widths) else 0
+
+
+def _dense(w: torch.Tensor) -> bool:
+    """Whether w's elements fill its storage span exactly once, in some order of its dimensions
+    (so that ``torch.empty_like`` gives a tensor with w's strides)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(w.shape, w.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def per_expert_weight(w: torch.Tensor, widths: tuple) -> bool:
+    """Whether w is a per-expert weight the kernels read and write in place: ``[E, *, *]`` for E
+    experts of one width I, dense, unit stride along one of its last two dimensions, and an
+    expert stride that is a multiple of I (so that ``o_e * stride(0) / I`` is expert e's start).
+    Any permutation of a contiguous ``[E, a, b]`` with the experts outermost qualifies."""
+    if w.dim() != 3 or w.shape[0] != len(widths):
+        return False  # (vmoe's 2-D layouts return here, at no cost to their launches)
+    f = uniform_width(tuple(widths))
+    return f > 0 and w.stride(0) % f == 0 and 1 in (w.stride(1), w.stride(2)) and _dense(w)
+
+
+def kernel_weight(w: torch.Tensor, widths: tuple) -> torch.Tensor:
+    """w as the kernels take it: a per-expert weight (:func:`per_expert_weight`) as it is, with no
+    copy; anything else contiguous."""
+    return w if per_expert_weight(w, widths) else w.contiguous()
+
+
+def _expert_strides(w: torch.Tensor, routing: Routing, g: int, expert_dim: int):
+    """``(stride_be, stride_r, stride_c)``: expert e's block of the weight w starts
+    ``o_e * stride_be`` elements in, and its element (r, c) lies ``r*stride_r + c*stride_c``
+    further on. For vmoe's w1 ``[d, g*F]`` the experts split the columns (``expert_dim=1``; block
+    e starts g*o_e columns in), for w2 ``[F, d]`` the rows (``expert_dim=0``); a per-expert
+    ``[E, r, c]`` weight's block e is ``w[e]``, ``e*stride(0) = o_e*stride(0)/I`` in."""
+    if w.dim() == 3:
+        if not per_expert_weight(w, routing.expert_widths):
+            raise ValueError(f"a 3-D weight must be [E, *, *] for E experts of one width, dense, "
+                             f"unit-strided along a last dimension and with an expert stride that "
+                             f"is a multiple of the width; got shape {tuple(w.shape)}, strides "
+                             f"{w.stride()} for widths {list(routing.expert_widths)}")
+        return w.stride(0) // routing.expert_widths[0], w.stride(1), w.stride(2)
+    return g * w.stride(expert_dim), w.stride(0), w.stride(1)
+
+
+def _weight_grad_buffer(w: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor for the gradient of the weight w: contiguous for vmoe's 2-D layouts, with
+    w's own strides for a per-expert weight (the fake implementation of
+    ``vmoe::expert_mlp_backward`` allocates the same)."""
+    if w.dim() != 3:
+        return new_empty(tuple(w.shape), w.dtype, w.device)
+    out = torch.empty_like(w)
+    return out.fill_(float("nan")) if poisoning() else out
+
+
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
     # Hopper, where the descriptor path is built and measured (results/NOTES.md, session 7).
@@ -627,7 +703,10 @@ def tma_eligible(device: torch.device, dtype: torch.dtype, widths: tuple, d: int
     16-bit dtype, widths and d in multiples of 8 (16-byte rows, row bases and expert offsets, as
     the copy engine requires), and every descriptor operand, given as (tensor, its row stride in
     elements, or None for a flat ragged buffer whose rows are widths or d long), 16-byte aligned
-    with a row stride in multiples of 8 (a None tensor is not eligible)."""
+    with a row stride in multiples of 8 (a None tensor is not eligible), and with a last stride
+    of 1. The descriptor code builds its weight blocks for weights laid out as vmoe's own are,
+    contiguous along their last dimension; a weight read through a transposed view (a
+    transformers ``[E, out, in]`` parameter seen as ``[E, in, out]``) takes the pointer kernels."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
     if not interpreting() and (device.type != "cuda" or not _has_tma(device.index or 0)):
@@ -635,7 +714,8 @@ def tma_eligible(device: torch.device, dtype: torch.dtype, widths: tuple, d: int
     if width_alignment(tuple(widths)) < 8 or d % 8:
         return False
     for t, row_stride in operands:
-        if t is None or t.data_ptr() % 16 or (row_stride is not None and row_stride % 8):
+        if t is None or t.data_ptr() % 16 or t.stride(-1) != 1 or (
+                row_stride is not None and row_stride % 8):
             return False
     return True
 
@@ -757,6 +837,7 @@ def _launch_rows(a, b, c, routing: Routing, *, z=None, scale=None, hw=None, a_mo
 def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str,
             save_z: bool = True):
     """``H_e = act(x[tokens of e] @ W1_e)``, ragged; the gather of x is fused into the A loads.
+    w1 is ``[d, g*F]`` or, for experts of one width, ``[E, d, g*I]`` (see Layouts).
 
     Returns ``(h, z)``: h ragged ``[n_e, f_e]`` blocks, z the pre-activation ragged
     ``[n_e, g*f_e]`` blocks (None unless ``save_z``), both flat 1-D buffers.
@@ -766,21 +847,24 @@ def up_proj(x: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str
     h = new_empty((cap,), x.dtype, x.device)
     z = new_empty((g * cap,), x.dtype, x.device) if save_z else None
     if routing.num_assignments:
+        stride_be, stride_r, stride_c = _expert_strides(w1, routing, g, expert_dim=1)
         _launch_rows(x, w1, h, routing, z=z, a_mode=GATHERED, c_mode=RAGGED,
                      k_fixed=x.shape[1], n_per_width=1, stride_am=x.stride(0),
-                     stride_be=g * w1.stride(1), stride_bk=w1.stride(0), stride_bn=w1.stride(1),
+                     stride_be=stride_be, stride_bk=stride_r, stride_bn=stride_c,
                      epi=EPI_ACT, activation=activation, g=g)
     return h, z
 
 
 def down_proj(h: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """``ys[rows of e] = H_e @ W2_e``: ``[A, d]`` in sorted order, unweighted."""
-    d = w2.shape[1]
+    """``ys[rows of e] = H_e @ W2_e``: ``[A, d]`` in sorted order, unweighted. w2 is ``[F, d]``
+    or ``[E, I, d]``."""
+    d = w2.shape[-1]
     ys = new_empty((routing.num_assignments, d), h.dtype, h.device)
     if routing.num_assignments:
+        stride_be, stride_r, stride_c = _expert_strides(w2, routing, 1, expert_dim=0)
         _launch_rows(h, w2, ys, routing, a_mode=RAGGED, c_mode=SORTED, k_per_width=1,
-                     n_fixed=d, stride_be=w2.stride(0), stride_bk=w2.stride(0),
-                     stride_bn=w2.stride(1), stride_cm=ys.stride(0))
+                     n_fixed=d, stride_be=stride_be, stride_bk=stride_r, stride_bn=stride_c,
+                     stride_cm=ys.stride(0))
     return ys
 
 
@@ -797,22 +881,26 @@ def down_proj_bwd(dy: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor
     dz = new_empty((g * ragged_capacity(routing),), dy.dtype, dy.device)
     hw = new_empty((ragged_capacity(routing),), dy.dtype, dy.device) if weighted_h else None
     if routing.num_assignments:
+        # B = W2_e^T: its rows are w2's columns.
+        stride_be, stride_r, stride_c = _expert_strides(w2, routing, 1, expert_dim=0)
         _launch_rows(dy, w2, dz, routing, z=z, scale=topk_weights.reshape(-1), hw=hw,
                      a_mode=GATHERED, c_mode=RAGGED, k_fixed=dy.shape[1], n_per_width=1,
-                     stride_am=dy.stride(0), stride_be=w2.stride(0), stride_bk=w2.stride(1),
-                     stride_bn=w2.stride(0), epi=EPI_ACT_BWD, activation=activation, g=g)
+                     stride_am=dy.stride(0), stride_be=stride_be, stride_bk=stride_c,
+                     stride_bn=stride_r, epi=EPI_ACT_BWD, activation=activation, g=g)
     return (dz, hw) if weighted_h else dz
 
 
 def up_proj_bwd(dz: torch.Tensor, w1: torch.Tensor, routing: Routing, activation: str) -> torch.Tensor:
     """``dxs[rows of e] = dZ_e @ W1_e^T``: ``[A, d]`` in sorted order (summed per token later)."""
     g = gate_factor(activation)
-    d = w1.shape[0]
+    d = w1.shape[-2]
     dxs = new_empty((routing.num_assignments, d), dz.dtype, dz.device)
     if routing.num_assignments:
+        # B = W1_e^T: its rows are w1's columns.
+        stride_be, stride_r, stride_c = _expert_strides(w1, routing, g, expert_dim=1)
         _launch_rows(dz, w1, dxs, routing, a_mode=RAGGED, c_mode=SORTED, k_per_width=g,
-                     n_fixed=d, stride_be=g * w1.stride(1), stride_bk=w1.stride(1),
-                     stride_bn=w1.stride(0), stride_cm=dxs.stride(0), g=g)
+                     n_fixed=d, stride_be=stride_be, stride_bk=stride_c, stride_bn=stride_r,
+                     stride_cm=dxs.stride(0), g=g)
     return dxs
 
 
@@ -851,22 +939,40 @@ def w2_grad(h: torch.Tensor, dy: torch.Tensor, topk_weights: torch.Tensor | None
     """``dW2_e = H_e^T @ (w * dy)[tokens of e]``, ``[F, d]``; zero for an expert with no rows.
 
     With ``topk_weights=None``, h is already weighted (``w * H``, from
-    ``down_proj_bwd(..., weighted_h=True)``) and dy is only gathered.
+    ``down_proj_bwd(..., weighted_h=True)``) and dy is only gathered. For a per-expert w2
+    ``[E, I, d]`` the result has w2's strides.
     """
-    dw2 = new_empty(tuple(w2.shape), w2.dtype, w2.device)
+    dw2 = _weight_grad_buffer(w2)
     scale = None if topk_weights is None else topk_weights.reshape(-1)
-    _launch_wgrad(h, dy, dw2, routing, scale=scale, l_mode=RAGGED, r_mode=GATHERED,
-                  m_per_width=1, n_fixed=dy.shape[1], stride_rm=dy.stride(0),
-                  stride_oe=dw2.stride(0), stride_om=dw2.stride(0))
+    stride_oe, stride_r, stride_c = _expert_strides(dw2, routing, 1, expert_dim=0)
+    if stride_c == 1:
+        _launch_wgrad(h, dy, dw2, routing, scale=scale, l_mode=RAGGED, r_mode=GATHERED,
+                      m_per_width=1, n_fixed=dy.shape[1], stride_rm=dy.stride(0),
+                      stride_oe=stride_oe, stride_om=stride_r)
+    else:
+        # Columns of W2_e are contiguous (a transformers down_proj [E, d, I] seen as [E, I, d]):
+        # compute dW2_e^T = (w dy)^T H_e instead, so that the stores still run along unit stride.
+        _launch_wgrad(dy, h, dw2, routing, scale=scale, l_mode=GATHERED, r_mode=RAGGED,
+                      m_fixed=dy.shape[1], n_per_width=1, stride_lm=dy.stride(0),
+                      stride_oe=stride_oe, stride_om=stride_c)
     return dw2
 
 
 def w1_grad(x: torch.Tensor, dz: torch.Tensor, w1: torch.Tensor, routing: Routing,
             activation: str) -> torch.Tensor:
-    """``dW1_e = x[tokens of e]^T @ dZ_e``, ``[d, g*F]``; zero for an expert with no rows."""
+    """``dW1_e = x[tokens of e]^T @ dZ_e``, ``[d, g*F]`` (or, for a per-expert w1
+    ``[E, d, g*I]``, with w1's strides); zero for an expert with no rows."""
     g = gate_factor(activation)
-    dw1 = new_empty(tuple(w1.shape), w1.dtype, w1.device)
-    _launch_wgrad(x, dz, dw1, routing, l_mode=GATHERED, r_mode=RAGGED, m_fixed=x.shape[1],
-                  n_per_width=g, stride_lm=x.stride(0), stride_oe=g * dw1.stride(1),
-                  stride_om=dw1.stride(0), g=g)
+    dw1 = _weight_grad_buffer(w1)
+    stride_oe, stride_r, stride_c = _expert_strides(dw1, routing, g, expert_dim=1)
+    if stride_c == 1:
+        _launch_wgrad(x, dz, dw1, routing, l_mode=GATHERED, r_mode=RAGGED, m_fixed=x.shape[1],
+                      n_per_width=g, stride_lm=x.stride(0), stride_oe=stride_oe,
+                      stride_om=stride_r, g=g)
+    else:
+        # Rows of W1_e are contiguous (a transformers gate_up_proj [E, 2I, d] seen as
+        # [E, d, 2I]): compute dW1_e^T = dZ_e^T x instead, stores along unit stride.
+        _launch_wgrad(dz, x, dw1, routing, l_mode=RAGGED, r_mode=GATHERED, m_per_width=g,
+                      n_fixed=x.shape[1], stride_rm=x.stride(0), stride_oe=stride_oe,
+                      stride_om=stride_c, g=g)
     return dw1

@@ -15,7 +15,8 @@ Forward, three launches:
      the raw histogram at the same time.
   3. ``vmoe.ops.routing._scatter_kernel``: the expert-sorted permutation (:func:`scatter_routing`).
 No separate launch makes the histogram (as :func:`vmoe.ops.routing.build_routing` does for ids
-it is given): kernel 1 writes the histogram in that layout, for blocks of ``BT*k`` assignments (assignment ``a = t*k + j``).
+it is given): kernel 1 writes the histogram in that layout, for blocks of ``BT*k`` assignments
+(assignment ``a = t*k + j``).
 
 Backward, one launch: ``_route_bwd_kernel`` (one program per BT tokens) recomputes P and the
 logsumexp from the saved logits, and every program recomputes the loss gradient with respect to
