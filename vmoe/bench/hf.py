@@ -2,8 +2,8 @@
 eager, each as is and under torch.compile, one CSV per GPU.
 
 Run as ``python -m vmoe.bench.hf --out results/hf/<gpu>.csv`` (``--help`` for the options);
-``--smoke`` runs every provider once at tiny sizes on the CPU (the Triton interpreter), as the
-tests do. notebooks/10_hf.ipynb reads the CSVs back. Shape letters: see :mod:`vmoe.config`.
+``--smoke`` runs every provider once at tiny sizes, as the tests do (without a GPU, on the CPU in
+the Triton interpreter). notebooks/10_hf.ipynb reads the CSVs back. Shape letters: see :mod:`vmoe.config`.
 
 Two scopes (a row's ``scope``), on random-init Qwen3-MoE modules in the bench dtype (bf16):
     hf_layer  one ``Qwen3MoeDecoderLayer`` (RMSNorm, sdpa causal attention, the sparse MoE block:
@@ -340,10 +340,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes, fp32, the providers without torch.compile, on the CPU "
-                             "(the Triton interpreter): checks that every path runs")
+                        help="tiny sizes, fp32, the providers without torch.compile (without a GPU, on "
+                             "the CPU in the Triton interpreter): checks that every path runs")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not interpreting():
         reexec_with_interpreter("vmoe.bench.hf", argv)
         parser.error("the CPU run needs TRITON_INTERPRET=1 before vmoe is imported")
