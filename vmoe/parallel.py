@@ -1,42 +1,64 @@
 """Expert parallelism: each rank of a process group holds some experts of an :class:`vmoe.MoEMLP`,
-and tokens travel to the rank of their expert and back with ``all_to_all_single``.
+and tokens travel to the ranks of their experts and back with ``all_to_all_single``.
 
-Shape letters: see :mod:`vmoe.config`; also W ranks (world size), L experts on this rank, A = T*k
-assignments of this rank's tokens, R rows received by this rank.
+Shape letters: see :mod:`vmoe.config`; also W ranks (world size), L experts on this rank, n chunks,
+K slots per exchanged row, C capacity (rows per pair of ranks and chunk). The buffers and their
+kernels: :mod:`vmoe.ops.exchange`; a worked example: notebooks/09_parallel.ipynb.
 
 - :func:`place_experts`: which experts each rank holds, balanced by width (or by n_e * f_e).
-- :class:`ExpertParallelMoEMLP`: one rank's shard of a full layer (:meth:`from_moe`), whose
-  ``forward`` returns what the full layer returns for this rank's tokens; its state-dict helpers
-  save the shards back as the full layer's state dict, and load one into a shard.
+- :class:`ExpertParallelMoEMLP`: one rank's shard of a full layer (:meth:`~ExpertParallelMoEMLP.from_moe`),
+  whose ``forward`` returns what the full layer returns for this rank's tokens; its state-dict
+  helpers save the shards back as the full layer's state dict, and load one into a shard.
 
 One forward, on every rank (all ranks must call it, with the same config, even with 0 tokens):
 
-  1. Route the local tokens with the replicated router, through the functions MoEMLP uses (the
-     fused router, or the torch path for ``impl="reference"``), so the ids, the weights, the aux
-     losses and f_i are exactly those of ``moe(x_local)``.
-  2. Sort the A assignments by destination (the owner rank of their expert, then that rank's
-     local order); all-gather the [E] counts of every rank: ``[W, E]``. Its ``.tolist()`` is the
-     one host synchronization of the layer: all_to_all_single takes its split sizes on the host.
-  3. Exchange ``[A, d+1]`` rows (x[t] and the routing weight of the assignment) with
-     all_to_all_single (:class:`AllToAll`, whose backward is the reverse exchange).
-  4. Run the local experts on the R received rows through :func:`vmoe.expert_mlp` (k = 1, the
-     received weight as topk_weights), so the down projection comes out weighted.
-  5. Send the ``[R, d]`` results back (the reverse exchange) and sum them per token
-     (``index_add``).
+  1. **Route** the local tokens with the replicated router, through the functions MoEMLP uses, so
+     the ids, the weights, the aux losses and f_i are exactly those of ``moe(x_local)``.
+  2. **Dispatch**: one row per (token, destination rank), not per assignment: token t goes once to
+     each rank holding one of its k experts, with that rank's slots (local expert ids) and weights
+     beside it in a ``[rows, 2K]`` side buffer. Which row goes where comes from vmoe's routing
+     kernels run on the ``[T, W]`` destinations (:func:`vmoe.ops.exchange.plan_exchange`); one
+     gather kernel writes the send buffer. The ``exchange`` mode decides the buffer sizes:
 
-An assignment travels as its own row even when a token's k experts share a rank: simple, and the
-exchanges cost k*d per token either way in the worst case. An assignment to a null expert (width
-0) does not travel: it would come back as a row of zeros.
+     - ``"sync"``: exactly the rows that travel. all_to_all_single takes its split sizes on the
+       host, so the ``[W, n*W]`` row counts are all-gathered and read back once: the layer's one
+       host synchronization.
+     - ``"capacity"``: every rank sends C rows to every rank (per chunk), empty ones padded,
+       ``C = min(TC, ceil(capacity_factor * TC * min(k, W) / W))`` for TC tokens per chunk (of
+       ``max_tokens``, or of this call's tokens). No host read: the whole layer can be captured
+       in a CUDA graph. A token sends at most one row to a rank, so C >= TC (``capacity_factor
+       >= W / min(k, W)``) drops nothing; below it, the rows past C of a (destination, chunk)
+       pair (in token order) are dropped: their slots add nothing, and their number is added to
+       the ``dropped_rows`` buffer (or raises on every rank, with ``check_capacity=True`` or
+       VMOE_CHECK=1, at the cost of an all_reduce and a host read).
+  3. **Exchange** the rows and their side buffer (async all_to_all_single).
+  4. **Local experts**: the receiver runs :func:`vmoe.expert_mlp` on the rows it received, with the
+     received slots as topk_ids and weights. Slots of experts on other ranks name a null expert
+     (id L, width 0) appended to the local widths, which vmoe's routing gives no rows, so the
+     receiver's routing is built on the device like any other; each row comes out already
+     weighted and summed over this rank's slots.
+  5. **Return and combine**: the rows go back (the reverse exchange), and each token sums its
+     ranks' rows in the fixed order of the ranks, in float32, with the shared expert's output
+     added first (:func:`vmoe.ops.exchange.combine`): deterministic, no atomics.
 
-Gradients follow from autograd through the two exchanges: w1/w2 get the gradients of every rank's
-tokens routed to the local experts, x_local the full layer's gradient, and the router the local
-tokens' contribution (summed over ranks, as DDP does for replicated parameters, it is the full
-layer's). Autograd must reach both exchanges on every rank: every rank runs backward, and the
-router (or x) requires grad on every rank or on none.
+**Overlap.** ``chunks=n`` splits the local tokens into n chunks and pipelines them: the exchange
+of chunk c+1 is in flight while the experts of chunk c compute (the exchanges are issued with
+``async_op=True`` and waited just before their rows are needed). A shared expert
+(``shared_expert_width > 0``, replicated on every rank) runs on the local tokens while the first
+exchange is in flight. In the backward, each exchange's reverse is issued by the node that waited
+in the forward, and waited for by the node that issued it, so autograd runs the shared expert's
+backward while the dispatch's reverse exchange is in flight.
+
+Gradients follow from autograd through the exchanges: w1/w2 get the gradients of every rank's
+tokens routed to the local experts, x_local the full layer's gradient, and the replicated router
+and shared expert the local tokens' contribution (summed over ranks, as DDP or FSDP does for
+replicated parameters, it is the full layer's). Every rank must run the backward, and the inputs
+that require grad must be the same on every rank: the exchanges in the backward are collectives.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from dataclasses import astuple
 
@@ -44,9 +66,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vmoe.autograd import expert_mlp
+from vmoe.autograd import autocast_inputs, expert_mlp, use_triton
 from vmoe.config import MoEConfig, column_offsets, gate_factor
 from vmoe.layer import MoEMLP, add_router_state
+from vmoe.ops import exchange as ex
+from vmoe.ops.utils.device import cdiv, checking, device_ints
+
+EXCHANGES = ("sync", "capacity")
+PARTS = ("route", "dispatch", "send", "shared", "experts", "return", "combine")
 
 
 def place_experts(expert_widths, world_size: int, token_counts=None) -> list[list[int]]:
@@ -134,35 +161,138 @@ def _int_list(values, name: str) -> list[int]:
     return out
 
 
-class AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` of the rows of x, differentiable: the backward is the reverse exchange.
+class _Pending:
+    """One exchange of a few tensors with the same split sizes, between its start and its wait; in
+    the backward, the reverse exchange of their gradients.
 
-    ``send_splits[r]`` rows of x go to rank r; ``recv_splits[r]`` rows come from rank r.
-    ``hook``, when not None, is called with no argument around each exchange, forward and
-    backward, and returns the context manager the exchange runs in (the parallel benchmark's
-    timer: :attr:`ExpertParallelMoEMLP.exchange_hook`).
+    ``hooks`` (callables returning a context manager) wrap the exchange from its start to its wait,
+    and ``forward_hooks`` the forward exchange only. With one rank there is nothing to exchange: the
+    tensors pass through.
     """
 
-    @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group, hook=None):
-        ctx.splits, ctx.group, ctx.hook = (send_splits, recv_splits), group, hook
-        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-        with hook() if hook is not None else contextlib.nullcontext():
-            dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-        return out
+    def __init__(self, group, world: int, send_splits, recv_splits, hooks=(), forward_hooks=()):
+        self.group, self.world = group, world
+        self.splits = (list(send_splits), list(recv_splits))
+        self.hooks, self.forward_hooks = tuple(hooks), tuple(forward_hooks)
+        self.works, self.inputs, self.outputs, self.stack = [], (), (), None
+
+    def start(self, tensors, reverse: bool = False) -> tuple:
+        send, recv = self.splits[::-1] if reverse else self.splits
+        if self.world == 1:
+            self.outputs = tuple(tensors)
+            return self.outputs
+        self.stack = contextlib.ExitStack()
+        for hook in self.hooks + (() if reverse else self.forward_hooks):
+            self.stack.enter_context(hook())
+        # The inputs stay referenced until the wait: the exchange reads them asynchronously.
+        self.inputs = tuple(t.contiguous() for t in tensors)
+        self.outputs = tuple(t.new_empty((sum(recv),) + tuple(t.shape[1:])) for t in self.inputs)
+        self.works = [dist.all_to_all_single(out, inp, recv, send, group=self.group, async_op=True)
+                      for out, inp in zip(self.outputs, self.inputs)]
+        return self.outputs
+
+    def wait(self) -> tuple:
+        for work in self.works:
+            work.wait()
+        if self.stack is not None:
+            self.stack.close()
+        self.works, self.inputs, self.stack = [], (), None
+        outputs, self.outputs = self.outputs, ()
+        return outputs
+
+
+class ExchangeStart(torch.autograd.Function):
+    """Start an exchange (``pending.start``); the outputs hold the received rows once
+    :class:`ExchangeWait` has run. Backward: wait for the reverse exchange that
+    :class:`ExchangeWait`'s backward started, and hand back its rows (the gradients of what was
+    sent)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        send_splits, recv_splits = ctx.splits
-        dx = dy.new_empty((sum(send_splits),) + tuple(dy.shape[1:]))
-        with ctx.hook() if ctx.hook is not None else contextlib.nullcontext():
-            dist.all_to_all_single(dx, dy.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return dx, None, None, None, None
+    def forward(ctx, pending: _Pending, *tensors):
+        ctx.pending = pending
+        return pending.start(tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.pending.wait())
+
+
+class ExchangeWait(torch.autograd.Function):
+    """Wait for an exchange that :class:`ExchangeStart` started; the tensors pass through.
+    Backward: start the reverse exchange of their gradients (waited for by
+    :class:`ExchangeStart`'s backward), so that the nodes autograd runs in between overlap it."""
+
+    @staticmethod
+    def forward(ctx, pending: _Pending, *received):
+        pending.wait()
+        ctx.pending = pending
+        return received
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # The gradients pass through to ExchangeStart's backward, which returns the reverse
+        # exchange's rows (shaped like what was sent) once they have arrived.
+        ctx.pending.start(grads, reverse=True)
+        return (None, *grads)
+
+
+class Dispatch(torch.autograd.Function):
+    """The send buffers, chunk by chunk: ``(rows_0, side_0, rows_1, side_1, ...)``
+    (:func:`vmoe.ops.exchange.dispatch`), differentiable w.r.t. x and the routing weights."""
+
+    @staticmethod
+    def forward(ctx, x2, topk_weights, topk_ids, plan: ex.ExchangePlan, triton_ok: bool):
+        ctx.save_for_backward(topk_ids)
+        ctx.plan, ctx.triton_ok, ctx.weights_dtype = plan, triton_ok, topk_weights.dtype
+        sends = ex.dispatch(x2, topk_ids, topk_weights, plan, triton_ok)
+        return tuple(t for pair in sends for t in pair)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (topk_ids,) = ctx.saved_tensors
+        plan, triton_ok = ctx.plan, ctx.triton_ok
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = ex.combine([g.contiguous() for g in grads[0::2]], plan, None, triton_ok)
+        if ctx.needs_input_grad[1]:
+            dw = ex.weight_grad(grads[1::2], topk_ids, plan, ctx.weights_dtype, triton_ok)
+        return dx, dw, None, None, None
+
+
+class Combine(torch.autograd.Function):
+    """``base + sum over ranks`` of the returned rows (:func:`vmoe.ops.exchange.combine`), one
+    ``[rows, d]`` tensor per chunk; its backward sends each row its token's gradient."""
+
+    @staticmethod
+    def forward(ctx, plan: ex.ExchangePlan, triton_ok: bool, base, *ys):
+        ctx.plan, ctx.triton_ok = plan, triton_ok
+        return ex.combine(ys, plan, base, triton_ok)
+
+    @staticmethod
+    def backward(ctx, dout):
+        dout = dout.contiguous()
+        d_ys = [rows for rows, _ in ex.dispatch(dout, None, None, ctx.plan, ctx.triton_ok)]
+        return (None, None, dout if ctx.needs_input_grad[2] else None, *d_ys)
 
 
 def config_digest(config: MoEConfig) -> int:
     """A hash of the config that is the same in every process (``hash()`` of a str is not)."""
     return zlib.crc32(repr(astuple(config)).encode())
+
+
+def resolve_group(group=None, mesh_dim=None):
+    """The process group of ``group``: a ``ProcessGroup`` (or None, the default group) as is, or
+    one dimension of a ``DeviceMesh`` (``mesh_dim``, a name or an index; optional for a 1-D mesh)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if mesh_dim is None and group.ndim != 1:
+            raise ValueError(f"a {group.ndim}-D DeviceMesh needs mesh_dim, the dimension the experts "
+                             f"are spread over (one of {group.mesh_dim_names})")
+        return group.get_group(mesh_dim) if mesh_dim is not None else group.get_group()
+    if mesh_dim is not None:
+        raise ValueError(f"mesh_dim={mesh_dim!r} needs a DeviceMesh, got group={group!r}")
+    return group
 
 
 def _world(group) -> tuple[int, int]:
@@ -188,12 +318,29 @@ def _check_same_config(config: MoEConfig, group) -> None:
 
 
 def _collective_device(group) -> torch.device:
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    """Where the group's small collectives (counts, digests) run: the current GPU for NCCL."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class ExpertParallelMoEMLP(nn.Module):
     """This rank's shard of an :class:`vmoe.MoEMLP`; build it with :meth:`from_moe`.
+
+    Args (keywords of :meth:`from_moe` and the constructor):
+        group: a ``ProcessGroup`` (None: the default group) or a ``DeviceMesh``, with
+            ``mesh_dim`` naming its dimension for a mesh of more than one.
+        exchange: ``"sync"`` (exact buffers, one host read of the split sizes per call) or
+            ``"capacity"`` (fixed buffers, no host read, CUDA-graph capturable; see the module
+            docstring).
+        capacity_factor: the capacity mode's C, relative to ``TC * min(k, W) / W`` rows per pair of
+            ranks and chunk; ``W / min(k, W)`` or more drops nothing.
+        max_tokens: the token count that sizes the capacity buffers, the same on every rank (the
+            buffer sizes must agree without a host read); None: this call's tokens, which must
+            then be the same on every rank.
+        chunks: pipeline the exchange of chunk c+1 with the experts of chunk c (1: no split).
+        check_capacity: raise (on every rank) when the capacity drops rows.
 
     Attributes:
         config: the full layer's :class:`vmoe.MoEConfig`.
@@ -205,76 +352,139 @@ class ExpertParallelMoEMLP(nn.Module):
         w1: ``[d, g * sum(local_widths)]``: the full w1's column block of each local expert
             (``g*f_e`` columns; for swiglu gate then up, as in MoEMLP), in ``local_experts`` order.
         w2: ``[sum(local_widths), d]``: their rows of the full w2, in the same order.
-        exchange_hook: None, or a callable that returns a context manager; each of the layer's
-            ``all_to_all_single`` exchanges (two forward, two backward) runs inside one. For
-            instruments: ``python -m vmoe.bench.parallel`` times the exchanges with it.
+        shared_w1, shared_w2: ``[d, g*S]`` and ``[S, d]``, the shared expert (replicated), or None.
+        shared_gate: ``nn.Linear(d, 1, bias=False)``, replicated, when ``config.shared_expert_gate``.
+        dropped_rows: ``[]`` int64 buffer, the rows this rank's calls dropped in the capacity mode,
+            summed over calls (reset it with ``.zero_()``); updated on the device, no host read.
+        last_splits: ``(send, recv)``, the host split sizes of the last call, ``[chunk][rank]``.
+        exchange_hook: None, or a callable that returns a context manager; each exchange (forward
+            and backward; the rows and their side buffer together) runs inside one, from its
+            start to its wait. ``python -m vmoe.bench.parallel`` times the exchanges with it.
+        part_hook: None, or a callable ``part_hook(name)`` that returns a context manager around
+            each part of the forward, ``name`` in :data:`PARTS` (``"send"`` and ``"return"`` from
+            the start of an exchange to its wait); the benchmark's per-part timer.
 
     ``forward(x_local)`` takes ``[..., d]`` (the token count may differ between ranks, and be 0)
     and returns ``(out, aux_loss, f_i)`` as ``moe(x_local)`` would on the full layer: ``out`` has
     x_local's shape; ``aux_loss`` and ``f_i`` are computed from this rank's tokens only (the
     losses of :class:`vmoe.MoEMLP` over the local batch; average them over ranks, or weight by
     token count, as the training loop sees fit). Every rank of the group must call it.
+
+    **With FSDP2** (``fully_shard``: ``torch.distributed.fsdp`` since torch 2.6, before it
+    ``torch.distributed._composable.fsdp``) on the rest of the model, over the same ranks: the
+    local experts are already split over the group, so FSDP must leave them alone (its
+    ``ignored_params``), and it takes the replicated parameters (router, shared expert) like any
+    other::
+
+        mesh = init_device_mesh("cuda", (W,))
+        block.mlp = ExpertParallelMoEMLP.from_moe(moe, group=mesh)      # in every block
+        experts = {p for m in model.modules() if isinstance(m, ExpertParallelMoEMLP)
+                   for p in m.expert_parameters()}
+        for block in model.blocks:                                       # one FSDP unit a block
+            fully_shard(block, mesh=mesh, ignored_params=experts)
+        fully_shard(model, mesh=mesh, ignored_params=experts)
+        # FSDP averages the gradients it reduces over the W ranks; the experts' gradients are
+        # already sums over every rank's tokens. Scale them alike:
+        for p in experts:
+            p.register_hook(lambda g: g / W)
+
+    FSDP's all-gathers and reduce-scatters and the layer's exchanges may share the group: every
+    rank issues them in the same order. tests/test_parallel.py runs this recipe on gloo (CPU). On
+    a 2-D mesh (dp, ep), pass ``group=mesh, mesh_dim="ep"``; the experts are then replicated over
+    ``dp`` and their gradients need a reduction over it, which this recipe does not do (untested).
     """
 
     # The torch path's losses (impl="reference") read only the config.
     aux_losses = MoEMLP.aux_losses
     # MoEMLP's router, on the local tokens, with this shard's w1 and w2 cast for its experts.
     route = MoEMLP.route
+    shared_weight = MoEMLP.shared_weight
 
-    def __init__(self, config: MoEConfig, local_experts, group=None, placement=None):
+    def __init__(self, config: MoEConfig, local_experts, group=None, placement=None, *,
+                 mesh_dim=None, exchange: str = "sync", capacity_factor: float = 1.0,
+                 max_tokens: int | None = None, chunks: int = 1, check_capacity: bool = False):
         super().__init__()
-        if config.shared_expert_width:
-            raise NotImplementedError(
-                f"ExpertParallelMoEMLP does not shard a layer with a shared expert yet "
-                f"(shared_expert_width={config.shared_expert_width}); null experts are supported")
+        group = resolve_group(group, mesh_dim)
         rank, world = _world(group)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 0):
+            raise ValueError(f"max_tokens must be None or an int >= 0, got {max_tokens!r}")
         widths = config.expert_widths
         g = gate_factor(config.activation)
-        d, E = config.n_embd, config.num_experts
+        d, E, S = config.n_embd, config.num_experts, config.shared_expert_width
         self.config, self.group, self.rank, self.world_size = config, group, rank, world
+        self.exchange, self.capacity_factor, self.max_tokens = exchange, capacity_factor, max_tokens
+        self.chunks, self.check_capacity = chunks, check_capacity
         self.local_experts = list(local_experts)
         placement = (place_experts(widths, world) if placement is None
                      else _check_placement(placement, widths, world))
         if self.local_experts != placement[rank]:
             raise ValueError(f"local_experts {self.local_experts} are not rank {rank}'s experts "
                              f"{placement[rank]} in the placement {placement}")
+        self.placement = placement
         self.local_widths = tuple(widths[e] for e in self.local_experts)
+        # The receiver's experts: the local ones, then a null one (id L) that the slots of other
+        # ranks' experts name.
+        self.recv_widths = self.local_widths + (0,)
+        self._tables = ex.placement_tables(placement, widths)
+        self.slots = ex.row_slots(config.num_active_experts, placement, widths)
         self.exchange_hook = None
+        self.part_hook = None
+        self.last_splits = None
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(d, g * sum(self.local_widths)))
         self.w2 = nn.Parameter(torch.empty(sum(self.local_widths), d))
-        position = [0] * E
-        # Sort key of an assignment: its owner rank, then the expert's local index there. A null
-        # expert's assignments stay home (their rows would come back as zeros): they sort last
-        # and are not sent.
-        for i, e in enumerate(e for experts in placement for e in experts):
-            position[e] = i if widths[e] else E
-        self.register_buffer("expert_live", torch.tensor([f > 0 for f in widths]),
-                             persistent=False)
-        self.placement = placement
-        self.register_buffer("expert_position", torch.tensor(position), persistent=False)
-        self.register_buffer("local_ids", torch.tensor(self.local_experts, dtype=torch.long),
-                             persistent=False)
+        if S:
+            self.shared_w1 = nn.Parameter(torch.empty(d, g * S))
+            self.shared_w2 = nn.Parameter(torch.empty(S, d))
+        else:
+            self.register_parameter("shared_w1", None)
+            self.register_parameter("shared_w2", None)
+        self.shared_gate = nn.Linear(d, 1, bias=False) if config.shared_expert_gate else None
+        self.register_buffer("dropped_rows", torch.zeros((), dtype=torch.int64), persistent=False)
         add_router_state(self, config)
 
     @classmethod
-    def from_moe(cls, moe: MoEMLP, group=None, placement=None) -> "ExpertParallelMoEMLP":
-        """This rank's shard of ``moe`` in ``group`` (the default process group when None).
+    def from_moe(cls, moe: MoEMLP, group=None, placement=None, **options) -> "ExpertParallelMoEMLP":
+        """This rank's shard of ``moe`` in ``group`` (a ProcessGroup, None for the default one, or
+        a DeviceMesh with ``mesh_dim``).
 
         ``placement``: which experts each rank holds, ``world_size`` lists of global expert ids
         (every expert exactly once; the same on every rank); ``place_experts(widths, W)`` when
-        None. Collective: every rank calls it. Raises ValueError on every rank when the configs
-        differ across ranks, or when there are more ranks than experts.
+        None. ``options``: the constructor's keywords (``mesh_dim``, ``exchange``,
+        ``capacity_factor``, ``max_tokens``, ``chunks``, ``check_capacity``). Collective: every
+        rank calls it. Raises ValueError on every rank when the configs differ across ranks, or
+        when there are more ranks than experts.
         """
+        group = resolve_group(group, options.pop("mesh_dim", None))
         _world(group)
         _check_same_config(moe.config, group)
         if placement is None:
             placement = place_experts(moe.config.expert_widths, dist.get_world_size(group))
         placement = _check_placement(placement, moe.config.expert_widths, dist.get_world_size(group))
-        shard = cls(moe.config, placement[dist.get_rank(group)], group, placement)
+        shard = cls(moe.config, placement[dist.get_rank(group)], group, placement, **options)
         shard.to(device=moe.w1.device, dtype=moe.w1.dtype)
         shard.load_full_state_dict(moe.state_dict())
         return shard
+
+    def expert_parameters(self) -> list:
+        """The parameters split over the group (w1, w2): what data parallelism must not shard or
+        reduce over the same ranks (FSDP2's ``ignored_params``)."""
+        return [self.w1, self.w2]
+
+    def capacity(self, num_tokens: int) -> int:
+        """C, the rows each rank sends each rank per chunk in the capacity mode, for a call with
+        ``num_tokens`` local tokens (see the module docstring)."""
+        k, W = self.config.num_active_experts, self.world_size
+        tokens = self.max_tokens if self.max_tokens is not None else num_tokens
+        tc = cdiv(tokens, self.chunks)
+        return min(tc, math.ceil(self.capacity_factor * tc * min(k, W) / W))
 
     def _column_blocks(self):
         """``(global column offset, local column offset, columns)`` of each local expert's w1
@@ -288,30 +498,39 @@ class ExpertParallelMoEMLP(nn.Module):
 
     @torch.no_grad()
     def load_full_state_dict(self, state_dict: dict) -> None:
-        """Copy the full layer's state dict (``router.weight``, ``w1``, ``w2``) into this shard:
-        the router whole, and the local experts' columns of w1 and rows of w2."""
-        g = gate_factor(self.config.activation)
+        """Copy the full layer's state dict (``router.weight``, ``w1``, ``w2``, and
+        ``shared_gate.weight`` with a gate) into this shard: the router and the shared expert
+        whole, the local experts' columns of w1 and rows of w2."""
+        cfg = self.config
+        g, F, S = gate_factor(cfg.activation), cfg.total_width, cfg.shared_expert_width
         self.router.weight.copy_(state_dict["router.weight"])
         w1, w2 = state_dict["w1"], state_dict["w2"]
-        full = (self.w1.shape[0], g * self.config.total_width)
-        if tuple(w1.shape) != full or tuple(w2.shape) != (full[1] // g, full[0]):
+        d = self.w1.shape[0]
+        if tuple(w1.shape) != (d, g * (F + S)) or tuple(w2.shape) != (F + S, d):
             raise ValueError(f"state dict has w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}; the "
-                             f"config wants w1 {full} and w2 {(full[1] // g, full[0])}")
+                             f"config wants w1 {(d, g * (F + S))} and w2 {(F + S, d)}")
         for _, src, dst, n in self._column_blocks():
             self.w1[:, dst:dst + n].copy_(w1[:, src:src + n])
             self.w2[dst // g:(dst + n) // g].copy_(w2[src // g:(src + n) // g])
+        if S:
+            self.shared_w1.copy_(w1[:, g * F:])
+            self.shared_w2.copy_(w2[F:])
+        if self.shared_gate is not None:
+            self.shared_gate.weight.copy_(state_dict["shared_gate.weight"])
 
     @torch.no_grad()
     def full_state_dict(self, dst: int | None = 0) -> dict | None:
         """The full layer's state dict, gathered from every rank's shard (collective).
 
         Returns it on rank ``dst`` (on every rank when ``dst`` is None) and None elsewhere. The
-        router is this rank's copy (replicated). Shards are padded to the largest one for the
-        all_gather, whose sizes every rank knows from the placement: no size exchange.
+        router and the shared expert are this rank's copies (replicated). Shards are padded to the
+        largest one for the all_gather, whose sizes every rank knows from the placement: no size
+        exchange.
         """
-        g, d = gate_factor(self.config.activation), self.config.n_embd
+        cfg = self.config
+        g, d, S = gate_factor(cfg.activation), cfg.n_embd, cfg.shared_expert_width
         device = _collective_device(self.group)
-        sizes = [sum(self.config.expert_widths[e] for e in experts) * d for experts in self.placement]
+        sizes = [sum(cfg.expert_widths[e] for e in experts) * d for experts in self.placement]
         n_max = max(sizes)
         mine = torch.zeros(2, g * n_max, dtype=self.w1.dtype, device=device)
         mine[0, :g * sizes[self.rank]] = self.w1.detach().t().reshape(-1).to(device)
@@ -320,10 +539,10 @@ class ExpertParallelMoEMLP(nn.Module):
         dist.all_gather(gathered, mine, group=self.group)
         if dst is not None and dst != self.rank:
             return None
-        F = self.config.total_width
-        w1 = torch.empty(d, g * F, dtype=self.w1.dtype, device=self.w1.device)
-        w2 = torch.empty(F, d, dtype=self.w2.dtype, device=self.w2.device)
-        widths = self.config.expert_widths
+        F = cfg.total_width
+        w1 = torch.empty(d, g * (F + S), dtype=self.w1.dtype, device=self.w1.device)
+        w2 = torch.empty(F + S, d, dtype=self.w2.dtype, device=self.w2.device)
+        widths = cfg.expert_widths
         offsets = column_offsets(widths)
         for r, experts in enumerate(self.placement):
             cols = gathered[r][0, :g * sizes[r]].reshape(-1, d).to(w1.device)   # [g*F_r, d]
@@ -334,49 +553,115 @@ class ExpertParallelMoEMLP(nn.Module):
                 w1[:, g * offsets[e]:g * (offsets[e] + f)] = cols[g * local:g * (local + f)].t()
                 w2[offsets[e]:offsets[e] + f] = rows[local:local + f]
                 local += f
-        return {"router.weight": self.router.weight.detach().clone(), "w1": w1, "w2": w2}
+        if S:
+            w1[:, g * F:] = self.shared_w1.detach()
+            w2[F:] = self.shared_w2.detach()
+        out = {"router.weight": self.router.weight.detach().clone(), "w1": w1, "w2": w2}
+        if self.shared_gate is not None:
+            out["shared_gate.weight"] = self.shared_gate.weight.detach().clone()
+        return out
+
+    def _part(self, name: str):
+        return self.part_hook(name) if self.part_hook is not None else contextlib.nullcontext()
+
+    def _pending(self, send_splits, recv_splits, part: str) -> _Pending:
+        hooks = [self.exchange_hook] if self.exchange_hook is not None else []
+        part_hook = self.part_hook
+        forward_hooks = [lambda: part_hook(part)] if part_hook is not None else []
+        return _Pending(self.group, self.world_size, send_splits, recv_splits, hooks, forward_hooks)
+
+    def plan(self, topk_ids: torch.Tensor, triton_ok: bool = True) -> ex.ExchangePlan:
+        """The :class:`vmoe.ops.exchange.ExchangePlan` of this rank's ``topk_ids [T, k]``, with its
+        split sizes (collective: in the sync mode, an all_gather of the row counts and the
+        layer's one host read; in the capacity mode, none, and the dropped rows are counted)."""
+        W, n, T = self.world_size, self.chunks, topk_ids.shape[0]
+        device = topk_ids.device
+        owner, local, null = (device_ints(t, device) for t in self._tables)
+        capacity = self.capacity(T) if self.exchange == "capacity" else None
+        plan = ex.plan_exchange(topk_ids, owner, local, null, world=W, chunks=n, slots=self.slots,
+                                capacity=capacity, use_triton=triton_ok)
+        counts = plan.routing.counts[:plan.bins]                     # [n*W] rows per bin
+        if capacity is None:
+            comm = _collective_device(self.group)
+            table = torch.empty(W, plan.bins, dtype=torch.int64, device=comm)
+            dist.all_gather(list(table.unbind(0)), counts.to(device=comm, dtype=torch.int64),
+                            group=self.group)
+            # The layer's one host sync: all_to_all_single takes its split sizes on the host.
+            rows = table.tolist()  # host-ok: the split sizes of every exchange of the call
+            plan.send_splits = [rows[self.rank][c * W:(c + 1) * W] for c in range(n)]
+            plan.recv_splits = [[rows[s][c * W + self.rank] for s in range(W)] for c in range(n)]
+        else:
+            dropped = (counts.to(torch.int64) - capacity).clamp_min(0).sum()
+            self.dropped_rows.add_(dropped.to(self.dropped_rows.device))
+            if self.check_capacity or checking():
+                self._raise_if_dropped(dropped, capacity)
+        self.last_splits = (plan.send_splits, plan.recv_splits)
+        return plan
+
+    def _raise_if_dropped(self, dropped: torch.Tensor, capacity: int) -> None:
+        """Raise on every rank when any rank dropped rows (an all_reduce and a host read)."""
+        comm = _collective_device(self.group)
+        total = dropped.to(device=comm, dtype=torch.int64).reshape(1)
+        mine = total.clone()
+        dist.all_reduce(total, group=self.group)
+        n_total, n_mine = (int(v) for v in torch.cat([total, mine]).tolist())  # host-ok: check
+        if n_total:
+            raise RuntimeError(
+                f"capacity overflow: {n_total} (token, rank) rows past the capacity C={capacity} "
+                f"rows per pair of ranks and chunk ({n_mine} from rank {self.rank}); raise "
+                f"capacity_factor (currently {self.capacity_factor}; "
+                f"{self.world_size / min(self.config.num_active_experts, self.world_size):g} drops "
+                "nothing) or max_tokens")
+
+    def shared_expert(self, x2: torch.Tensor) -> torch.Tensor:
+        """The shared expert on the local tokens ``[T, d]`` (weighted by its gate, if any), through
+        :func:`vmoe.expert_mlp` as one expert of width S that every token gets."""
+        cfg = self.config
+        T = x2.shape[0]
+        _, _, w1, w2 = autocast_inputs(x2, None, self.shared_w1, self.shared_w2)
+        gate = self.shared_weight(x2)
+        weight = x2.new_ones(T, 1) if gate is None else gate.to(x2.dtype)
+        ids = torch.zeros(T, 1, dtype=torch.int32, device=x2.device)
+        return expert_mlp(x2, ids, weight, w1, w2, (cfg.shared_expert_width,), cfg.activation,
+                          impl=cfg.impl)
 
     def forward(self, x_local: torch.Tensor):
         cfg = self.config
-        d, E, k, W = cfg.n_embd, cfg.num_experts, cfg.num_active_experts, self.world_size
+        d, K, n = cfg.n_embd, self.slots, self.chunks
         if x_local.dim() < 1 or x_local.shape[-1] != d:
             raise ValueError(f"x must be [..., n_embd] with n_embd={d}, got shape "
                              f"{tuple(x_local.shape)}")
         shape = x_local.shape
-        routed = self.route(x_local.reshape(-1, d))
-        x2, w1, w2, counts = routed.x2, routed.w1, routed.w2, routed.counts
-        topk_ids, topk_weights, aux, f_i = routed.topk_ids, routed.topk_weights, routed.aux, routed.f_i
-        T, device = x2.shape[0], x2.device
+        with self._part("route"):
+            routed = self.route(x_local.reshape(-1, d))
+        x2, w1, w2 = routed.x2, routed.w1, routed.w2
+        triton_ok = use_triton(x2, cfg.impl)
+        with self._part("dispatch"):
+            plan = self.plan(routed.topk_ids, triton_ok)
+            sends = Dispatch.apply(x2, routed.topk_weights, routed.topk_ids, plan, triton_ok)
 
-        # Destination order: owner rank, then local expert index there (stable: token order).
-        ids = topk_ids.reshape(-1).long()                                   # [A]
-        send_order = torch.argsort(self.expert_position[ids], stable=True)  # [A] -> assignment
-        send_tokens = torch.div(send_order, k, rounding_mode="floor")       # [A] -> token
+        def send(c):
+            pending = self._pending(plan.send_splits[c], plan.recv_splits[c], "send")
+            return pending, ExchangeStart.apply(pending, sends[2 * c], sends[2 * c + 1])
 
-        comm = _collective_device(self.group)
-        mine = (counts * self.expert_live).to(device=comm, dtype=torch.int64)   # nulls: 0
-        all_counts = torch.empty(W, E, dtype=torch.int64, device=comm)
-        dist.all_gather(list(all_counts.unbind(0)), mine, group=self.group)
-        # The layer's one host sync: all_to_all_single takes its split sizes on the host.
-        table = all_counts.tolist()  # host-ok: the split sizes of the two exchanges
-        send_splits = [sum(table[self.rank][e] for e in experts) for experts in self.placement]
-        recv_splits = [sum(row[e] for e in self.local_experts) for row in table]
-        n_send = sum(send_splits)                 # A minus the null experts' assignments
-        send_order, send_tokens = send_order[:n_send], send_tokens[:n_send]
-
-        payload = torch.cat([x2[send_tokens],
-                             topk_weights.reshape(-1)[send_order].to(x2.dtype)[:, None]], dim=1)
-        received = AllToAll.apply(payload, send_splits, recv_splits, self.group,
-                                  self.exchange_hook)                     # [R, d+1]
-        x_recv, w_recv = received[:, :d], received[:, d:]
-        # Rows from each source arrive in local expert order: their local ids follow the table.
-        L = len(self.local_experts)
-        reps = all_counts.to(device)[:, self.local_ids.to(device)].reshape(-1)   # [W*L]
-        local_ids = torch.repeat_interleave(torch.arange(L, device=device).repeat(W), reps,
-                                            output_size=sum(recv_splits))[:, None]  # [R, 1]
-        y_recv = expert_mlp(x_recv, local_ids, w_recv, w1, w2, self.local_widths, cfg.activation,
-                            impl=cfg.impl)                                    # [R, d], weighted
-        y_back = AllToAll.apply(y_recv, recv_splits, send_splits, self.group,
-                                self.exchange_hook)                       # [A, d]
-        out = torch.zeros(T, d, dtype=y_back.dtype, device=device).index_add(0, send_tokens, y_back)
-        return out.reshape(shape), aux, f_i
+        in_flight = {0: send(0)}
+        shared, returns = None, []
+        for c in range(n):
+            if c + 1 < n:
+                in_flight[c + 1] = send(c + 1)   # in flight while chunk c's experts compute
+            if c == 0 and cfg.shared_expert_width:
+                with self._part("shared"):
+                    shared = self.shared_expert(x2)
+            pending, received = in_flight.pop(c)
+            x_recv, side = ExchangeWait.apply(pending, *received)
+            with self._part("experts"):
+                ids = side[:, :K].to(torch.int32)
+                weights = side[:, K:].to(x_recv.dtype)
+                y = expert_mlp(x_recv, ids, weights, w1, w2, self.recv_widths, cfg.activation,
+                               impl=cfg.impl)                                # [rows, d], weighted
+            back = self._pending(plan.recv_splits[c], plan.send_splits[c], "return")
+            returns.append((back, ExchangeStart.apply(back, y)))
+        ys = [ExchangeWait.apply(back, *y)[0] for back, y in returns]
+        with self._part("combine"):
+            out = Combine.apply(plan, triton_ok, shared, *ys)
+        return out.reshape(shape), routed.aux, routed.f_i
