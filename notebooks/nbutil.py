@@ -6,6 +6,7 @@ this file holds only notebook plumbing and the plot helpers several notebooks sh
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -28,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from vmoe import testing  # noqa: E402  (after TRITON_INTERPRET above)
 from vmoe.testing import ON_GPU, rel_err, sizes  # noqa: E402, F401  (re-exported for the notebooks)
@@ -96,3 +98,45 @@ def group_edges(widths) -> list:
     """Column offsets where the width changes: the boundaries of the (count, width) groups."""
     o = np.concatenate([[0], np.cumsum(widths)])
     return [0] + [int(o[e]) for e in range(1, len(widths)) if widths[e] != widths[e - 1]] + [int(o[-1])]
+
+
+def make_problem(T: int, d: int, widths, k: int, g: int = 1, seed: int = 0, dtype=torch.float64):
+    """``[x, ids, weights, w1, w2]`` on DEVICE for ``expert_mlp``: k distinct experts per token from
+    a softmax top-k over random logits, as in MoEMLP, with the k weights renormalised; ``g`` = 2
+    gives w1 the gate and up halves of swiglu. Drawn on the CPU, so every device sees the same."""
+    gen = torch.Generator().manual_seed(seed)
+    E, F = len(widths), sum(widths)
+    x = torch.randn(T, d, generator=gen, dtype=dtype)
+    probs, ids = torch.randn(T, E, generator=gen).softmax(-1).topk(k, dim=-1)
+    weights = (probs / probs.sum(-1, keepdim=True)).to(dtype)
+    w1 = torch.randn(d, g * F, generator=gen, dtype=dtype) / d ** 0.5
+    w2 = torch.randn(F, d, generator=gen, dtype=dtype) / F ** 0.5
+    return [t.to(DEVICE) for t in (x, ids, weights, w1, w2)]
+
+
+@contextlib.contextmanager
+def count_triton_launches():
+    """The names of the Triton kernels launched inside the block, in launch order."""
+    launches = []
+    launch = triton.runtime.jit.KernelInterface.__getitem__
+
+    def counting(kernel, grid):
+        fn = kernel.fn  # through the heuristics and autotuning wrappers, to the jitted function
+        while not hasattr(fn, "__name__"):
+            fn = fn.fn
+        launches.append(fn.__name__)
+        return launch(kernel, grid)
+
+    triton.runtime.jit.KernelInterface.__getitem__ = counting
+    try:
+        yield launches
+    finally:
+        triton.runtime.jit.KernelInterface.__getitem__ = launch
+
+
+def write_tidy(frame, name: str, float_format: str = "%.4g") -> Path:
+    """``figures/<name>.csv``: the data a figure was drawn from, beside it, in a fixed float format
+    so that a re-run is byte-identical."""
+    path = FIGURES / f"{name}.csv"
+    frame.to_csv(path, index=False, float_format=float_format, lineterminator="\n")
+    return path
