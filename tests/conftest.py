@@ -35,3 +35,19 @@ def _seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture
+def gemm_launches(monkeypatch):
+    """Every launch of a grouped-GEMM kernel while the test runs: (kernel, the TMA_OK code it was
+    given)."""
+    from vmoe.ops import grouped_gemm as gg
+
+    seen = []
+    real = gg.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel, kwargs.get("TMA_OK")))
+        return real(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(gg, "launch", spy)
+    return seen

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vmoe
-from vmoe.testing import random_ids
+from vmoe.testing import capture_graph, random_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -35,16 +35,7 @@ def test_graph_replay_with_new_routing_matches_eager(activation):
         y.backward(dy)
         return y
 
-    # Warm up on a side stream (autotuning and compilation happen here, not during capture).
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_static = step()
+    graph, y_static = capture_graph(step)
     grads_static = [t.grad for t in (x, w_buf, w1, w2)]  # the graph rewrites these on replay
 
     for _ in range(3):

@@ -280,19 +280,6 @@ DESCRIPTOR_TESTS = {
 }
 
 
-@pytest.fixture
-def gemm_launches(monkeypatch):
-    """Every launch of a GEMM kernel: (kernel, the TMA_OK code it was given)."""
-    seen = []
-    real = gg.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        seen.append((kernel, kwargs.get("TMA_OK")))
-        return real(kernel, grid, *args, **kwargs)
-    monkeypatch.setattr(gg, "launch", spy)
-    return seen
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
 @pytest.mark.parametrize("gemm", list(DESCRIPTOR_TESTS))

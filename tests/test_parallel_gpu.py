@@ -41,7 +41,7 @@ import torch.distributed as dist  # noqa: E402
 from vmoe import MoEConfig, MoEMLP  # noqa: E402
 from vmoe.bench.parallel import contiguous_placement  # noqa: E402
 from vmoe.parallel import ExpertParallelMoEMLP, place_experts  # noqa: E402
-from vmoe.testing import DTYPE_IDS, assert_close, spawn_ranks  # noqa: E402
+from vmoe.testing import DTYPE_IDS, assert_close, capture_graph, spawn_ranks  # noqa: E402
 
 WORLD = 2
 needs_gpus = pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs (NCCL)")
@@ -198,15 +198,7 @@ def _check_graph(rank, world):
         return out, x
 
     for step, name in ((forward, "forward"), (train_step, "forward+backward")):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+        graph, captured = capture_graph(step)
         grads = [p.grad for p in params]  # the graph rewrites these on replay
         for i in range(2):
             x_static.copy_(torch.randn(T, d, device=device, dtype=dtype))

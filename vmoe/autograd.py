@@ -24,7 +24,7 @@ from torch._C import _functions
 
 from vmoe import library as ops
 from vmoe import reference
-from vmoe.config import IMPLS, check_expert_mlp_args
+from vmoe.config import IMPLS, check_expert_mlp_args, expand_sizes
 from vmoe.ops.grouped_gemm import kernel_weight
 from vmoe.ops.routing import Routing
 from vmoe.ops.utils.device import check_triton_device, interpreting
@@ -159,7 +159,7 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
         out = route(x @ w_router.T, 2, "softmax", True, [(4, 512), (8, 256)])
         y = expert_mlp(x, out.topk_ids, out.topk_weights, w1, w2, widths, routing=out.routing)
     """
-    widths = tuple(w for count, w in expert_sizes for _ in range(count))
+    widths = expand_sizes(expert_sizes)
     groups = tuple(count for count, _ in expert_sizes)
     (weights, p_sum, lse_sq_sum, z_loss, lb_loss, compute_loss, ids, f_i,
      *routing) = apply_route(logits, k, router, norm_topk_prob, widths, groups, torch.float32)

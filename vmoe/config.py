@@ -22,6 +22,11 @@ ROUTERS = ("sigmoid", "softmax")
 IMPLS = ("auto", "triton", "reference")
 
 
+def expand_sizes(expert_sizes) -> tuple[int, ...]:
+    """``[(count, width), ...]`` as one width per expert: ``[(2, 64), (1, 8)]`` -> ``(64, 64, 8)``."""
+    return tuple(w for count, w in expert_sizes for _ in range(count))
+
+
 @functools.lru_cache(maxsize=None)
 def column_offsets(expert_widths: tuple) -> tuple[int, ...]:
     """``(o_0, ..., o_E)``: o_e = sum of f_j for j < e, the first row of w2 (column of w1, times g)
@@ -157,11 +162,11 @@ class MoEConfig:
     @cached_property
     def expert_widths(self) -> tuple[int, ...]:
         """f_e for e = 0..E-1, in expansion order."""
-        return tuple(w for count, w in self.expert_sizes for _ in range(count))
+        return expand_sizes(self.expert_sizes)
 
     @cached_property
     def num_experts(self) -> int:
-        return sum(count for count, _ in self.expert_sizes)
+        return len(self.expert_widths)
 
     @cached_property
     def total_width(self) -> int:
@@ -176,18 +181,13 @@ class MoEConfig:
         return self.expert_widths + ((S,) if S else ())
 
 
-def check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation):
-    """Validate the arguments of ``expert_mlp`` (both implementations); return the widths as a tuple.
-
-    Checks shapes, dtypes and devices only: id *values* live on the device, and reading them back
-    would be a host synchronization, so their range is checked only when VMOE_CHECK=1.
-    """
+def check_routed_args(x, topk_ids, topk_weights, weights: dict) -> None:
+    """The checks every expert computation shares: x ``[T, d]`` floating point, integer
+    ``topk_ids [T, k]``, ``topk_weights`` of its shape, and ``weights`` (name: tensor) and
+    ``topk_weights`` in x's dtype, everything on x's device. The weights' shapes are the caller's."""
     import torch
 
-    check_activation(activation)
-    widths = check_expert_widths(expert_widths)
-    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
-                    ("w1", w1), ("w2", w2)):
+    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights), *weights.items()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2:
@@ -202,12 +202,23 @@ def check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, acti
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
                          f"got {tuple(topk_weights.shape)}")
-    for name, t in (("w1", w1), ("w2", w2), ("topk_weights", topk_weights)):
+    for name, t in (*weights.items(), ("topk_weights", topk_weights)):
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-    for name, t in (("w1", w1), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+    for name, t in (*weights.items(), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
+
+
+def check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation):
+    """Validate the arguments of ``expert_mlp`` (both implementations); return the widths as a tuple.
+
+    Checks shapes, dtypes and devices only: id *values* live on the device, and reading them back
+    would be a host synchronization, so their range is checked only when VMOE_CHECK=1.
+    """
+    check_activation(activation)
+    widths = check_expert_widths(expert_widths)
+    check_routed_args(x, topk_ids, topk_weights, {"w1": w1, "w2": w2})
     d, F, g = x.shape[1], sum(widths), gate_factor(activation)
     if tuple(w1.shape) != (d, g * F):
         raise ValueError(f"w1 must be [d, {g}*F] = [{d}, {g * F}] for widths summing to F={F} "

@@ -58,7 +58,7 @@ from transformers.integrations import moe as hf_moe
 from vmoe import library as ops
 from vmoe import reference
 from vmoe.autograd import apply_experts, autocast_inputs, expert_mlp, use_triton
-from vmoe.config import check_activation, check_expert_widths, gate_factor
+from vmoe.config import check_activation, check_expert_widths, check_routed_args, gate_factor
 
 NAME = "vmoe"
 
@@ -76,21 +76,7 @@ class UnsupportedExperts(ValueError):
 def check_uniform_args(x, topk_ids, topk_weights, w1, w2, activation) -> tuple[int, ...]:
     """Validate the arguments of :func:`uniform_expert_mlp`; return the widths, ``(I,) * E``."""
     check_activation(activation)
-    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
-                    ("w1", w1), ("w2", w2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x (the hidden states) must be a [T, d] floating-point tensor, got shape "
-                         f"{tuple(x.shape)} and dtype {x.dtype}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
-        raise TypeError(f"topk_ids (top_k_index) must be an integer tensor, got {topk_ids.dtype}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_ids (top_k_index) must be [T, k] with T = {x.shape[0]}, got shape "
-                         f"{tuple(topk_ids.shape)}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got "
-                         f"{tuple(topk_weights.shape)}")
+    check_routed_args(x, topk_ids, topk_weights, {"w1": w1, "w2": w2})
     g, d = gate_factor(activation), x.shape[1]
     if w1.dim() != 3 or w1.shape[0] == 0 or w1.shape[1] != d or w1.shape[2] % g or w1.shape[2] == 0:
         raise ValueError(f"w1 must be [E, d, {g}*I] = [E, {d}, {g}*I] for activation "
@@ -99,12 +85,6 @@ def check_uniform_args(x, topk_ids, topk_weights, w1, w2, activation) -> tuple[i
     if tuple(w2.shape) != (E, f, d):
         raise ValueError(f"w2 must be [E, I, d] = [{E}, {f}, {d}] to match w1 {tuple(w1.shape)}, "
                          f"got {tuple(w2.shape)}")
-    for name, t in (("w1", w1), ("w2", w2), ("topk_weights", topk_weights)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-    for name, t in (("w1", w1), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
     return (f,) * E
 
 

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vmoe.config import check_expert_mlp_args, gate_factor
+from vmoe.config import check_expert_mlp_args, expand_sizes, gate_factor
 
 
 def act(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -174,8 +174,7 @@ def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tenso
         group_losses.append(count * (f * p).sum())
         lo += count
     if widths is None:
-        widths = torch.tensor([w for count, w in expert_sizes for _ in range(count)],
-                              device=probs.device)
+        widths = torch.tensor(expand_sizes(expert_sizes), device=probs.device)
     w = widths.to(probs.dtype)
     compute_loss = (probs * w).sum(-1).mean() / w.mean()
     return {"router_z_loss": z_loss, "load_balance_loss": torch.stack(group_losses).mean(),

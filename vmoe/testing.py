@@ -9,6 +9,7 @@ one thing everywhere.
 - :func:`case_id`: readable test ids like ``T7-d40-w[7,33,100]-k2``.
 - :data:`DEVICE`, :data:`ON_GPU`, :func:`sizes`: where the kernels run, and a problem size for it.
 - :func:`spawn_ranks`: run a multi-process check (expert parallelism) on a free local port.
+- :func:`capture_graph`: a step warmed up, then captured in a CUDA graph.
 
 Without a GPU the kernels run in the Triton interpreter, which must be selected
 (``TRITON_INTERPRET=1``) before vmoe is imported: tests/conftest.py and notebooks/nbutil.py do that
@@ -144,3 +145,19 @@ def spawn_ranks(worker, world: int, *args) -> None:
         if "address already in use" not in str(e).lower():
             raise
         mp.spawn(worker, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+def capture_graph(step, warmup: int = 2):
+    """``(graph, result)``: ``step()`` run ``warmup`` times on a side stream (autotuning and
+    compilation happen there, not during capture), then captured in a CUDA graph; ``result`` is
+    what the captured call returned, the tensors that ``graph.replay()`` rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result

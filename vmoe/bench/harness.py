@@ -40,7 +40,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ import triton
 
 from vmoe import reference
 from vmoe.bench import baselines, report
-from vmoe.config import MoEConfig, gate_factor
+from vmoe.config import MoEConfig, expand_sizes, gate_factor
 from vmoe.layer import MoEMLP
 from vmoe.ops.utils.device import interpreting, reexec_with_interpreter
 from vmoe.reference import router_probs
@@ -79,18 +79,15 @@ class BenchConfig:
     expert_sizes: tuple      # ((count, width), ...), experts numbered in this order
     activation: str
     quick: bool = False      # part of the --quick subset
+    widths: tuple = field(init=False)   # f_e, one per expert
+    E: int = field(init=False)
+    widths_str: str = field(init=False)  # "4x512+8x256", the CSV's widths column
 
-    @property
-    def widths(self) -> tuple:
-        return tuple(w for count, w in self.expert_sizes for _ in range(count))
-
-    @property
-    def E(self) -> int:
-        return sum(count for count, _ in self.expert_sizes)
-
-    @property
-    def widths_str(self) -> str:
-        return "+".join(f"{count}x{w}" for count, w in self.expert_sizes)
+    def __post_init__(self):
+        widths = expand_sizes(self.expert_sizes)
+        object.__setattr__(self, "widths", widths)
+        object.__setattr__(self, "E", len(widths))
+        object.__setattr__(self, "widths_str", "+".join(f"{c}x{w}" for c, w in self.expert_sizes))
 
 
 def _configs(prefix, T, d, k, sizes, activations, quick=(), tag_activation=True):

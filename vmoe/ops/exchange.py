@@ -98,6 +98,13 @@ class ExchangePlan:
     def bins(self) -> int:
         return self.chunks * self.world
 
+    def live_chunks(self):
+        """``(c, t0, t1)`` for each chunk c that holds tokens ``[t0, t1)``."""
+        for c in range(self.chunks):
+            t0, t1 = self.tokens(c)
+            if t1 > t0:
+                yield c, t0, t1
+
     def tokens(self, c: int) -> tuple[int, int]:
         """The token range [t0, t1) of chunk c."""
         t0 = min(c * self.chunk_tokens, self.num_tokens)
@@ -134,6 +141,15 @@ def row_slots(k: int, placement, expert_widths) -> int:
 
 
 @triton.jit
+def _slot_owner(ids_ptr, owner_ptr, o_t, m_t, j, E, KTOP: tl.constexpr):
+    """The rank that owns slot j of tokens ``o_t`` (-1 for an id outside [0, E) or a masked
+    token), and the mask of the slots whose id is in range."""
+    b_id = tl.load(ids_ptr + o_t * KTOP + j, mask=m_t, other=-1)
+    m_id = m_t & (b_id >= 0) & (b_id < E)
+    return tl.load(owner_ptr + b_id, mask=m_id, other=-1), m_id
+
+
+@triton.jit
 def _destinations_kernel(ids_ptr,      # [T, KTOP] any integer dtype
                          owner_ptr,    # [E] int32
                          dest_ptr,     # [T, W] int32
@@ -146,9 +162,7 @@ def _destinations_kernel(ids_ptr,      # [T, KTOP] any integer dtype
     o_q = tl.arange(0, W_PAD)
     b_hit = tl.zeros((BT, W_PAD), dtype=tl.int32)
     for j in tl.static_range(KTOP):
-        b_id = tl.load(ids_ptr + o_t * KTOP + j, mask=m_t, other=-1)
-        m_id = m_t & (b_id >= 0) & (b_id < E)
-        b_own = tl.load(owner_ptr + b_id, mask=m_id, other=-1)
+        b_own, _ = _slot_owner(ids_ptr, owner_ptr, o_t, m_t, j, E, KTOP)
         b_hit += (b_own[:, None] == o_q[None, :]).to(tl.int32)          # [BT, W_PAD]
     b_bin = (o_t // TC)[:, None] * W + o_q[None, :]
     b_dest = tl.where(b_hit > 0, b_bin, NB).to(tl.int32)
@@ -286,9 +300,7 @@ def _weight_grad_kernel(dside_ptr,     # [rows, 2K] the side's gradient (weights
     # Slots already packed into each destination's row: slot j sits at cnt[owner(j)].
     b_cnt = tl.zeros((BT, W_PAD), dtype=tl.int32)
     for j in tl.static_range(KTOP):
-        b_id = tl.load(ids_ptr + o_t * KTOP + j, mask=m_t, other=-1)
-        m_id = m_t & (b_id >= 0) & (b_id < E)
-        b_own = tl.load(owner_ptr + b_id, mask=m_id, other=-1)
+        b_own, m_id = _slot_owner(ids_ptr, owner_ptr, o_t, m_t, j, E, KTOP)
         b_hot = b_own[:, None] == o_q[None, :]                               # [BT, W_PAD]
         b_slot = tl.sum(tl.where(b_hot, b_cnt, 0), axis=1)
         b_cnt += b_hot.to(tl.int32)
@@ -389,10 +401,8 @@ def combine(ys, plan: ExchangePlan, base: torch.Tensor | None = None,
     nothing. Tokens with no row and no base get zeros."""
     D, dtype, device = ys[0].shape[1], ys[0].dtype, ys[0].device
     out = new_empty((plan.num_tokens, D), dtype, device)
-    for c, y in enumerate(ys):
-        t0, t1 = plan.tokens(c)
-        if t1 == t0:
-            continue
+    for c, t0, t1 in plan.live_chunks():
+        y = ys[c]
         if not use_triton:
             _combine_torch(y, plan, c, base, out)
             continue
@@ -412,10 +422,8 @@ def weight_grad(dsides, topk_ids: torch.Tensor, plan: ExchangePlan, dtype: torch
     per chunk): each slot's from the row it travelled in, 0 for a slot that did not travel."""
     T, k = plan.num_tokens, plan.k
     dw = new_empty((T, k), dtype, topk_ids.device)
-    for c, dside in enumerate(dsides):
-        t0, t1 = plan.tokens(c)
-        if t1 == t0:
-            continue
+    for c, t0, t1 in plan.live_chunks():
+        dside = dsides[c]
         if not use_triton:
             _weight_grad_torch(dside, topk_ids, plan, c, dw)
             continue

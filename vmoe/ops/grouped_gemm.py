@@ -425,17 +425,25 @@ def _rows_ws_kernel(
 
 
 @triton.jit
+def _operand_ptrs(ptr, o_tok, o_r, o_c, rag0, width, stride_tok, GATHERED: tl.constexpr):
+    """Pointers to a [BK, B] block of a weight gradient's operand: columns ``o_c`` of rows gathered
+    by token (``o_tok``, row stride ``stride_tok``), or of rows ``o_r`` of expert e's ragged
+    ``[n_e, width]`` block starting at ``rag0``."""
+    if GATHERED:
+        p = ptr + o_tok[:, None] * stride_tok + o_c[None, :]
+    else:
+        p = ptr + rag0 + o_r[:, None].to(tl.int64) * width + o_c[None, :]
+    return p
+
+
+@triton.jit
 def _wgrad_kernel(
     l_ptr,              # GATHERED [T, M] (x) | RAGGED [n_e, M_e] blocks (w*H)
     r_ptr,              # GATHERED [T, N] (dy) | RAGGED [n_e, N_e] blocks (dZ)
     out_ptr,            # expert e's [M_e, N_e] block of dW1 [d, g*F] or dW2 [F, d], strided
     scale_ptr,          # [A] routing weight per assignment, scaling R's rows; or None
-    counts_ptr,         # [E] n_e
-    offsets_ptr,        # [E+1] first sorted position of expert e
-    ragged_offsets_ptr,  # [E+1] int64, sum_{j<e} n_j f_j
-    widths_ptr,         # [E] f_e
-    woffsets_ptr,       # [E] o_e
-    sorted_to_assign_ptr,  # [A] assignment of each sorted position
+    # The routing metadata, as _rows_kernel takes it:
+    counts_ptr, offsets_ptr, ragged_offsets_ptr, widths_ptr, woffsets_ptr, sorted_to_assign_ptr,
     E, M_FIXED, N_FIXED, M_MAX, N_MAX, stride_lm, stride_rm, stride_oe, stride_om,
     KTOP: tl.constexpr, L_MODE: tl.constexpr, R_MODE: tl.constexpr,
     M_PER_WIDTH: tl.constexpr, N_PER_WIDTH: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -481,21 +489,17 @@ def _wgrad_kernel(
         if L_MODE == GATHERED_C or R_MODE == GATHERED_C:
             b_assign = tl.load(sorted_to_assign_ptr + o_p, mask=m_r, other=0)
             o_tok = (b_assign // KTOP).to(tl.int64)
+        else:
+            o_tok = o_p.to(tl.int64)  # unread: neither operand is gathered
         if TMA and L_MODE == RAGGED_C:
             b_l = l_desc.load([r0, i_m * BM])                                          # [BK, BM]
         else:
-            if L_MODE == GATHERED_C:
-                p_l = l_ptr + o_tok[:, None] * stride_lm + o_m[None, :]
-            else:
-                p_l = l_ptr + rag0 + o_r[:, None].to(tl.int64) * M + o_m[None, :]
+            p_l = _operand_ptrs(l_ptr, o_tok, o_r, o_m, rag0, M, stride_lm, L_MODE == GATHERED_C)
             b_l = tl.load(p_l, mask=m_r[:, None] & m_m[None, :], other=0.0)           # [BK, BM]
         if TMA and R_MODE == RAGGED_C:
             b_r = r_desc.load([r0, i_n * BN])                                          # [BK, BN]
         else:
-            if R_MODE == GATHERED_C:
-                p_r = r_ptr + o_tok[:, None] * stride_rm + o_n[None, :]
-            else:
-                p_r = r_ptr + rag0 + o_r[:, None].to(tl.int64) * N + o_n[None, :]
+            p_r = _operand_ptrs(r_ptr, o_tok, o_r, o_n, rag0, N, stride_rm, R_MODE == GATHERED_C)
             b_r = tl.load(p_r, mask=m_r[:, None] & m_n[None, :], other=0.0)           # [BK, BN]
         if HAS_SCALE:
             b_s = tl.load(scale_ptr + b_assign, mask=m_r, other=0.0)
