@@ -120,7 +120,7 @@ def _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr, DIM1_FIXED
     and the ragged bases: saying so lets the compiler issue loads of ALIGN elements (16 bytes for
     bf16 once ALIGN >= 8) and pipeline them with cp.async instead of scalar, synchronous ones.
     With a width of 610 and no hint (a bool flag for "all multiples of 16" gave none) the
-    experts took 2.3x the GPU time of 608 (results/NOTES.md, session 6). The hints sit on the
+    experts took 2.3x the GPU time of 608 (results/NOTES.md, "Alignment hints"). The hints sit on the
     loaded values themselves; on a product they would be lost wherever a factor of 1 folds the
     product away. The sizes are built from these hinted values or from arguments (whose
     divisibility the launcher specializes), never from a reduction, about which the compiler
@@ -302,7 +302,8 @@ def _rows_kernel(
                 if GATED:
                     # Two column halves, one after the other: the swiglu backward holds six
                     # [BM, BN] float32 tiles at once (dH, both Z halves, both dZ halves, w*H),
-                    # which spilled at 128x128 over 8 warps (results/NOTES.md, v4, session 7).
+                    # which spilled at 128x128 over 8 warps (results/NOTES.md, "The swiglu backward
+                    # epilogue (v4)").
                     acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)),
                                                          (0, 2, 1)))
                     _swiglu_bwd_cols(z_e, dz_e, hw_ptr, rag0, n_rows, f_e, i_m * BM,
@@ -419,7 +420,7 @@ def _rows_ws_kernel(
                     b_a = b_a.to(tl.float32)
                     b_b = b_b.to(tl.float32)
                 acc = tl.dot(b_a, b_b, acc, input_precision=DOT_PREC)
-            # Pointer stores: through a descriptor they measured 6% slower here (probe_ws.py).
+            # Pointer stores: through a descriptor they measured 6% slower here (results/probe_ws.py@355447b).
             _tile_store(c_ptr + row0.to(tl.int64) * stride_cm, n_rows, N, stride_cm, i_m * BM,
                         i_n * BN, acc, False, BM, BN)
 
@@ -697,7 +698,8 @@ def _weight_grad_buffer(w: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
-    # Hopper, where the descriptor path is built and measured (results/NOTES.md, session 7).
+    # Hopper, where the descriptor path is built and measured (results/NOTES.md, "Tensor
+    # descriptors (TMA) and warp specialization").
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
@@ -766,8 +768,8 @@ def _routing_args(routing: Routing, device) -> dict:
 def _ws_eligible(routing: Routing, tma_ok: int, n_max: int) -> bool:
     """Whether a ragged-to-sorted GEMM takes the warp-specialized kernel, given the launch's
     TMA_OK code (:func:`_tma_ok`): always under TMA_ONLY, and under TMA_AUTO at the sizes where
-    it was measured faster (results/NOTES.md, session 7: about 1,000 rows per expert and
-    d = 2048)."""
+    it was measured faster (results/NOTES.md, "Tensor descriptors (TMA) and warp
+    specialization": about 1,000 rows per expert and d = 2048)."""
     rows_per_expert = routing.num_assignments / max(1, len(routing.expert_widths))
     return tma_ok == TMA_ONLY or (tma_ok == TMA_AUTO and rows_per_expert >= 512
                                   and n_max >= 512)
@@ -776,7 +778,7 @@ def _ws_eligible(routing: Routing, tma_ok: int, n_max: int) -> bool:
 def _launch_rows_ws(a, b, c, routing: Routing, *, k_fixed, k_per_width, n_fixed, stride_be,
                     stride_bk, stride_bn, stride_cm, b_trans, g):
     # One program per multiprocessor; 128 x 256 tiles over one producer and two consumer
-    # warpgroups (4 warps each), 3 stages: the measured best of probe_ws.py (128 x 128: 20-30%
+    # warpgroups (4 warps each), 3 stages: the measured best of results/probe_ws.py@355447b (128 x 128: 20-30%
     # slower; 4 stages: no faster and out of shared memory with descriptor stores).
     if interpreting():
         bm, bn, bk, programs = 16, 16, 16, 3

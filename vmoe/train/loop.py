@@ -1,6 +1,6 @@
 """Train a small byte-level GPT whose every MLP is a :class:`vmoe.MoEMLP`, on :mod:`vmoe.train.data`'s corpus.
 
-The question it serves (issue 14): does a layer of experts of different widths, routed top-k, give
+The question it serves: does a layer of experts of different widths, routed top-k, give
 more width to the bytes that need it (code vs prose, letters vs punctuation), and what does that
 buy at equal compute? So each evaluation logs, besides the validation bits per byte overall and
 per domain, the realised width per token: the sum of the widths of the k experts a token was sent
