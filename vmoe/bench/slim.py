@@ -179,7 +179,7 @@ def routing_counts(model, windows, domain, device, batch_size: int, autocast) ->
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return counts.reshape(len(layers), E, D).cpu()
+    return counts.reshape(len(layers), E, D).cpu()  # host-ok: the study reads the counts once
 
 
 def expert_time(model, x_batch: torch.Tensor, device: torch.device, autocast) -> dict:
