@@ -187,10 +187,11 @@ class MoEMLP(nn.Module):
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
         """The three auxiliary losses (see the class docstring) from ``[T, E]`` logits and
         probabilities and the ``[E]`` assignment counts, in float32 whatever the autocast state
-        (:func:`vmoe.reference.route_aux_losses`)."""
+        (:func:`vmoe.reference.route_aux_losses`), balanced over the groups the fused router
+        reads (``_group_sizes``)."""
         logits, probs = logits.float(), probs.float()
         widths = None
         if not torch.compiler.is_compiling():  # a cached copy; under compile, a traced constant
             widths = device_ints(self.config.expert_widths, probs.device, torch.float32)
         return reference.route_aux_losses(torch.logsumexp(logits, dim=-1), probs, counts,
-                                          self.config.expert_sizes, widths)
+                                          self.config.expert_sizes, widths, self._group_sizes)

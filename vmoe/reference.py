@@ -152,10 +152,11 @@ def route(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool):
 
 
 def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
-                     expert_sizes, widths: torch.Tensor | None = None) -> dict:
+                     expert_sizes, widths: torch.Tensor | None = None, group_sizes=None) -> dict:
     """The three auxiliary losses of :class:`vmoe.MoEMLP` in the dtype of ``probs`` (float64 for
     an oracle), from the ``[T]`` logsumexp of the logits, the ``[T, E]`` probabilities and the
-    ``[E]`` counts; ``expert_sizes`` is ``[(count, width), ...]``, one load-balance group a pair.
+    ``[E]`` counts; ``expert_sizes`` is ``[(count, width), ...]``, one load-balance group a pair
+    unless ``group_sizes`` (expert counts in expert order, summing to E) says otherwise.
     ``widths``, the ``[E]`` widths as floats on ``probs``' device, saves building them per call.
 
     No matrix products: under ``torch.autocast`` a matmul would run in the autocast dtype, and the
@@ -166,8 +167,10 @@ def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tenso
     z_loss = lse.pow(2).mean()
     p_mean = probs.mean(0)
     counts = counts.to(probs.dtype)
+    if group_sizes is None:
+        group_sizes = [count for count, _ in expert_sizes]
     group_losses, lo = [], 0
-    for count, _ in expert_sizes:
+    for count in group_sizes:
         n, pm = counts[lo:lo + count], p_mean[lo:lo + count]
         f = n / n.sum().clamp_min(1.0)
         p = pm / pm.sum().clamp_min(1e-20)

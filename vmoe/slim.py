@@ -33,7 +33,6 @@ import torch.nn as nn
 from vmoe import reference
 from vmoe.config import MoEConfig, column_offsets, gate_factor
 from vmoe.layer import MoEMLP
-from vmoe.ops.utils.device import device_ints
 
 # How a channel is scored; h_tj is channel j's activation for token t, omega_t the routing weight
 # of the slot that sent t to the expert, and the sums run over the assignments to the expert, / T.
@@ -69,8 +68,8 @@ class SlimMoEMLP(MoEMLP):
     load-balance loss (``f_i = p_i = 1``, so ``L_g = 1``): with groups made from its widths, the
     layer would lose load balancing altogether. This subclass keeps the groups the layer was
     trained with, ``balance_groups`` (expert counts, in expert order, summing to E), on both
-    paths: the fused router reads them from ``_group_sizes``, and :meth:`aux_losses` (the torch
-    path) passes them to :func:`vmoe.reference.route_aux_losses`. Everything else, the parameters
+    paths: the fused router and :meth:`~vmoe.MoEMLP.aux_losses` (the torch path) read them from
+    ``_group_sizes``. Everything else, the parameters
     and their state_dict keys included, is MoEMLP's; loading the state_dict into
     ``MoEMLP(config)`` gives the same function with width groups.
     """
@@ -84,16 +83,6 @@ class SlimMoEMLP(MoEMLP):
                              f"got {list(groups)}")
         self.balance_groups = groups
         self._group_sizes = groups  # what MoEMLP.route hands the fused router
-
-    def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
-        logits, probs = logits.float(), probs.float()
-        if torch.compiler.is_compiling():  # a traced constant, as MoEMLP does
-            widths = torch.tensor(self.config.expert_widths, dtype=torch.float32, device=probs.device)
-        else:
-            widths = device_ints(self.config.expert_widths, probs.device, torch.float32)
-        # Given the widths, route_aux_losses reads only each pair's count: the groups.
-        groups = tuple((n, 0) for n in self.balance_groups)
-        return reference.route_aux_losses(torch.logsumexp(logits, dim=-1), probs, counts, groups, widths)
 
     def extra_repr(self) -> str:
         return f"balance_groups={list(self.balance_groups)}"
