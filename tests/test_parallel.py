@@ -176,7 +176,7 @@ def test_exchange_kernels_match_torch(T, k, widths, placement, chunks, capacity)
     sends_t = ex.dispatch(x, ids, weights, plan_t, use_triton=False)
     for c, ((rows, side), (rows_t, side_t)) in enumerate(zip(sends, sends_t)):
         assert torch.equal(rows, rows_t) and torch.equal(side, side_t), f"chunk {c}"
-        token, q, live = ex.row_pairs_torch(plan, c)
+        token, q, live = reference.exchange_row_pairs(plan, c)
         for p in range(rows.shape[0]):
             if not live[p]:
                 assert not rows[p].any() and (side[p, :K] == plan.null_id[q[p]]).all()
@@ -196,7 +196,7 @@ def test_exchange_kernels_match_torch(T, k, widths, placement, chunks, capacity)
     # Each token: base plus its rows, in rank order; the rows that were dropped add nothing.
     for c in range(chunks):
         t0, t1 = plan.tokens(c)
-        row, has = ex.pair_rows_torch(plan, c)
+        row, has = reference.exchange_pair_rows(plan, c)
         expect = base[t0:t1] + sum(torch.where(has[:, q:q + 1], ys[c][row[:, q]], 0)
                                    for q in range(W)) if ys[c].shape[0] else base[t0:t1]
         assert torch.allclose(out[t0:t1], expect, atol=1e-6)

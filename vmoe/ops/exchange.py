@@ -59,8 +59,9 @@ Launches (:func:`plan_exchange`, :func:`dispatch`, :func:`combine`, :func:`weigh
 5. ``_weight_grad_kernel`` (per chunk): the dispatch's backward for the routing weights, the
    weight gradient of each slot read from the side gradient of the row it travelled in.
 
-Every launcher has a torch twin (``*_torch``) with the same results, for ``impl="reference"``
-(and a CPU without the interpreter); tests/test_parallel.py holds the two to the same bits.
+Every launcher has a torch twin in :mod:`vmoe.reference` (``reference.exchange_*``) with the same
+results, for ``impl="reference"`` (and a CPU without the interpreter); tests/test_parallel.py holds
+the two to the same bits.
 """
 from __future__ import annotations
 
@@ -342,7 +343,7 @@ def plan_exchange(topk_ids: torch.Tensor, owner: torch.Tensor, local_index: torc
                    BT=BT)
         routing = build_routing(dest, widths)
     else:
-        dest = destinations_torch(topk_ids, owner, world, TC, NB)
+        dest = reference.exchange_destinations(topk_ids, owner, world, TC, NB)
         counts, offsets, s2a, a2s = reference.routing(dest, NB + 1, widths)
         routing = Routing.from_tensors((counts.to(torch.int32), offsets.to(torch.int32),
                                         s2a.to(torch.int32), a2s.to(torch.int32), offsets),
@@ -375,7 +376,7 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         buf = new_empty((rows, D), x.dtype, x.device)
         side = new_empty((rows, 2 * K), _side_dtype(x.dtype), x.device) if has_side else None
         if not use_triton:
-            _dispatch_torch(x, topk_ids, topk_weights, plan, c, buf, side)
+            reference.exchange_dispatch(x, topk_ids, topk_weights, plan, c, buf, side)
         elif rows:
             BR, BD = _blocks(16, D)
             r = plan.routing
@@ -404,7 +405,7 @@ def combine(ys, plan: ExchangePlan, base: torch.Tensor | None = None,
     for c, t0, t1 in plan.live_chunks():
         y = ys[c]
         if not use_triton:
-            _combine_torch(y, plan, c, base, out)
+            reference.exchange_combine(y, plan, c, base, out)
             continue
         BT, BD = _blocks(16, D)
         launch(_combine_kernel, (cdiv(t1 - t0, BT), cdiv(D, BD)),
@@ -425,7 +426,7 @@ def weight_grad(dsides, topk_ids: torch.Tensor, plan: ExchangePlan, dtype: torch
     for c, t0, t1 in plan.live_chunks():
         dside = dsides[c]
         if not use_triton:
-            _weight_grad_torch(dside, topk_ids, plan, c, dw)
+            reference.exchange_weight_grad(dside, topk_ids, plan, c, dw)
             continue
         BT = 16 if interpreting() else 128
         launch(_weight_grad_kernel, (cdiv(t1 - t0, BT),),
@@ -435,123 +436,3 @@ def weight_grad(dsides, topk_ids: torch.Tensor, plan: ExchangePlan, dtype: torch
                C=plan.capacity or 1, chunk=c, W=plan.world, W_PAD=next_pow2(plan.world), KTOP=k,
                K=plan.slots, CAPACITY=plan.capacity is not None, BT=BT)
     return dw
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch twins: the same results, index by index, for impl="reference"
-
-
-def destinations_torch(topk_ids: torch.Tensor, owner: torch.Tensor, world: int,
-                       chunk_tokens: int, bins: int) -> torch.Tensor:
-    """``dest [T, W]`` (see the module docstring) in torch ops."""
-    T, E = topk_ids.shape[0], owner.shape[0]
-    ids = topk_ids.long()
-    valid = (ids >= 0) & (ids < E)
-    own = torch.where(valid, owner.long()[ids.clamp(0, E - 1)], -1)                  # [T, k]
-    q = torch.arange(world, device=ids.device)
-    hit = (own[:, :, None] == q).any(1)                                              # [T, W]
-    chunk = torch.arange(T, device=ids.device) // chunk_tokens
-    return torch.where(hit, chunk[:, None] * world + q, bins).to(torch.int32)
-
-
-def pair_rows_torch(plan: ExchangePlan, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(row, has_row)``, each ``[t1 - t0, W]``: the row of each (token, rank) pair of chunk c's
-    tokens in its send buffer, and whether it has one (0 where not)."""
-    r, W = plan.routing, plan.world
-    t0, t1 = plan.tokens(c)
-    device = r.offsets.device
-    q = torch.arange(W, device=device)
-    pos = r.assign_to_sorted.long()[torch.arange(t0, t1, device=device)[:, None] * W + q]
-    offsets = r.offsets.long()
-    has = pos < offsets[plan.bins]
-    if plan.capacity is not None:
-        i = pos - offsets[c * W + q]
-        has = has & (i < plan.capacity)
-        row = q * plan.capacity + i
-    else:
-        row = pos - offsets[c * W]
-    return torch.where(has, row, 0), has
-
-
-def row_pairs_torch(plan: ExchangePlan, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(token, destination, live)``, each ``[rows]``: the pair each row of chunk c's send buffer
-    carries (token 0 and ``live`` False for an empty row)."""
-    r, W, rows = plan.routing, plan.world, plan.rows(c)
-    device = r.offsets.device
-    offsets = r.offsets.long()
-    p = torch.arange(rows, device=device)
-    if plan.capacity is not None:
-        b = c * W + p // plan.capacity
-        i = p % plan.capacity
-        live = i < offsets[b + 1] - offsets[b]
-        pos = offsets[b] + i
-        q = p // plan.capacity
-    else:
-        live = torch.ones(rows, dtype=torch.bool, device=device)
-        pos = offsets[c * W] + p
-    s2a = r.sorted_to_assign.long()
-    a = torch.where(live, s2a[torch.where(live, pos, 0)], 0) if s2a.numel() else p * 0
-    if plan.capacity is None:
-        q = a % W
-    return a // W, q, live
-
-
-def _dispatch_torch(x, topk_ids, topk_weights, plan: ExchangePlan, c: int, buf, side) -> None:
-    t, q, live = row_pairs_torch(plan, c)
-    if x.shape[0] == 0:  # an empty row is all there is (capacity mode)
-        buf.zero_()
-        t, live = t * 0, live & False
-    else:
-        buf.copy_(torch.where(live[:, None], x[t], 0))
-    if side is None:
-        return
-    K, E = plan.slots, plan.owner.shape[0]
-    n = buf.shape[0]
-    slot_ids = plan.null_id.long()[q][:, None].repeat(1, K).to(side.dtype)        # [rows, K]
-    slot_w = torch.zeros(n, K, dtype=side.dtype, device=side.device)
-    if x.shape[0]:
-        ids = topk_ids.long()[t]                                                   # [rows, k]
-        on = live[:, None] & (ids >= 0) & (ids < E)
-        ids = ids.clamp(0, E - 1)
-        on = on & (plan.owner.long()[ids] == q[:, None])
-        local, weights = plan.local_index.long()[ids], topk_weights[t]
-        cnt = torch.zeros(n, dtype=torch.long, device=side.device)
-        for j in range(plan.k):      # slots packed first, in slot order, as the kernel does
-            put = on[:, j] & (cnt < K)
-            col = cnt.clamp(max=K - 1)[:, None]
-            slot_ids.scatter_(1, col, torch.where(put[:, None], local[:, j:j + 1].to(side.dtype),
-                                                  slot_ids.gather(1, col)))
-            slot_w.scatter_(1, col, torch.where(put[:, None], weights[:, j:j + 1].to(side.dtype),
-                                                slot_w.gather(1, col)))
-            cnt += put.long()
-    side.copy_(torch.cat([slot_ids, slot_w], 1))
-
-
-def _combine_torch(y, plan: ExchangePlan, c: int, base, out) -> None:
-    t0, t1 = plan.tokens(c)
-    row, has = pair_rows_torch(plan, c)
-    acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    acc = (base[t0:t1].to(acc_dtype) if base is not None
-           else torch.zeros(t1 - t0, y.shape[1], dtype=acc_dtype, device=y.device))
-    for q in range(plan.world):                                  # fixed rank order
-        if y.shape[0]:
-            acc = acc + torch.where(has[:, q:q + 1], y[row[:, q]].to(acc_dtype), 0)
-    out[t0:t1] = acc.to(out.dtype)
-
-
-def _weight_grad_torch(dside, topk_ids, plan: ExchangePlan, c: int, dw) -> None:
-    t0, t1 = plan.tokens(c)
-    K, E, W = plan.slots, plan.owner.shape[0], plan.world
-    row, has = pair_rows_torch(plan, c)
-    ids = topk_ids.long()[t0:t1]
-    own = torch.where((ids >= 0) & (ids < E), plan.owner.long()[ids.clamp(0, E - 1)], -1)
-    cnt = torch.zeros(t1 - t0, W, dtype=torch.long, device=dw.device)
-    n = torch.arange(t1 - t0, device=dw.device)
-    for j in range(plan.k):
-        q = own[:, j].clamp_min(0)
-        slot = cnt[n, q]
-        cnt[n, q] += (own[:, j] >= 0).long()
-        ok = (own[:, j] >= 0) & (slot < K) & has[n, q]
-        grad = (dside[row[n, q], K + slot.clamp(max=K - 1)] if dside.shape[0]
-                else torch.zeros(t1 - t0, dtype=dside.dtype, device=dside.device))
-        dw[t0:t1, j] = torch.where(ok, grad, 0).to(dw.dtype)
