@@ -184,3 +184,50 @@ def test_entry_lets_the_first_calls_tensors_go(recorded):
     recorded.clear()
     gc.collect()
     assert entry.slots and all(r() is None for r in refs)
+
+
+def _unspecialized(kernel) -> set:
+    """The names in ``kernel``'s ``@triton.jit(do_not_specialize=[...])``, read from its module's
+    source (the interpreter's functions do not keep the list)."""
+    import inspect
+    import re
+    fn = kernel
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    source = inspect.getsource(inspect.getmodule(fn))
+    found = re.search(r"@triton\.jit\(do_not_specialize=\[([^\]]*)\]\)\ndef " + fn.__name__ + r"\(",
+                      source)
+    return set(re.findall(r"'(\w+)'", found.group(1))) if found else set()
+
+
+def _int_arguments(kernel, args, kwargs) -> dict:
+    fn = kernel
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    named = {**dict(zip(fn.arg_names, args)), **kwargs}
+    return {n: v for n, v in named.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared-gated"])
+def test_token_count_arguments_are_not_specialized(recorded, shared):
+    """A new token count compiles nothing: every integer argument whose value changes with T
+    (T, T*k, the number of token blocks, tile counts) is in its kernel's do_not_specialize, so
+    Triton does not compile a new variant for its divisibility by 16 or its being 1. Two training
+    steps at T=16 and T=37 launch the same kernels in the same order; each argument that differs
+    must be listed."""
+    kw = dict(shared_expert_width=24, shared_expert_gate=True) if shared else {}
+    moe = _moe(torch.float32, **kw)
+    _layer_step(moe, 32, 16, torch.float32, seed=1)
+    first = list(recorded)
+    recorded.clear()
+    _layer_step(moe, 32, 37, torch.float32, seed=2)
+    assert len(first) == len(recorded) >= 12
+    varying = 0
+    for (k1, _, a1, kw1), (k2, _, a2, kw2) in zip(first, recorded):
+        assert k1 is k2
+        ints1, ints2 = _int_arguments(k1, a1, kw1), _int_arguments(k2, a2, kw2)
+        changed = {n for n in ints1 if ints1[n] != ints2.get(n)}
+        varying += bool(changed)
+        missing = changed - _unspecialized(k1)
+        assert not missing, f"{k1}: {sorted(missing)} change with T but are specialized"
+    assert varying >= 5  # the routing, router and combine kernels all take a token count

@@ -150,7 +150,7 @@ def _slot_owner(ids_ptr, owner_ptr, o_t, m_t, j, E, KTOP: tl.constexpr):
     return tl.load(owner_ptr + b_id, mask=m_id, other=-1), m_id
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'NB', 'TC'])
 def _destinations_kernel(ids_ptr,      # [T, KTOP] any integer dtype
                          owner_ptr,    # [E] int32
                          dest_ptr,     # [T, W] int32
@@ -190,7 +190,7 @@ def _row_of_pair(a2s_ptr, offsets_ptr, o_t, b_q, m, chunk, NB, C, W: tl.constexp
 
 
 @triton.heuristics({"HAS_SIDE": lambda a: a["side_ptr"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=['rows', 'C', 'chunk'])
 def _dispatch_kernel(x_ptr,          # [T, D] rows by token (x, or the combine's dy)
                      out_ptr,        # [rows, D] the chunk's send rows
                      side_ptr,       # [rows, 2K] float: K local ids, then K weights; or None
@@ -252,7 +252,7 @@ def _dispatch_kernel(x_ptr,          # [T, D] rows by token (x, or the combine's
 
 
 @triton.heuristics({"HAS_BASE": lambda a: a["base_ptr"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=['t0', 'n_tokens', 'NB', 'C', 'chunk'])
 def _combine_kernel(ys_ptr,        # [rows, D] the chunk's returned rows
                     base_ptr,      # [T, D] added first (the shared expert's output), or None
                     out_ptr,       # [T, D]
@@ -283,7 +283,7 @@ def _combine_kernel(ys_ptr,        # [rows, D] the chunk's returned rows
              mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['t0', 'n_tokens', 'NB', 'C', 'chunk'])
 def _weight_grad_kernel(dside_ptr,     # [rows, 2K] the side's gradient (weights in columns K..2K)
                         ids_ptr,       # [T, KTOP] any integer dtype
                         owner_ptr,     # [E] int32

@@ -17,7 +17,7 @@ from vmoe.ops.utils.device import cdiv, interpreting, new_empty, next_pow2
 from vmoe.ops.utils.launch import launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['A'])
 def _gather_kernel(x_ptr, out_ptr, sorted_to_assign_ptr, offsets_ptr, A, D, E, stride_x, stride_o,
                    KTOP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     i_r, i_d = tl.program_id(0), tl.program_id(1)
@@ -34,7 +34,7 @@ def _gather_kernel(x_ptr, out_ptr, sorted_to_assign_ptr, offsets_ptr, A, D, E, s
     tl.store(out_ptr + o_r.to(tl.int64)[:, None] * stride_o + o_d[None, :], b_x, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _combine_kernel(ys_ptr, w_ptr, out_ptr, assign_to_sorted_ptr, offsets_ptr, T, D, E,
                     stride_ys, stride_o, KTOP: tl.constexpr, HAS_W: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr):
@@ -59,7 +59,7 @@ def _combine_kernel(ys_ptr, w_ptr, out_ptr, assign_to_sorted_ptr, offsets_ptr, T
              acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['A'])
 def _weight_grad_kernel(dy_ptr, ys_ptr, dw_ptr, assign_to_sorted_ptr, offsets_ptr, A, D, E,
                         stride_dy, stride_ys, KTOP: tl.constexpr, BA: tl.constexpr,
                         BD: tl.constexpr):

@@ -66,6 +66,7 @@ from vmoe.ops.utils.device import (
     poisoning,
 )
 from vmoe.ops.utils.launch import launch
+from vmoe.ops.utils.tuning import autotune
 
 # Operand modes of the row kernel and the weight-gradient kernel.
 SORTED = 0    # dense [A, *], row p is sorted position p
@@ -376,7 +377,7 @@ def _tile_load(ptr, n_rows, n_cols, row_stride, r0, c0, DESC: tl.constexpr, BM: 
     return tile.to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['MAX_TILES'])
 def _rows_ws_kernel(
     a_ptr,              # RAGGED [n_e, K_e] blocks (H, dZ)
     b_ptr,              # the weight, as in _rows_kernel
@@ -604,24 +605,24 @@ _rows_kernel = triton.heuristics({
     "HAS_Z": lambda a: a["z_ptr"] is not None,
     "HAS_SCALE": lambda a: a["scale_ptr"] is not None,
     "HAS_HW": lambda a: a["hw_ptr"] is not None,
-})(triton.autotune(
-    configs=ROW_CONFIGS,
+})(autotune(
+    ROW_CONFIGS,
     # The sizes, and what tells the six GEMMs apart where sizes coincide (the up projection and
     # dH both have K = d and N = f_e): operand layouts, epilogue, gating and the w*H output. Each
     # gets its own tuning, and a gated one never inherits a block shape whose two B tiles
-    # overflow shared memory.
+    # overflow shared memory. No token count: one tuning serves every T.
     key=["K_FIXED", "N_FIXED", "K_MAX", "N_MAX", "E", "A_MODE", "C_MODE", "EPI", "GATED",
          "HAS_HW", "TMA_OK"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune=_prune,
 )(_rows_kernel))
 
 _wgrad_kernel = triton.heuristics({
     "HAS_SCALE": lambda a: a["scale_ptr"] is not None,
-})(triton.autotune(
-    configs=WGRAD_CONFIGS,
+})(autotune(
+    WGRAD_CONFIGS,
     # HAS_SCALE: a scaled right operand goes through registers, an unscaled one does not.
     key=["M_FIXED", "N_FIXED", "M_MAX", "N_MAX", "E", "L_MODE", "R_MODE", "HAS_SCALE", "TMA_OK"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune=_prune,
 )(_wgrad_kernel))
 
 

@@ -137,7 +137,7 @@ def _aux_losses_grad(b_n, b_ps, b_gid, b_w, m_e, inv_t, E, NUM_GROUPS, d_lb, d_c
     return tl.where(m_e, b_dps, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _route_fwd_kernel(logits_ptr,         # [T, E] row stride stride_l
                       ids_ptr,            # [T, k] int32
                       weights_ptr,        # [T, k] the experts' dtype
@@ -193,7 +193,7 @@ def _route_fwd_kernel(logits_ptr,         # [T, E] row stride stride_l
     tl.store(lse_partial_ptr + i_b, tl.sum(tl.where(m_t, b_lse * b_lse, 0.0), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB'])
 def _route_stats_kernel(block_counts_ptr,    # [NB, E+1] int32, read only
                         block_prefix_ptr,    # [NB, E+1] int32
                         counts_ptr,          # [E] int32
@@ -251,7 +251,7 @@ def _route_stats_kernel(block_counts_ptr,    # [NB, E+1] int32, read only
     "HAS_DLB": lambda a: a["d_lb_loss_ptr"] is not None,
     "HAS_DC": lambda a: a["d_compute_loss_ptr"] is not None,
 })
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _route_bwd_kernel(logits_ptr,          # [T, E] row stride stride_l
                       ids_ptr,             # [T, k] int32
                       d_weights_ptr,       # [T, k]

@@ -101,7 +101,7 @@ def _load_ids(ids_ptr, o_a, m_a, E):
     return tl.where((b_id >= 0) & (b_id < E), b_id, E).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['A'])
 def _block_histogram_kernel(ids_ptr, block_counts_ptr, A, E,
                             BLOCK: tl.constexpr, E1_PAD: tl.constexpr):
     i_b = tl.program_id(0)
@@ -133,13 +133,13 @@ def scan_block_column(block_counts_ptr, block_prefix_ptr, counts_ptr, i_e, NB, E
     tl.store(counts_ptr + i_e, carry, mask=i_e < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB'])
 def _block_scan_kernel(block_counts_ptr, counts_ptr, NB, E, SCAN: tl.constexpr):
     # Column e of block_counts [NB, E+1] becomes its exclusive scan over blocks, in place.
     scan_block_column(block_counts_ptr, block_counts_ptr, counts_ptr, tl.program_id(0), NB, E, SCAN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['A'])
 def _scatter_kernel(ids_ptr,                 # [A] any integer dtype
                     block_prefix_ptr,        # [NB, E+1] int32, exclusive scan over the blocks
                     counts_ptr,              # [E] int32
@@ -291,7 +291,7 @@ def scatter_routing(topk_ids: torch.Tensor, block_prefix: torch.Tensor, counts: 
                    widths=widths, expert_widths=tuple(expert_widths), k=k, num_tokens=T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'SHARED_ELEMS'])
 def _shared_slot_kernel(a2s_ptr, counts_ptr, offsets_ptr, ragged_offsets_ptr,
                         counts_x_ptr, offsets_x_ptr, ragged_offsets_x_ptr, s2a_x_ptr, a2s_x_ptr,
                         T, E, SHARED_ELEMS, KTOP: tl.constexpr, BT: tl.constexpr,
@@ -398,7 +398,7 @@ def locate_tile(tile_id, b_cum, b_nt, E_PAD: tl.constexpr):
     return e, local // n_tiles, local % n_tiles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['max_tiles'])
 def _tile_schedule_kernel(counts_ptr, widths_ptr, out_ptr, max_tiles, E, N,
                           N_PER_WIDTH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           E_PAD: tl.constexpr):
