@@ -27,17 +27,22 @@ w1 and w2 are vmoe's ``[d, g*F]`` and ``[F, d]``, or, for experts of one width, 
 module's parameters seen through a transposed view, :mod:`vmoe.hf`); the weight gradients of
 ``vmoe::expert_mlp_backward`` have the weights' shapes, and a per-expert weight's strides.
 
-Why ``torch.library.custom_op`` rather than ``triton_op``: the kernels are autotuned with a
-pruning hook and a grid computed from the chosen block shape, and the forward is three kernels
-whose intermediate buffers are sized for the worst routing; as one opaque op each, Inductor has
-nothing to fuse across them anyway, and the fake implementations stay a few lines of shape
-arithmetic. Autotuning runs on the first real call (or a CUDA-graph warm-up), never under tracing.
+Why operators defined with ``torch.library.Library`` rather than ``triton_op``: the kernels are
+autotuned with a pruning hook and a grid computed from the chosen block shape, and the forward is
+three kernels whose intermediate buffers are sized for the worst routing; as one opaque op each,
+Inductor has nothing to fuse across them anyway, and the fake implementations stay a few lines of
+shape arithmetic. Autotuning runs on the first real call (or a CUDA-graph warm-up), never under
+tracing. And why not ``torch.library.custom_op``: each call of one passes through Python wrappers
+for autograd and an output-aliasing check before the implementation runs, about 21 µs a call on
+this repo's CPU machine against 4.5 µs for a ``Library`` operator's dispatch (torch 2.13), and
+far more in a compiled training step on the GPU host (``vmoe.bench.probes.layer_host``;
+results/NOTES.md, "Host time"). The operators have no autograd kernel: they run inside vmoe's
+autograd.Functions, which differentiate them.
 
-Why eager code calls the implementations directly (:func:`dispatch`): a custom op's dispatch costs
-about 50 µs of host time a call (measured on this repo's CPU machine, torch 2.14), more than
-vmoe's own launches; under ``torch.compile`` the graph calls the op directly and pays no
-dispatch. Both paths run the same implementation functions below, and one ``autograd.Function``
-(:mod:`vmoe.autograd`) differentiates both.
+Why eager code calls the implementations directly (:func:`dispatch`): even a ``Library``
+operator's dispatch is host time an eager call need not pay; under ``torch.compile`` the graph
+calls the operator. Both paths run the same implementation functions below, and one
+``autograd.Function`` (:mod:`vmoe.autograd`) differentiates both.
 """
 from __future__ import annotations
 
@@ -83,23 +88,40 @@ def _outside_transforms(impl):
     return run
 
 
+_LIB = torch.library.Library("vmoe", "DEF")
+
+
+def _tensors(n: int) -> str:
+    return "(" + ", ".join(["Tensor"] * n) + ")"
+
+
+def _define(schema: str, impl, fake):
+    """``torch.ops.vmoe.<name>.default`` for ``schema``, computed by ``impl`` on every backend and
+    by ``fake`` on fake tensors. Registered with ``torch.library.Library`` rather than
+    ``torch.library.custom_op``, whose Python autograd and aliasing-check wrappers cost more host
+    time a call than vmoe's launches (see the module docstring). No autograd kernel: the
+    operators run inside vmoe's autograd.Functions, below autograd."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"vmoe::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.vmoe, name).default
+
+
 @_outside_transforms
 def routing_impl(topk_ids: torch.Tensor, expert_widths: Sequence[int]):
     return build_routing(topk_ids, tuple(expert_widths)).tensors()
 
 
-@torch.library.custom_op("vmoe::routing", mutates_args=())
-def routing_op(topk_ids: torch.Tensor, expert_widths: Sequence[int]) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return routing_impl(topk_ids, expert_widths)
-
-
-@routing_op.register_fake
-def _(topk_ids, expert_widths):
+def _routing_fake(topk_ids, expert_widths):
     E, A, dev = len(expert_widths), topk_ids.numel(), topk_ids.device
     return (topk_ids.new_empty(E, dtype=torch.int32), topk_ids.new_empty(E + 1, dtype=torch.int32),
             torch.empty(A, dtype=torch.int32, device=dev), torch.empty(A, dtype=torch.int32, device=dev),
             topk_ids.new_empty(E + 1, dtype=torch.int64))
+
+
+routing_op = _define("routing(Tensor topk_ids, int[] expert_widths) -> " + _tensors(5),
+                     routing_impl, _routing_fake)
 
 
 def routing(topk_ids: torch.Tensor, expert_widths: Sequence[int]) -> tuple:
@@ -116,21 +138,17 @@ def add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ra
     return add_shared_slot(r, shared_width).tensors()
 
 
-@torch.library.custom_op("vmoe::add_shared_slot", mutates_args=())
-def add_shared_slot_op(counts: torch.Tensor, offsets: torch.Tensor, sorted_to_assign: torch.Tensor,
-                       assign_to_sorted: torch.Tensor, ragged_offsets: torch.Tensor,
-                       expert_widths: Sequence[int], shared_width: int, k: int) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_shared_slot_impl(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
-                                expert_widths, shared_width, k)
-
-
-@add_shared_slot_op.register_fake
-def _(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets, expert_widths,
-      shared_width, k):
+def _add_shared_slot_fake(counts, offsets, sorted_to_assign, assign_to_sorted, ragged_offsets,
+                          expert_widths, shared_width, k):
     E, A = len(expert_widths), assign_to_sorted.shape[0] // k * (k + 1)
     return (counts.new_empty(E + 1), offsets.new_empty(E + 2), sorted_to_assign.new_empty(A),
             assign_to_sorted.new_empty(A), ragged_offsets.new_empty(E + 2))
+
+
+add_shared_slot_op = _define(
+    "add_shared_slot(Tensor counts, Tensor offsets, Tensor sorted_to_assign, "
+    "Tensor assign_to_sorted, Tensor ragged_offsets, int[] expert_widths, int shared_width, "
+    "int k) -> " + _tensors(5), add_shared_slot_impl, _add_shared_slot_fake)
 
 
 def shared_slot(routing_tensors, expert_widths: Sequence[int], shared_width: int, k: int) -> tuple:
@@ -154,25 +172,21 @@ def expert_mlp_impl(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign, 
     return y, z, ys
 
 
-@torch.library.custom_op("vmoe::expert_mlp", mutates_args=())
-def expert_mlp_op(x: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                  counts: torch.Tensor, offsets: torch.Tensor, sorted_to_assign: torch.Tensor,
-                  assign_to_sorted: torch.Tensor, ragged_offsets: torch.Tensor,
-                  expert_widths: Sequence[int], activation: str, save: bool) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor]:
-    return expert_mlp_impl(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign,
-                           assign_to_sorted, ragged_offsets, expert_widths, activation, save)
-
-
-@expert_mlp_op.register_fake
-def _(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign, assign_to_sorted,
-      ragged_offsets, expert_widths, activation, save):
+def _expert_mlp_fake(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign, assign_to_sorted,
+                     ragged_offsets, expert_widths, activation, save):
     T, d = x.shape
     A = topk_weights.numel()
     if not save:
         return x.new_empty(T, d), x.new_empty(0), x.new_empty(0)
     z = x.new_empty(gate_factor(activation) * A * max(expert_widths))
     return x.new_empty(T, d), z, x.new_empty(A, d)
+
+
+_ROUTING_ARGS = ("Tensor counts, Tensor offsets, Tensor sorted_to_assign, Tensor assign_to_sorted, "
+                 "Tensor ragged_offsets, int[] expert_widths")
+expert_mlp_op = _define(
+    "expert_mlp(Tensor x, Tensor topk_weights, Tensor w1, Tensor w2, " + _ROUTING_ARGS
+    + ", str activation, bool save) -> " + _tensors(3), expert_mlp_impl, _expert_mlp_fake)
 
 
 def expert_mlp_fwd(*args):
@@ -205,26 +219,19 @@ def expert_mlp_backward_impl(dy, x, topk_weights, w1, w2, z, ys, counts, offsets
     return tuple(dy.new_empty(0) if g is None else g for g in (d_x, d_w, d_w1, d_w2))
 
 
-@torch.library.custom_op("vmoe::expert_mlp_backward", mutates_args=())
-def expert_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
-                           w1: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, ys: torch.Tensor,
-                           counts: torch.Tensor, offsets: torch.Tensor,
-                           sorted_to_assign: torch.Tensor, assign_to_sorted: torch.Tensor,
-                           ragged_offsets: torch.Tensor, expert_widths: Sequence[int],
-                           activation: str, needs: Sequence[bool]) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return expert_mlp_backward_impl(dy, x, topk_weights, w1, w2, z, ys, counts, offsets,
-                                    sorted_to_assign, assign_to_sorted, ragged_offsets,
-                                    expert_widths, activation, needs)
-
-
-@expert_mlp_backward_op.register_fake
-def _(dy, x, topk_weights, w1, w2, z, ys, counts, offsets, sorted_to_assign, assign_to_sorted,
-      ragged_offsets, expert_widths, activation, needs):
+def _expert_mlp_backward_fake(dy, x, topk_weights, w1, w2, z, ys, counts, offsets,
+                              sorted_to_assign, assign_to_sorted, ragged_offsets, expert_widths,
+                              activation, needs):
     # A per-expert 3-D weight's gradient keeps the weight's strides, as the kernels write it
     # (vmoe.ops.grouped_gemm._weight_grad_buffer); everything else is contiguous.
     return tuple((torch.empty_like(t) if t.dim() == 3 else t.new_empty(t.shape)) if need
                  else dy.new_empty(0) for t, need in zip((x, topk_weights, w1, w2), needs))
+
+
+expert_mlp_backward_op = _define(
+    "expert_mlp_backward(Tensor dy, Tensor x, Tensor topk_weights, Tensor w1, Tensor w2, Tensor z, "
+    "Tensor ys, " + _ROUTING_ARGS + ", str activation, bool[] needs) -> " + _tensors(4),
+    expert_mlp_backward_impl, _expert_mlp_backward_fake)
 
 
 def expert_mlp_backward(*args):
@@ -235,19 +242,7 @@ route_impl = _outside_transforms(route_impl)
 route_backward_impl = _outside_transforms(route_bwd)
 
 
-@torch.library.custom_op("vmoe::route", mutates_args=())
-def route_op(logits: torch.Tensor, k: int, router: str, norm_topk_prob: bool,
-             expert_widths: Sequence[int], group_sizes: Sequence[int],
-             weights_dtype: torch.dtype) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-        torch.Tensor]:
-    return route_impl(logits, k, router, norm_topk_prob, expert_widths, group_sizes,
-                      weights_dtype)
-
-
-@route_op.register_fake
-def _(logits, k, router, norm_topk_prob, expert_widths, group_sizes, weights_dtype):
+def _route_fake(logits, k, router, norm_topk_prob, expert_widths, group_sizes, weights_dtype):
     T, E = logits.shape
 
     def new(*shape, dtype=torch.float32):
@@ -260,26 +255,26 @@ def _(logits, k, router, norm_topk_prob, expert_widths, group_sizes, weights_dty
             new(T * k, dtype=i32), new(E + 1, dtype=torch.int64))
 
 
+route_op = _define(
+    "route(Tensor logits, int k, str router, bool norm_topk_prob, int[] expert_widths, "
+    "int[] group_sizes, ScalarType weights_dtype) -> " + _tensors(13), route_impl, _route_fake)
+
+
 def route(*args):
     return dispatch(route_op, route_impl, *args)
 
 
-@torch.library.custom_op("vmoe::route_backward", mutates_args=())
-def route_backward_op(logits: torch.Tensor, topk_ids: torch.Tensor,
-                      d_topk_weights: torch.Tensor | None, d_p_sum: torch.Tensor | None,
-                      d_lse_sq_sum: torch.Tensor | None, d_z_loss: torch.Tensor | None,
-                      d_lb_loss: torch.Tensor | None, d_compute_loss: torch.Tensor | None,
-                      counts: torch.Tensor, p_sum: torch.Tensor, router: str, norm_topk_prob: bool,
-                      expert_widths: Sequence[int], group_sizes: Sequence[int]) -> torch.Tensor:
-    return route_backward_impl(logits, topk_ids, d_topk_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
-                               d_lb_loss, d_compute_loss, counts, p_sum, router, norm_topk_prob,
-                               expert_widths, group_sizes)
-
-
-@route_backward_op.register_fake
-def _(logits, topk_ids, d_topk_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss,
-      d_compute_loss, counts, p_sum, router, norm_topk_prob, expert_widths, group_sizes):
+def _route_backward_fake(logits, topk_ids, d_topk_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
+                         d_lb_loss, d_compute_loss, counts, p_sum, router, norm_topk_prob,
+                         expert_widths, group_sizes):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+route_backward_op = _define(
+    "route_backward(Tensor logits, Tensor topk_ids, Tensor? d_topk_weights, Tensor? d_p_sum, "
+    "Tensor? d_lse_sq_sum, Tensor? d_z_loss, Tensor? d_lb_loss, Tensor? d_compute_loss, "
+    "Tensor counts, Tensor p_sum, str router, bool norm_topk_prob, int[] expert_widths, "
+    "int[] group_sizes) -> Tensor", route_backward_impl, _route_backward_fake)
 
 
 def route_backward(*args):
