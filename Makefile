@@ -58,8 +58,9 @@ data: $(VENV)/.installed
 # measured). Each prints the card and the commit first and runs on one card unless it says otherwise.
 # Measurements land where the committed data lives, named after the card (<gpu>: h100, h200) as
 # vmoe.bench names its CSVs. MATCH narrows a sweep or probe to the configs it matches (a regex).
-.PHONY: gpu-test gpu-test-tma gpu-test-parallel bench-large bench-layer bench-seed-tma \
-	probe-gemms probe-forward probe-width-cost probe-kernels probe-launch train-batch
+.PHONY: gpu-test gpu-test-tma gpu-test-parallel bench-large bench-widths bench-layer bench-seed-tma \
+	probe-gemms probe-forward probe-width-cost probe-kernels probe-launch probe-first-step \
+	probe-layer-host train-batch
 
 GPU_WORKERS ?= 12
 MATCH ?= .
@@ -94,6 +95,15 @@ gpu-test-parallel: $(VENV)/.installed
 bench-large: $(VENV)/.installed
 	$(SHOW_CARD)
 	$(PY) -m vmoe.bench --configs large --match "$(MATCH)" --scope expert --providers vmoe grouped_mm dense
+
+## bench-widths: the balanced-routing width sweep (relu2, expert scope; d=384 and 768 top-2 of 8,
+## d=2048 top-8 of 64), vmoe, grouped_mm and dense each replayed from a CUDA graph, into
+## results/<gpu>.csv (rows of the same measurement replaced); results/README.md's elasticity table
+## and notebook 07 read them
+bench-widths: $(VENV)/.installed
+	$(SHOW_CARD)
+	$(PY) -m vmoe.bench --configs widths --match "$(MATCH)" --scope expert \
+		--providers vmoe_graph grouped_mm_graph dense_graph
 
 ## bench-layer: the whole MoEMLP (layer scope) at the 8 seed configs, eager, CUDA-graph replay, the
 ## grouped_mm layer and dense; then the two large relu2 configs at both scopes; into results/layer/
@@ -144,6 +154,23 @@ probe-launch: $(VENV)/.installed
 	$(SHOW_CARD)
 	$(PY) -m vmoe.bench.probes.launch > results/launch/$(GPU).log 2>&1; \
 		s=$$?; cat results/launch/$(GPU).log; exit $$s
+
+## probe-first-step: a fresh layer's first training steps in wall-clock time, a cold Triton cache and a
+## warm one, each in its own process, into results/first_step/<gpu>.csv (FIRST_STEP_LABELS: more
+## LABEL=PYTHONPATH checkouts to compare in the same call)
+FIRST_STEP_LABELS ?= this=
+probe-first-step: $(VENV)/.installed
+	$(SHOW_CARD)
+	mkdir -p results/first_step
+	$(PY) -m vmoe.bench.probes.first_step results/first_step/$(GPU).csv $(FIRST_STEP_LABELS)
+
+## probe-layer-host: the small layer's time per call in eager, compiled and reduce-overhead modes, and
+## a cProfile of the eager and compiled steps, into results/layer_host/<gpu>.log
+probe-layer-host: $(VENV)/.installed
+	$(SHOW_CARD)
+	mkdir -p results/layer_host
+	$(PY) -m vmoe.bench.probes.layer_host > results/layer_host/$(GPU).log 2>&1; \
+		s=$$?; cat results/layer_host/$(GPU).log; exit $$s
 
 TRAIN_RUNS ?= var5 uniform var23 uniform_realised:610 uniform_realised:464 var5_null var5_cl
 TRAIN_SEEDS ?= 0 1 2

@@ -667,3 +667,234 @@ def test_compiled_providers_are_gpu_only(provider):
                                          log=logged.append)
     assert kept == ["vmoe"]
     assert logged and provider in logged[0] and "GPU" in logged[0]
+
+
+# The widths suite: balanced routing, and the elasticity against the widest uniform config.
+
+
+def test_widths_config_set():
+    cfgs = bench.configs("widths")
+    by_d = {}
+    for c in cfgs:
+        by_d.setdefault(c.d, []).append(c)
+    assert sorted(by_d) == [384, 768, 2048]
+    assert all(c.routing == "balanced" and c.activation == "relu2" and c.T == 16384 for c in cfgs)
+    assert len({c.name for c in cfgs}) == len(cfgs) == 15
+    means = {d: [report.mean_width(c.widths_str) for c in cs] for d, cs in by_d.items()}
+    assert means == {384: [768, 384, 256, 128, 610, 616], 768: [3072, 1536, 768],
+                     2048: [1024, 768, 512, 256, 512, 256]}
+    assert {(c.k, c.E) for c in by_d[384] + by_d[768]} == {(2, 8)}
+    assert {(c.k, c.E) for c in by_d[2048]} == {(8, 64)}
+    # The sets "all" stands for are unchanged; the suite's names say their d (8x768 is at two).
+    assert not any(c.routing == "balanced" for c in bench.configs("all"))
+    assert {"widths-d384-8x768-k2", "widths-d768-8x768-k2"} <= {c.name for c in cfgs}
+    # The quick subset keeps each d's reference, the widest uniform config.
+    quick = bench.configs("widths", quick=True)
+    for d, cs in by_d.items():
+        widest = max((c for c in cs if len(c.expert_sizes) == 1), key=lambda c: c.widths[0])
+        assert widest in quick and any(c.d == d and c is not widest for c in quick)
+
+
+@pytest.mark.parametrize("T,k,E", [(16384, 2, 8), (16384, 8, 64), (12, 3, 4), (5, 2, 10), (6, 4, 4),
+                                   (1, 1, 1)], ids=lambda v: str(v))
+def test_balanced_ids_give_every_expert_the_same_count(T, k, E):
+    ids = bench.balanced_ids(T, k, E, torch.Generator().manual_seed(0))
+    assert ids.shape == (T, k) and ids.dtype == torch.int64
+    assert torch.bincount(ids.reshape(-1), minlength=E).tolist() == [T * k // E] * E
+    # No token picks an expert twice.
+    assert (ids.sort(dim=1).values.diff(dim=1) != 0).all()
+    again = bench.balanced_ids(T, k, E, torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+
+
+def test_balanced_ids_are_shuffled_by_the_seed():
+    a = bench.balanced_ids(64, 2, 8, torch.Generator().manual_seed(0))
+    b = bench.balanced_ids(64, 2, 8, torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
+    assert not torch.equal(a, (torch.arange(128) % 8).view(64, 2))
+
+
+@pytest.mark.parametrize("T,k,E", [(5, 2, 4), (4, 3, 2)], ids=["E-not-dividing-Tk", "k-above-E"])
+def test_balanced_routing_refuses_what_cannot_balance(T, k, E):
+    with pytest.raises(ValueError, match="balanced routing"):
+        bench.BenchConfig("c", T, 16, k, ((E, 16),), "relu2", routing="balanced")
+
+
+def test_balanced_inputs_have_exact_flops():
+    cfg = bench.BenchConfig("widths-d16-2x32+2x16-k2", 12, 16, 2, ((2, 32), (2, 16)), "relu2",
+                            routing="balanced")
+    inp = bench.make_inputs(cfg, torch.device("cpu"), torch.bfloat16)
+    assert torch.bincount(inp.ids.reshape(-1), minlength=cfg.E).tolist() == [6] * 4
+    # sum_e n_e f_e = T k x mean width: 24 x 24.
+    assert baselines.useful_flops(inp.ids, cfg.widths, cfg.d, "relu2") == 4 * 16 * 24 * 24
+    assert baselines.dense_width(inp.ids, cfg.widths) == 24
+    w = inp.w.float()
+    assert torch.allclose(w.sum(-1), torch.ones(cfg.T), atol=1e-2) and (w > 0).all()
+    with pytest.raises(ValueError, match="expert scope only"):
+        bench.make_layer_inputs(cfg, torch.device("cpu"), torch.bfloat16)
+
+
+def _widths_rows():
+    """A synthetic widths suite: d=64 with the widest uniform row at 1 ms, a half-width row at
+    0.6 ms (elasticity 0.6 / 0.5 = 1.2), a mix of mean 256 at 0.7 ms (1.4), a row that failed its
+    check; grouped_mm with no reference row; and one seed row that is not part of the suite."""
+    rows = []
+
+    def add(config, widths, provider, ms, gflop, **extra):
+        rows.append({"gpu": "Test GPU 9000", "dtype": "bfloat16", "scope": "expert", "config": config,
+                     "provider": provider, "mode": "fwd", "T": 128, "d": 64, "k": 2, "E": 4,
+                     "widths": widths, "ms_p50": ms, "tflops": gflop / ms, "ok": True,
+                     "applicable": True, "reason": "", "torch": "2.x", "triton": "3.x",
+                     "vmoe_commit": "abc1234", "timer": "do_bench", **extra})
+
+    add("widths-d64-4x512-k2", "4x512", "vmoe_graph", 1.0, 8.0)
+    add("widths-d64-4x256-k2", "4x256", "vmoe_graph", 0.6, 4.0)
+    add("widths-d64-2x384+2x128-k2", "2x384+2x128", "vmoe_graph", 0.7, 4.0)
+    add("widths-d64-4x128-k2", "4x128", "vmoe_graph", 0.5, 2.0, ok=False, reason="rel err above 0.05")
+    add("widths-d64-4x256-k2", "4x256", "grouped_mm_graph", 2.0, 4.0)
+    add("widths-d64-4x512-k2", "4x512", "grouped_mm_graph", float("nan"), float("nan"),
+        applicable=False, ok=float("nan"), reason="not aligned")
+    add("seed-4x512-k2", "4x512", "vmoe_graph", 0.1, 8.0)
+    return pd.DataFrame(rows)
+
+
+def test_elasticity_by_hand():
+    table = report.elasticity_table(_widths_rows()).set_index(["config", "provider"])
+    assert list(table.columns) == [c for c in report.ELASTICITY_COLUMNS if c not in ("config", "provider")]
+    ref = table.loc[("widths-d64-4x512-k2", "vmoe_graph")]
+    assert (ref.time_ratio, ref.flop_ratio, ref.elasticity) == (1.0, 1.0, 1.0)
+    half = table.loc[("widths-d64-4x256-k2", "vmoe_graph")]
+    assert half.reference == "widths-d64-4x512-k2" and half.mean_width == 256
+    assert half.gflop == pytest.approx(4.0) and half.flop_ratio == pytest.approx(0.5)
+    assert half.time_ratio == pytest.approx(0.6) and half.elasticity == pytest.approx(1.2)
+    mix = table.loc[("widths-d64-2x384+2x128-k2", "vmoe_graph")]
+    assert mix.mean_width == 256 and mix.elasticity == pytest.approx(1.4)
+    # A row that failed its check is not timed; without its reference a provider has no elasticity.
+    assert ("widths-d64-4x128-k2", "vmoe_graph") not in table.index
+    assert math.isnan(table.loc[("widths-d64-4x256-k2", "grouped_mm_graph")].elasticity)
+    assert not any(c.startswith("seed-") for c, _ in table.index)
+
+
+def test_elasticity_references_are_per_d_and_mode():
+    df = _widths_rows()
+    other = df[df["provider"] == "vmoe_graph"].assign(d=128, mode="fwdbwd")
+    gflop = other["tflops"] * other["ms_p50"]
+    other["ms_p50"] = other["ms_p50"] * 3
+    other.loc[other["config"] == "widths-d64-4x512-k2", "ms_p50"] = 1.5
+    other["tflops"] = gflop / other["ms_p50"]
+    other["config"] = other["config"].str.replace("d64", "d128")
+    table = report.elasticity_table(pd.concat([df, other], ignore_index=True))
+    big = table[table["d"] == 128].set_index("config")
+    assert set(big["reference"]) == {"widths-d128-4x512-k2"}
+    assert big.loc["widths-d128-4x256-k2", "elasticity"] == pytest.approx((1.8 / 1.5) / 0.5)
+    small = table[table["d"] == 64].set_index(["config", "provider"])
+    assert small.loc[("widths-d64-4x256-k2", "vmoe_graph"), "elasticity"] == pytest.approx(1.2)
+
+
+def test_elasticity_of_a_csv_without_the_suite_is_empty():
+    df, _ = _synthetic()
+    table = report.elasticity_table(df)
+    assert table.empty and list(table.columns) == report.ELASTICITY_COLUMNS
+
+
+def test_markdown_table_gives_the_widths_suite_its_own_table():
+    df, _ = _synthetic()
+    both = pd.concat([df.assign(scope="expert"), _widths_rows()], ignore_index=True)
+    md = report.markdown_table(both)
+    head, _, tail = md.partition(report.WIDTHS_INTRO)
+    assert tail and "| widths-" not in head and "| seed-4x512-k2 |" in head
+    header = next(x for x in tail.splitlines() if x.startswith("| config"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    assert names[:3] == ["config", "f̄", "mode"]
+    assert names[3:] == ["vmoe_graph ms", "vmoe_graph elasticity", "grouped_mm_graph ms",
+                         "grouped_mm_graph elasticity"]
+    line = next(x for x in tail.splitlines() if x.startswith("| widths-d64-4x256-k2"))
+    cells = dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+    assert cells["f̄"] == "256" and cells["vmoe_graph ms"] == "0.600"
+    assert cells["vmoe_graph elasticity"] == "1.20" and cells["grouped_mm_graph elasticity"] == "–"
+    assert "widths: grouped_mm_graph n/a on 1 row(s): not aligned" in md
+    # The README's summary is the other families'.
+    assert "widths" not in set(report.summary_table(both)["family"])
+    assert report.summary_markdown(both) == report.summary_markdown(df.assign(scope="expert"))
+
+
+def test_replayed_providers_are_gpu_only():
+    logged = []
+    kept = baselines.available_providers(["vmoe", "vmoe_graph", "grouped_mm_graph", "dense_graph"],
+                                         torch.device("cpu"), torch.bfloat16, log=logged.append)
+    assert kept == ["vmoe"] and len(logged) == 3 and all("CUDA graphs" in m for m in logged)
+    assert baselines.base_provider("grouped_mm_graph") == "grouped_mm"
+    assert baselines.base_provider("dense") == "dense"
+    assert not baselines.applicability("grouped_mm_graph", _cfg((610,), d=384), torch.bfloat16)[0]
+
+
+def test_grouped_mm_with_fixed_counts_matches_the_host_read():
+    # Widths in two buckets, one expert (2) never chosen: the counts a capture bakes in must be
+    # in the bucket-major order the call slices by.
+    widths, d, dtype = (32, 16, 32, 16), 24, torch.bfloat16
+    if baselines.grouped_mm_unavailable(torch.device(DEVICE), dtype):
+        pytest.skip("torch._grouped_mm cannot run here")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[0, 1], [3, 0], [1, 3], [0, 3], [1, 0]])
+    x = torch.randn(5, d, generator=gen).to(DEVICE, dtype)
+    w = torch.rand(5, 2, generator=gen).to(DEVICE, dtype)
+    w1 = torch.randn(d, sum(widths), generator=gen).to(DEVICE, dtype)
+    w2 = torch.randn(sum(widths), d, generator=gen).to(DEVICE, dtype)
+    b = baselines.to_buckets(w1, w2, widths, "relu2")
+    b1s, b2s = [p[0] for p in b], [p[1] for p in b]
+    ids = ids.to(DEVICE)
+    fixed = baselines.bucket_counts(ids, widths)
+    assert fixed == (4, 0, 3, 3)  # experts 0, 2 (width 32), then 1, 3 (width 16)
+    out = baselines.grouped_mm_moe(x, ids, w, b1s, b2s, widths, "relu2")
+    again = baselines.grouped_mm_moe(x, ids, w, b1s, b2s, widths, "relu2", fixed_counts=fixed)
+    assert torch.equal(out, again)
+
+
+def test_widths_suite_runs_at_a_tiny_size():
+    """The suite's machinery on this device at a tiny size: balanced configs of one d, eager
+    providers (the replayed ones need a GPU), rows that pass, and their elasticity."""
+    sizes = [((4, 32),), ((4, 16),), ((2, 32), (2, 8))]
+    cfgs = [bench.BenchConfig(f"widths-d32-{'+'.join(f'{c}x{w}' for c, w in s)}-k2", 16, 32, 2, s,
+                              "relu2", routing="balanced") for s in sizes]
+    providers = baselines.available_providers(["vmoe", "grouped_mm", "dense"], torch.device(DEVICE),
+                                              torch.bfloat16, log=lambda *_: None)
+    rows = bench.run_sweep(cfgs, providers, ["fwd"], DEVICE, torch.bfloat16,
+                           bench.Timing(warmup_ms=1, rep_ms=5, cpu_reps=1), log=lambda *_: None)
+    assert len(rows) == len(cfgs) * len(providers)
+    assert all(r["ok"] is not False and r["applicable"] for r in rows), [r["reason"] for r in rows]
+    table = report.elasticity_table(pd.DataFrame(rows)).set_index(["config", "provider"])
+    assert len(table) == len(rows)
+    assert set(table["reference"]) == {"widths-d32-4x32-k2"}
+    for p in providers:
+        assert table.loc[("widths-d32-4x32-k2", p), "elasticity"] == pytest.approx(1.0)
+        assert math.isfinite(table.loc[("widths-d32-4x16-k2", p), "elasticity"])
+    # FLOPs in proportion to the mean width: the routing is exactly balanced.
+    assert table.loc[("widths-d32-4x16-k2", "vmoe"), "flop_ratio"] == pytest.approx(0.5)
+    assert table.loc[("widths-d32-2x32+2x8-k2", "vmoe"), "flop_ratio"] == pytest.approx(20 / 32)
+
+
+def test_widths_cli_refuses_the_layer_scope(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "widths", "--scope", "layer", "--device", DEVICE])
+    assert "expert scope only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("provider", ["vmoe_graph", "grouped_mm_graph", "dense_graph"])
+def test_replayed_provider_on_a_balanced_config(provider):
+    cfg = bench.BenchConfig("widths-d64-4x64+4x32-k2", 64, 64, 2, ((4, 64), (4, 32)), "relu2",
+                            routing="balanced")
+    device, dtype = torch.device(DEVICE), torch.bfloat16
+    if not baselines.available_providers([provider], device, dtype, log=lambda *_: None):
+        pytest.skip(f"{provider} cannot run here")
+    inp = bench.make_inputs(cfg, device, dtype)
+    ref = bench.reference_outputs(cfg, inp, grads=True)
+    env = {"gpu": "G", "torch": "t", "triton": "tr", "vmoe_commit": "c", "dtype": "bfloat16"}
+    for mode in bench.MODES:
+        row = bench.measure(cfg, provider, mode, inp, ref, device, dtype,
+                            bench.Timing(warmup_ms=1, rep_ms=5), env, log=lambda *_: None)
+        assert row["applicable"] and row["ms_p50"] > 0, row["reason"]
+        if provider == "dense_graph":
+            assert row["ok"] == "" and row["reason"].startswith("not checked")
+        else:
+            assert row["ok"] is True, row["reason"]

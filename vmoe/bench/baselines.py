@@ -15,6 +15,10 @@ Expert scope (``y = sum_j w[t, j] * MLP_e(x[t])`` for a given routing):
                 Needs 16-byte aligned strides (d and f_e multiples of 8 in bf16).
     dense       the ceiling: one balanced ``[T k, d] x [d, f_bar]`` MLP with the same useful FLOPs
                 (f_bar = sum_e n_e f_e / (T k), rounded to a multiple of 8) and no routing at all.
+    <p>_graph   provider p captured in a CUDA graph by :mod:`vmoe.bench` and replayed (vmoe_graph,
+                grouped_mm_graph, dense_graph): the GPU's time without the host's launches, which
+                set the eager time of a small config. grouped_mm_graph reads its bucket row ranges
+                on the host once, before the capture: a graph replays one routing, so they are fixed.
 
 Layer scope (:func:`layer_provider`: ``out, aux, f_i = layer(x)``, as :class:`vmoe.MoEMLP` returns):
     vmoe           the MoEMLP itself, eager.
@@ -90,7 +94,7 @@ def applicability(provider: str, cfg, dtype: torch.dtype) -> tuple[bool, str]:
             return False, f"stk needs expert widths that are multiples of {STK_BLOCK}, got {bad}"
         if cfg.d % STK_BLOCK:
             return False, f"stk needs d to be a multiple of {STK_BLOCK} (dsd's column tile), got {cfg.d}"
-    if provider in ("grouped_mm", "grouped_mm_compiled"):
+    if provider in ("grouped_mm", "grouped_mm_compiled", "grouped_mm_graph"):
         size = torch.empty((), dtype=dtype).element_size()
         per = 16 // size
         bad = sorted({f for f in cfg.widths if (f * size) % 16})
@@ -123,12 +127,24 @@ def dense_mlp(x, w1, w2, activation):
     return _act(x @ w1, activation) @ w2
 
 
-def _sort_and_unsort(ids: torch.Tensor, num_experts: int):
-    """Stable expert-sorted order of the T k assignments, its inverse, and the counts (on the device)."""
-    flat = ids.reshape(-1)
+def base_provider(provider: str) -> str:
+    """The provider that ``provider`` times: "grouped_mm_graph" -> "grouped_mm" (the replay of its
+    calls from a CUDA graph); any other name is its own."""
+    return provider.removesuffix("_graph")
+
+
+def _sort_order(flat: torch.Tensor):
+    """Stable expert-sorted order of the T k assignments and its inverse (on the device)."""
     order = torch.sort(flat, stable=True).indices
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse
+
+
+def _sort_and_unsort(ids: torch.Tensor, num_experts: int):
+    """Stable expert-sorted order of the T k assignments, its inverse, and the counts (on the device)."""
+    flat = ids.reshape(-1)
+    order, inverse = _sort_order(flat)
     counts = torch.bincount(flat, minlength=num_experts)
     return flat, order, inverse, counts
 
@@ -180,14 +196,29 @@ def from_buckets(b1s, b2s, widths, activation):
     return w1, w2
 
 
-def grouped_mm_moe(x, ids, w, b1s, b2s, widths, activation):
+def bucket_counts(ids: torch.Tensor, widths) -> tuple:
+    """The rows of each expert in :func:`grouped_mm_moe`'s bucket-major order, read on the host:
+    its ``fixed_counts`` for a routing that does not change (one captured in a CUDA graph)."""
+    plan, _ = _bucket_plan(tuple(widths))
+    counts = torch.bincount(ids.reshape(-1), minlength=len(widths)).tolist()  # host-ok: once, untimed
+    return tuple(counts[e] for _, es in plan for e in es)
+
+
+def grouped_mm_moe(x, ids, w, b1s, b2s, widths, activation, fixed_counts: tuple | None = None):
+    """``fixed_counts`` (:func:`bucket_counts` of ``ids``) replaces the host's read of the counts,
+    so that the call can be captured in a CUDA graph; without it the counts are read every call."""
     T, k = ids.shape
     d = x.shape[1]
     plan, rank = _bucket_plan(tuple(widths))
     key = device_ints(rank, ids.device, torch.int64)[ids.reshape(-1)]
-    _, order, inverse, counts = _sort_and_unsort(key.view(T, k), len(widths))
-    # The row range of each bucket must be known on the host to slice it: one synchronization.
-    counts_host = counts.tolist()  # host-ok: the baseline's own design, timed as it is
+    if fixed_counts is None:
+        _, order, inverse, counts = _sort_and_unsort(key.view(T, k), len(widths))
+        # The row range of each bucket must be known on the host to slice it: one synchronization.
+        counts_host = counts.tolist()  # host-ok: the baseline's own design, timed as it is
+    else:
+        order, inverse = _sort_order(key)
+        counts_host = list(fixed_counts)
+        counts = device_ints(tuple(fixed_counts), ids.device, torch.int64)
     xs = x[order // k]
     outs, row, pos = [], 0, 0
     for (_, experts), b1, b2 in zip(plan, b1s, b2s):
@@ -281,17 +312,19 @@ def stk_moe(x, ids, w, w1, w2, widths, activation):
     return _weighted_sum(yp[row_of_sorted[inverse]], w)
 
 
-EXPERT_FNS = {"vmoe": vmoe_moe, "vmoe_graph": vmoe_moe, "naive": naive_moe, "stk": stk_moe}
+EXPERT_FNS = {"vmoe": vmoe_moe, "naive": naive_moe, "stk": stk_moe}
 
 
 def expert_provider(provider: str, inp, grad: bool, widths, activation):
     """``(leaves, forward, dy)`` of one expert-scope provider on the shared inputs ``inp``
-    (:class:`vmoe.bench.Inputs`): ``forward()`` returns y; its leaves require grad if ``grad``."""
+    (:class:`vmoe.bench.Inputs`): ``forward()`` returns y; its leaves require grad if ``grad``.
+    A ``<p>_graph`` provider gets p's forward, ready to be captured (:func:`base_provider`)."""
 
     def leaf(t):
         return t.detach().requires_grad_(grad)
 
     ids = inp.ids
+    graph, provider = provider.endswith("_graph"), base_provider(provider)
     if provider == "dense":
         lv = {n: leaf(inp.dense[n]) for n in ("x", "w1", "w2")}
         return lv, lambda: dense_mlp(lv["x"], lv["w1"], lv["w2"], activation), inp.dense["dy"]
@@ -302,7 +335,9 @@ def expert_provider(provider: str, inp, grad: bool, widths, activation):
             lv[f"b1_{i}"], lv[f"b2_{i}"] = leaf(b1), leaf(b2)
         b1s = [lv[f"b1_{i}"] for i in range(len(buckets))]
         b2s = [lv[f"b2_{i}"] for i in range(len(buckets))]
-        return lv, lambda: grouped_mm_moe(lv["x"], ids, lv["w"], b1s, b2s, widths, activation), inp.dy
+        fixed = bucket_counts(ids, widths) if graph else None
+        return lv, lambda: grouped_mm_moe(lv["x"], ids, lv["w"], b1s, b2s, widths, activation,
+                                          fixed_counts=fixed), inp.dy
     lv = {n: leaf(getattr(inp, n)) for n in ("x", "w", "w1", "w2")}
     fn = EXPERT_FNS[provider]
     return lv, lambda: fn(lv["x"], ids, lv["w"], lv["w1"], lv["w2"], widths, activation), inp.dy
@@ -339,13 +374,13 @@ def available_providers(requested, device, dtype, log=print) -> list[str]:
         if p.endswith("_compiled") and device.type != "cuda":
             log(f"skipping {p}: torch.compile is measured on a GPU only")
             continue
-        if p == "vmoe_graph" and device.type != "cuda":
-            log("skipping vmoe_graph: CUDA graphs need a GPU")
+        if p.endswith("_graph") and device.type != "cuda":
+            log(f"skipping {p}: CUDA graphs need a GPU")
             continue
-        if p in ("grouped_mm", "grouped_mm_compiled"):
+        if p in ("grouped_mm", "grouped_mm_compiled", "grouped_mm_graph"):
             reason = grouped_mm_unavailable(device, dtype)
             if reason:
-                log(f"skipping grouped_mm: {reason}")
+                log(f"skipping {p}: {reason}")
                 continue
         out.append(p)
     return out

@@ -5,6 +5,15 @@ README's summary and ``results/README.md``'s full tables read what it writes
 (:mod:`vmoe.bench.report`, re-exported here). The providers are described in
 :mod:`vmoe.bench.baselines`. Shape letters: see :mod:`vmoe.config`.
 
+Config sets (``--configs``; a config's name starts with its set's name):
+    seed    the original table: T = 4096, d = 256, relu2, top-2 or top-8.
+    large   today's MoE sizes: T = 16384, d = 2048, top-8, relu2 and swiglu.
+    widths  the balanced-routing width sweep: every expert receives exactly ``T k / E`` assignments,
+            so the useful FLOPs follow the mean width, and the time's response to the width
+            (:func:`vmoe.bench.report.elasticity_table`) is not blurred by the routing. relu2 at
+            expert scope; by default vmoe, grouped_mm and dense, each replayed from a CUDA graph.
+    tiny    interpreter-sized, for tests.
+
 Two scopes (``--scope``; a CSV row's ``scope`` column):
     expert  the expert computation alone, for a given routing and given weights (the default).
     layer   the whole :class:`vmoe.MoEMLP` as a training loop calls it: ``out, aux, f_i = moe(x)``,
@@ -59,12 +68,20 @@ README_START, README_END, gpu_slug, gpu_name = (report.README_START, report.READ
                                                 report.gpu_name)
 load_results, speedup_table, markdown_table = report.load_results, report.speedup_table, report.markdown_table
 summary_table, summary_markdown = report.summary_table, report.summary_markdown
+elasticity_table = report.elasticity_table
 
 SCOPES = ("expert", "layer")
-SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense"),
+SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense",
+                              "grouped_mm_graph", "dense_graph"),
                    "layer": ("vmoe", "vmoe_graph", "vmoe_compiled", "grouped_mm",
                              "grouped_mm_compiled", "dense")}
 PROVIDERS = tuple(dict.fromkeys(SCOPE_PROVIDERS["expert"] + SCOPE_PROVIDERS["layer"]))
+# Without --providers, a config set's own list, else every provider but the replayed baselines:
+# beside eager vmoe the eager baselines are the comparison; the widths suite's small configs take
+# tens of microseconds of GPU work, which only a replay shows.
+SET_PROVIDERS = {"widths": ("vmoe_graph", "grouped_mm_graph", "dense_graph")}
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in ("grouped_mm_graph", "dense_graph"))
+ROUTINGS = ("topk", "balanced")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
@@ -79,6 +96,7 @@ class BenchConfig:
     expert_sizes: tuple      # ((count, width), ...), experts numbered in this order
     activation: str
     quick: bool = False      # part of the --quick subset
+    routing: str = "topk"    # topk: softmax top-k of random logits; balanced: see balanced_ids
     widths: tuple = field(init=False)   # f_e, one per expert
     E: int = field(init=False)
     widths_str: str = field(init=False)  # "4x512+8x256", the CSV's widths column
@@ -88,14 +106,35 @@ class BenchConfig:
         object.__setattr__(self, "widths", widths)
         object.__setattr__(self, "E", len(widths))
         object.__setattr__(self, "widths_str", "+".join(f"{c}x{w}" for c, w in self.expert_sizes))
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"{self.name}: routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.routing == "balanced":
+            _check_balanced(self.T, self.k, self.E)
 
 
-def _configs(prefix, T, d, k, sizes, activations, quick=(), tag_activation=True):
+def _check_balanced(T: int, k: int, E: int) -> None:
+    if k > E or (T * k) % E:
+        raise ValueError(f"balanced routing needs k <= E and E to divide T k; got T={T}, k={k}, E={E}")
+
+
+def balanced_ids(T: int, k: int, E: int, generator=None, device="cpu") -> torch.Tensor:
+    """Top-k ids [T, k] (int64) in which every expert is chosen exactly ``T k / E`` times and no
+    token picks an expert twice: assignment j of the flat table goes to expert ``j mod E``, so a
+    token's k slots are k consecutive experts (distinct since k <= E); the tokens are then shuffled
+    (seeded by ``generator``), so that an expert's rows lie spread over the batch as a router's do
+    rather than every (E/k)-th token."""
+    _check_balanced(T, k, E)
+    ids = (torch.arange(T * k, device=device) % E).view(T, k)
+    return ids[torch.randperm(T, generator=generator, device=device)]
+
+
+def _configs(prefix, T, d, k, sizes, activations, quick=(), tag_activation=True, routing="topk"):
     out = []
     for act in activations:
         wstr = "+".join(f"{c}x{w}" for c, w in sizes)
         name = f"{prefix}-{wstr}-k{k}" + (f"-{act}" if tag_activation else "")
-        out.append(BenchConfig(name, T, d, k, tuple(sizes), act, quick=(wstr, act) in quick))
+        out.append(BenchConfig(name, T, d, k, tuple(sizes), act, quick=(wstr, act) in quick,
+                               routing=routing))
     return out
 
 
@@ -123,18 +162,38 @@ def _large_set():
     return [c for sizes in table for c in _configs("large", T, d, k, sizes, ["relu2", "swiglu"], quick)]
 
 
+def _widths_set():
+    # Balanced routing, relu2; at each d the widest uniform row is the reference of the elasticity.
+    # d=384, top-2 of 8 is the training study's layer (notebook 08; T = 64 x 256 as in
+    # probes/width_cost.py), 610 beside 616 a width that is not a multiple of 8 beside its neighbour
+    # that is; d=768, top-2 of 8 a 4x, 2x and 1x MLP; d=2048, top-8 of 64 the large configs' size,
+    # uniform and two mixes of mean width 512 and 256.
+    # The quick subset keeps each d's reference and one narrower row.
+    T = 16384
+    table = [(384, 2, [[(8, 768)], [(8, 384)], [(8, 256)], [(8, 128)], [(8, 610)], [(8, 616)]],
+              {"8x768", "8x610", "8x616"}),
+             (768, 2, [[(8, 3072)], [(8, 1536)], [(8, 768)]], {"8x3072", "8x768"}),
+             (2048, 8, [[(64, 1024)], [(64, 768)], [(64, 512)], [(64, 256)],
+                        [(16, 1024), (16, 512), (32, 256)], [(16, 512), (16, 256), (32, 128)]],
+              {"64x1024", "16x1024+16x512+32x256"})]
+    return [c for d, k, mixes, quick in table for sizes in mixes
+            for c in _configs(f"widths-d{d}", T, d, k, sizes, ["relu2"], {(w, "relu2") for w in quick},
+                              tag_activation=False, routing="balanced")]
+
+
 def _tiny_set():
     # Sized for the Triton interpreter on a CPU (tests, CI); not a benchmark.
     return _configs("tiny", 32, 32, 2, [(2, 32), (2, 16)], ["relu2", "swiglu"],
                     quick={("2x32+2x16", "relu2")})
 
 
-CONFIG_SETS = {"seed": _seed_set, "large": _large_set, "tiny": _tiny_set}
+CONFIG_SETS = {"seed": _seed_set, "large": _large_set, "widths": _widths_set, "tiny": _tiny_set}
 
 
 def configs(selection: str = "all", quick: bool = False, match: str | None = None) -> list[BenchConfig]:
-    """The configs of ``"seed"``, ``"large"``, ``"all"`` (both) or ``"tiny"``; only the quick subset
-    if asked, and only names matching the regular expression ``match`` if given."""
+    """The configs of ``"seed"``, ``"large"``, ``"all"`` (those two), ``"widths"`` or ``"tiny"``;
+    only the quick subset if asked, and only names matching the regular expression ``match`` if
+    given."""
     names = ["seed", "large"] if selection == "all" else [selection]
     out = [c for name in names for c in CONFIG_SETS[name]()]
     if match:
@@ -157,7 +216,8 @@ class Inputs:
 
 
 def make_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = True) -> Inputs:
-    """Seeded inputs: router logits -> top-k distinct experts, softmax over the k chosen logits
+    """Seeded inputs: router logits -> top-k distinct experts (or, for ``cfg.routing ==
+    "balanced"``, :func:`balanced_ids` and k random logits), softmax over the k chosen logits
     (weights summing to 1); w1 ~ N(0, 1/d) and expert e's rows of w2 ~ N(0, 1/f_e), so the output
     is O(1)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -167,8 +227,10 @@ def make_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = Tr
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device)
 
-    logits = randn(T, cfg.E)
-    top, ids = logits.topk(k, dim=-1)
+    if cfg.routing == "balanced":
+        ids, top = balanced_ids(T, k, cfg.E, gen, device), randn(T, k)
+    else:
+        top, ids = randn(T, cfg.E).topk(k, dim=-1)
     w = torch.softmax(top, dim=-1).to(dtype)
     x = randn(T, d).to(dtype)
     w1 = (randn(d, g * F) * d ** -0.5).to(dtype)
@@ -212,6 +274,9 @@ class LayerInputs:
 def make_layer_inputs(cfg: BenchConfig, device, dtype, seed: int = 0, dense: bool = True) -> LayerInputs:
     """A seeded :class:`vmoe.MoEMLP` (softmax router, renormalised top-k, its own initialisation),
     x and dy ~ N(0, 1)."""
+    if cfg.routing != "topk":
+        raise ValueError(f"{cfg.name}: the layer's router picks its own experts; {cfg.routing} routing "
+                         f"is measured at expert scope only")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         moe = MoEMLP(MoEConfig(n_embd=cfg.d, expert_sizes=list(cfg.expert_sizes), num_active_experts=cfg.k,
@@ -269,7 +334,8 @@ class _Case:
     def __init__(self, provider: str, cfg: BenchConfig, inp: Inputs, mode: str):
         grad = mode == "fwdbwd"
         self.mode, self.widths, self.activation = mode, cfg.widths, cfg.activation
-        self.flops = (inp.dense_flops * (3 if grad else 1) if provider == "dense"
+        dense = baselines.base_provider(provider) == "dense"
+        self.flops = (inp.dense_flops * (3 if grad else 1) if dense
                       else baselines.useful_flops(inp.ids, cfg.widths, cfg.d, cfg.activation, mode))
         self.leaves, self.forward, self.dy = baselines.expert_provider(provider, inp, grad, cfg.widths,
                                                                       cfg.activation)
@@ -331,7 +397,7 @@ class _LayerCase(_Case):
 
 
 class _GraphCase:
-    """A vmoe case captured once in a CUDA graph and replayed: the launch-free time, and proof
+    """A case captured once in a CUDA graph and replayed: the launch-free time, and for vmoe proof
     that it needs no host synchronization (capture fails on one)."""
 
     def __init__(self, case: _Case, device):
@@ -350,7 +416,6 @@ class _GraphCase:
             self.out = case.forward()
             if self.mode == "fwdbwd":
                 case.backward(self.out)
-        self.grads = case.grads() if self.mode == "fwdbwd" else {}
 
     def __call__(self):
         self.graph.replay()
@@ -362,7 +427,9 @@ class _GraphCase:
         """Relative errors of what a replay writes: the checked outputs and every captured gradient."""
         self.graph.replay()
         errs = {n: rel_err(t, ref[n]) for n, t in self.case.checked(self.out).items()}
-        errs.update({n: rel_err(g, ref[n]) for n, g in self.grads.items()})
+        # Read after the replay: grads() may copy (grouped_mm lays its buckets back out as w1, w2).
+        grads = self.case.grads() if self.mode == "fwdbwd" else {}
+        errs.update({n: rel_err(g, ref[n]) for n, g in grads.items()})
         return errs
 
 
@@ -451,9 +518,9 @@ def measure(cfg: BenchConfig, provider: str, mode: str, inp, ref: dict | None, d
                 row.update(applicable=False, reason=f"torch.compile raised {_first_line(exc)}")
                 log(f"skipping {provider} on {cfg.name} {mode}: {row['reason']}")
                 return row
-        if provider == "vmoe_graph":
+        if provider.endswith("_graph"):
             case = _GraphCase(case, device)
-        if provider == "dense":
+        if baselines.base_provider(provider) == "dense":
             row["reason"] = "not checked: a stand-in with the same FLOPs, not the same function"
         else:
             errs = case.errors(ref)
@@ -481,8 +548,9 @@ def _scope_inputs(scope: str, cfg: BenchConfig, providers, modes, device, dtype,
     """(inputs, float64 reference or None if only dense runs) of one config at one scope."""
     make, oracle = ((make_inputs, reference_outputs) if scope == "expert"
                     else (make_layer_inputs, layer_reference_outputs))
-    inp = make(cfg, device, dtype, seed, dense="dense" in providers)
-    checked = any(p != "dense" for p in providers)
+    dense = [baselines.base_provider(p) == "dense" for p in providers]
+    inp = make(cfg, device, dtype, seed, dense=any(dense))
+    checked = not all(dense)
     return inp, oracle(cfg, inp, grads="fwdbwd" in modes) if checked else None
 
 
@@ -526,12 +594,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m vmoe.bench",
                                      description="Check, then time, vmoe against the other providers.")
-    parser.add_argument("--configs", choices=["seed", "large", "all", "tiny"], default="all",
-                        help="seed: the original 8 configs; large: T=16384, d=2048, k=8; all: both "
+    parser.add_argument("--configs", choices=["seed", "large", "all", "widths", "tiny"], default="all",
+                        help="seed: the original 8 configs; large: T=16384, d=2048, k=8; all: both; "
+                             "widths: the balanced-routing width sweep (expert scope; by default "
+                             "vmoe, grouped_mm and dense replayed from CUDA graphs) "
                              "(tiny: interpreter-sized, for tests)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
-                        help="default: every provider of the scope(s) that can run here")
+                        help="default: every provider of the scope(s) that can run here but the "
+                             "replayed baselines (grouped_mm_graph, dense_graph); for --configs "
+                             "widths: vmoe_graph grouped_mm_graph dense_graph")
     parser.add_argument("--scope", choices=["expert", "layer", "both"], default="expert",
                         help="expert: the expert computation alone; layer: the whole MoEMLP (router, "
                              "aux losses, experts) as a training step calls it; both")
@@ -576,7 +648,11 @@ def main(argv=None) -> int:
         parser.error(f"no config of {args.configs!r} matches {args.match!r}"
                      + (" in --quick" if args.quick else ""))
     scopes = SCOPES if args.scope == "both" else (args.scope,)
-    requested = [p for p in args.providers or PROVIDERS if any(p in SCOPE_PROVIDERS[s] for s in scopes)]
+    if "layer" in scopes and any(c.routing != "topk" for c in cfgs):
+        parser.error(f"--configs {args.configs} routes at expert scope only: the layer's router "
+                     f"picks its own experts")
+    defaults = SET_PROVIDERS.get(args.configs, DEFAULT_PROVIDERS)
+    requested = [p for p in args.providers or defaults if any(p in SCOPE_PROVIDERS[s] for s in scopes)]
     for p in sorted(set(args.providers or ()) - set(requested)):
         print(f"skipping {p}: not measured at {args.scope} scope")
     providers = baselines.available_providers(requested, device, dtype)

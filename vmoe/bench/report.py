@@ -2,9 +2,11 @@
 
 :mod:`vmoe.bench` measures and calls :func:`write_rows`; ``notebooks/07_bench.ipynb`` and the
 READMEs read the CSV back through :func:`load_results`, :func:`speedup_table`,
-:func:`summary_table` and :func:`markdown_table` (all re-exported by :mod:`vmoe.bench`).
-``python -m vmoe.bench --reproduce`` puts :func:`summary_markdown` (one compact table per GPU) in
-``README.md`` and :func:`markdown_table` (every row) in ``results/README.md``.
+:func:`summary_table`, :func:`elasticity_table` and :func:`markdown_table` (all re-exported by
+:mod:`vmoe.bench`). ``python -m vmoe.bench --reproduce`` puts :func:`summary_markdown` (one compact
+table per GPU) in ``README.md`` and :func:`markdown_table` (every row) in ``results/README.md``.
+The widths suite (configs ``widths-…``, balanced routing) has a table of its own, its elasticity;
+the speedup tables and the summary leave it out.
 
 :func:`write_csv` is vmoe's one CSV writer (one float format, ``\\n`` line ends), for the
 benchmark's rows and any other measurement. Nothing here needs a GPU or torch.
@@ -288,16 +290,81 @@ def family(config: str) -> str:
     return str(config).split("-", 1)[0]
 
 
+WIDTHS_FAMILY = "widths"
+
+
+def _split_widths(df):
+    """(rows of every other family, rows of the widths suite)."""
+    suite = df["config"].map(family) == WIDTHS_FAMILY
+    return df[~suite], df[suite]
+
+
+def mean_width(widths: str) -> float:
+    """The mean expert width of a widths column, "16x1024+16x512+32x256" -> 512.0: under balanced
+    routing every expert gets the same rows, so this is also the mean width per assignment."""
+    groups = [tuple(int(v) for v in g.split("x")) for g in str(widths).split("+")]
+    return sum(c * w for c, w in groups) / sum(c for c, _ in groups)
+
+
+def _uniform_width(widths: str) -> float:
+    """The width of a uniform widths column ("64x1024" -> 1024); NaN for a mix."""
+    return float(str(widths).split("x")[1]) if "+" not in str(widths) else float("nan")
+
+
+ELASTICITY_KEYS = ["gpu", "dtype", "scope", "provider", "mode", "T", "d", "k"]
+ELASTICITY_COLUMNS = ["gpu", "dtype", "scope", "d", "T", "k", "E", "config", "widths", "mean_width",
+                      "provider", "mode", "ms", "gflop", "tflops", "reference", "time_ratio",
+                      "flop_ratio", "elasticity"]
+
+
+def elasticity_table(df):
+    """The widths suite's rows that ran and passed their check (dense: ran), one per
+    (gpu, dtype, scope, config, provider, mode), with ``mean_width`` (:func:`mean_width`),
+    ``gflop`` (the row's useful FLOPs, TFLOP/s x ms), ``reference`` (the widest uniform config of
+    the same gpu, dtype, scope, provider, mode, T, d and k), ``time_ratio`` and ``flop_ratio``
+    (this row's over the reference's) and ``elasticity = time_ratio / flop_ratio``: 1 where the
+    time shrinks in proportion to the FLOPs, above 1 where a narrower expert loses throughput
+    (it equals the reference's TFLOP/s over this row's). NaN where the reference did not run.
+    An empty frame with these columns where the CSV has no such rows.
+    """
+    import pandas as pd
+
+    _, suite = _split_widths(_with_defaults(df))
+    ok = suite["ok"].map(_as_bool).map(lambda v: v is not False)
+    ran = suite["applicable"].map(_as_bool).map(lambda v: v is not False) & suite["ms_p50"].notna()
+    rows = suite[ok & ran]
+    if rows.empty:
+        return pd.DataFrame(columns=ELASTICITY_COLUMNS)
+    out = rows.assign(ms=rows["ms_p50"].astype(float), tflops=rows["tflops"].astype(float),
+                      mean_width=rows["widths"].map(mean_width))
+    out["gflop"] = out["tflops"] * out["ms"]
+    # The reference is the widest uniform config of each group among every row of the suite, so
+    # that where it did not run (or failed) the group has no elasticity rather than another one.
+    uniform = suite.assign(uniform=suite["widths"].map(_uniform_width)).dropna(subset=["uniform"])
+    ref = (uniform.sort_values("uniform", ascending=False, kind="stable")
+           .drop_duplicates(ELASTICITY_KEYS)[ELASTICITY_KEYS + ["config"]]
+           .rename(columns={"config": "reference"}))
+    timed = out[ELASTICITY_KEYS + ["config", "ms", "gflop"]].rename(
+        columns={"config": "reference", "ms": "ref_ms", "gflop": "ref_gflop"})
+    out = out.merge(ref, on=ELASTICITY_KEYS, how="left").merge(timed, on=ELASTICITY_KEYS + ["reference"],
+                                                               how="left")
+    out["time_ratio"] = out["ms"] / out["ref_ms"]
+    out["flop_ratio"] = out["gflop"] / out["ref_gflop"]
+    out["elasticity"] = out["time_ratio"] / out["flop_ratio"]
+    return out[ELASTICITY_COLUMNS].reset_index(drop=True)
+
+
 def summary_table(df):
     """Per (gpu, dtype, scope, family, mode): ``configs``, how many of the family's configs vmoe ran;
     ``vmoe_commit``, the commits of those vmoe rows ("/"-joined); and for each of
     :data:`SUMMARY_COLUMNS` its ``<column>_min`` and ``<column>_max`` over them (NaN where none
     has it). The columns are :func:`speedup_table`'s, with ``vmoe_graph_ms``, the CUDA-graph
-    replay's p50, beside them; only rows that passed their check count.
+    replay's p50, beside them; only rows that passed their check count. The widths suite is left
+    out: its measure is :func:`elasticity_table`.
     """
     import pandas as pd
 
-    df = _with_defaults(df)
+    df, _ = _split_widths(_with_defaults(df))
     keys = ["gpu", "dtype", "scope", "config", "mode"]
     scopes = sorted(pd.unique(df["scope"]), key=lambda s: (s not in SCOPE_ORDER, SCOPE_ORDER.index(s)
                                                            if s in SCOPE_ORDER else 0))
@@ -362,7 +429,7 @@ def summary_markdown(df) -> str:
     compact table of :func:`summary_table`'s ranges; all from the CSV."""
     import pandas as pd
 
-    df = _with_defaults(df)
+    df, _ = _split_widths(_with_defaults(df))
     table = summary_table(df)
     parts = [SUMMARY_INTRO]
     header = ["configs", "scope", "mode", "vmoe commit"] + [h for h, *_ in _SUMMARY_COLS]
@@ -419,6 +486,40 @@ def _table(df, scope: str, cols) -> list[str]:
     return lines
 
 
+WIDTHS_INTRO = ("The width sweep (`widths-` configs, `make bench-widths`): relu², expert scope, balanced "
+                "routing (every expert receives exactly T·k/E of the assignments), so the useful FLOPs "
+                "follow the mean width f̄. A `_graph` provider is the calls replayed from a CUDA graph: "
+                "the GPU's time without the host's launches. Elasticity is a row's time over that of the "
+                "widest uniform config of the same d, provider and mode, divided by its FLOPs over that "
+                "config's: 1.00 means the time shrinks in proportion to the FLOPs, above 1 a narrower "
+                "expert loses throughput.")
+WIDTHS_PROVIDER_ORDER = ("vmoe_graph", "vmoe", "grouped_mm_graph", "grouped_mm", "dense_graph", "dense")
+
+
+def _widths_table(suite) -> list[str]:
+    """The markdown lines of the widths suite's table (one GPU's rows): per config and mode, each
+    provider's median ms and elasticity."""
+    import pandas as pd
+
+    el = elasticity_table(suite)
+    present = list(pd.unique(suite["provider"]))
+    providers = ([p for p in WIDTHS_PROVIDER_ORDER if p in present]
+                 + [p for p in present if p not in WIDTHS_PROVIDER_ORDER])
+    cells = {(r.config, r.mode, r.provider): (r.ms, r.elasticity) for r in el.itertuples(index=False)}
+    modes = sorted(pd.unique(suite["mode"]), key=lambda m: (m != "fwd", m))
+    lines = ["| config | f̄ | mode | " + " | ".join(f"{p} ms | {p} elasticity" for p in providers) + " |",
+             "|---|---:|---|" + "---:|---:|" * len(providers)]
+    configs = suite.drop_duplicates("config")[["config", "widths"]]
+    for config, widths in configs.itertuples(index=False):
+        for mode in modes:
+            row = [config, f"{mean_width(widths):g}", mode]
+            for p in providers:
+                ms, el_ = cells.get((config, mode, p), (float("nan"), float("nan")))
+                row += [_num(ms, "{:.3f}"), _num(el_, "{:.2f}")]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _notes(rows, prefix: str = "") -> list[str]:
     notes = []
     failed = rows[rows["ok"].map(_as_bool).map(lambda v: v is False)
@@ -433,8 +534,8 @@ def _notes(rows, prefix: str = "") -> list[str]:
 
 def markdown_table(df) -> str:
     """The full tables (``results/README.md``): per GPU, naming the GPU and versions, a markdown
-    table of every config of the expert computation and, where measured, one of the whole layer;
-    all from the CSV."""
+    table of every config of the expert computation, where measured one of the whole layer and
+    one of the widths suite (:func:`elasticity_table`); all from the CSV."""
     import pandas as pd
 
     df = _with_defaults(df)
@@ -447,12 +548,15 @@ def markdown_table(df) -> str:
         timers = "/".join(str(v) for v in pd.unique(rows["timer"].dropna()))
         lines = [f"Measured on **{gpu}** ({dtypes}; {versions}; timer: {timers}, median). " + INTRO, "",
                  GRAPH_NOTE, ""]
-        expert, layer = rows[rows["scope"] == "expert"], rows[rows["scope"] == "layer"]
+        main, suite = _split_widths(rows)
+        expert, layer = main[main["scope"] == "expert"], main[main["scope"] == "layer"]
         if len(expert):
-            lines += _table(rows, "expert", _EXPERT_COLS)
+            lines += _table(main, "expert", _EXPERT_COLS)
         if len(layer):
-            lines += ["", LAYER_INTRO, ""] + _table(rows, "layer", _LAYER_COLS)
-        notes = _notes(expert) + _notes(layer, "layer scope: ")
+            lines += ["", LAYER_INTRO, ""] + _table(main, "layer", _LAYER_COLS)
+        if len(suite):
+            lines += ([""] if lines[-1] else []) + [WIDTHS_INTRO, ""] + _widths_table(suite)
+        notes = _notes(expert) + _notes(layer, "layer scope: ") + _notes(suite, "widths: ")
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
         parts.append("\n".join(lines))
