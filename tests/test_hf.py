@@ -20,7 +20,7 @@ from vmoe import reference
 from vmoe.autograd import apply_experts
 from vmoe.config import gate_factor
 from vmoe.ops import grouped_gemm as gg
-from vmoe.testing import DEVICE, assert_close, rel_err
+from vmoe.testing import DEVICE, HF_MODELS, assert_close, rel_err, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 import vmoe.hf as hf  # noqa: E402  (needs transformers)
@@ -183,37 +183,6 @@ def test_opcheck_per_expert_backward(needs):
 
 # --- transformers models ----------------------------------------------------------------------
 
-def _tiny(name):
-    """A tiny random-init transformers MoE causal LM: d=32, 4 experts of 16, top-2, 2 layers."""
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                  initializer_range=0.2)
-    if name == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
-                                             head_dim=8, norm_topk_prob=True)
-        cls = transformers.Qwen3MoeForCausalLM
-    elif name == "olmoe":
-        config = transformers.OlmoeConfig(**common, intermediate_size=16)
-        cls = transformers.OlmoeForCausalLM
-    elif name == "mixtral":
-        config = transformers.MixtralConfig(**common, intermediate_size=16, head_dim=8)
-        cls = transformers.MixtralForCausalLM
-    elif name == "deepseek_v3":
-        common.pop("num_experts")
-        common["num_key_value_heads"] = 4  # multi-head latent attention: one key per head
-        config = transformers.DeepseekV3Config(**common, n_routed_experts=4, intermediate_size=64,
-                                               moe_intermediate_size=16, n_group=1, topk_group=1,
-                                               first_k_dense_replace=0, q_lora_rank=None,
-                                               kv_lora_rank=16, qk_rope_head_dim=8,
-                                               qk_nope_head_dim=8, v_head_dim=8)
-        cls = transformers.DeepseekV3ForCausalLM
-    else:
-        config = transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
-                                             shared_expert_intermediate_size=16)
-        cls = transformers.Qwen2MoeForCausalLM
-    return cls(config).to(DEVICE).eval()
-
-
 def _step(model, ids, implementation):
     """Logits and every parameter's gradient of the LM loss, with the given experts backend."""
     model.set_experts_implementation(implementation)
@@ -223,9 +192,9 @@ def _step(model, ids, implementation):
     return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", HF_MODELS)
 def test_model_equals_eager(name):
-    model = _tiny(name)
+    model = tiny_hf_model(name)
     ids = torch.randint(0, 64, (2, 7), device=DEVICE)
     logits_ref, grads_ref = _step(model, ids, "eager")
     logits, grads = _step(model, ids, hf.NAME)
@@ -241,7 +210,7 @@ def test_model_equals_eager(name):
 def test_save_and_load_round_trip(tmp_path):
     """A model trained a step on vmoe saves and loads as an ordinary transformers checkpoint, with
     either backend."""
-    model = _tiny("qwen3_moe")
+    model = tiny_hf_model("qwen3_moe")
     ids = torch.randint(0, 64, (2, 7), device=DEVICE)
     model.set_experts_implementation(hf.NAME)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -260,7 +229,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_sentinel_ids_add_nothing():
     """Expert-parallel sentinels (ids >= E) contribute nothing and get no routing gradient."""
-    model = _tiny("qwen3_moe")
+    model = tiny_hf_model("qwen3_moe")
     experts = model.model.layers[0].mlp.experts
     experts._is_expert_parallel = True
     E, T, k = experts.num_experts, 6, 2
@@ -392,7 +361,7 @@ def test_compile_fullgraph():
     """The experts call traces with fullgraph=True (aot_eager on the CPU, Inductor on a GPU) and
     computes what eager computes, gradients included."""
     torch._dynamo.reset()
-    model = _tiny("qwen3_moe")
+    model = tiny_hf_model("qwen3_moe")
     model.set_experts_implementation(hf.NAME)
     experts = model.model.layers[0].mlp.experts
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -415,7 +384,7 @@ def test_autocast():
     """Under autocast an fp32 model's experts compute in the autocast dtype, as eager's
     ``F.linear`` does, and return the hidden states' dtype; the fp32 parameters get fp32
     gradients."""
-    model = _tiny("qwen3_moe")
+    model = tiny_hf_model("qwen3_moe")
     experts = model.model.layers[0].mlp.experts
     x = torch.randn(6, 32, device=DEVICE, requires_grad=True)
     ids = torch.randint(0, 4, (6, 2), device=DEVICE)
@@ -438,7 +407,7 @@ def test_autocast():
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay():
     """The experts call, forward and backward, captured once and replayed on new routing."""
-    model = _tiny("qwen3_moe").to(torch.bfloat16)
+    model = tiny_hf_model("qwen3_moe").to(torch.bfloat16)
     model.set_experts_implementation(hf.NAME)
     experts = model.model.layers[0].mlp.experts
     x = torch.randn(64, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -477,7 +446,7 @@ def test_cuda_graph_replay():
 # --- variable widths --------------------------------------------------------------------------
 
 def test_uniform_to_variable_width_is_the_same_model():
-    model = _tiny("qwen3_moe")
+    model = tiny_hf_model("qwen3_moe")
     ids = torch.randint(0, 64, (2, 7), device=DEVICE)
     model.set_experts_implementation("eager")
     variable = hf.to_variable_width(model)

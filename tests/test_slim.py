@@ -1,6 +1,8 @@
 """vmoe.slim: scores against a float64 transcription of their formulas, the chosen channels against
 the new layer's weights, the budget arithmetic, null experts, the slimmed layer against
-vmoe.reference.expert_mlp (outputs and gradients), load-balance groups, determinism and errors."""
+vmoe.reference.expert_mlp (outputs and gradients), load-balance groups, determinism and errors.
+The same for slim_hf on tiny random-init transformers models (no downloads), whose twins must also
+equal the original at budget 1 and survive save_pretrained / from_pretrained."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,11 +18,14 @@ from vmoe.slim import (
     choose_widths,
     finetune,
     fresh_like,
+    layer_inputs,
+    moe_layers,
     prune,
     slim,
+    slim_hf,
     slim_model,
 )
-from vmoe.testing import DEVICE, assert_close, case_id
+from vmoe.testing import DEVICE, assert_close, case_id, tiny_hf_model
 
 # (T, config kwargs): the two activation families, a plain and a gated one, on uniform and
 # two-group layers; the gated case also has a gated shared expert, which slimming copies.
@@ -384,3 +389,268 @@ def test_original_null_experts_stay_null():
         with torch.no_grad():
             out, _, _ = new(x)
         assert bool(torch.isfinite(out).all())
+
+
+def test_slim_model_one_budget_for_all_layers():
+    """budget_scope="model": the layers' experts compete for one budget of the model's expert
+    FLOPs, kept within one block per expert below it; each report keeps its layer's own fraction."""
+    T, kw = LAYERS[0]
+    torch.manual_seed(0)
+    model = _Stack(dict(kw, impl="reference")).to(DEVICE)
+    batches = [torch.randn(16, 16, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in range(3)]
+    inputs = layer_inputs(model, batches)
+    new, reports = slim_model(model, None, 0.5, inputs=inputs, budget_scope="model", allow_null=True)
+    n = [c for r in reports.values() for c in r.counts]
+    kept = sum(c * w for c, w in zip(n, [w for r in reports.values() for w in r.widths]))
+    total = sum(c * f for c, f in zip(n, [f for r in reports.values() for f in r.widths_before]))
+    assert 0.5 - sum(8 * c for c in n) / total <= kept / total <= 0.5
+    assert len({r.flops_fraction for r in reports.values()}) > 1  # the layers got different shares
+    for name, layer in moe_layers(new):
+        assert layer.config.expert_widths == reports[name].widths
+    _, per_layer = slim_model(model, None, 0.5, inputs=inputs, allow_null=True)
+    for name, r in per_layer.items():  # the default, each layer to its own budget
+        _, alone = slim(model.get_submodule(name), inputs[name], 0.5, allow_null=True)
+        assert r.flops_fraction <= 0.5 and r.widths == alone.widths
+    with torch.no_grad():  # every act_w2 score of layer 1 is 0: no block of it is ever bought
+        model.blocks[1].w2.zero_()
+    with pytest.raises(ValueError, match="keeps no channel of blocks.1: .* or budget_scope='layer'"):
+        slim_model(model, None, 0.5, inputs=inputs, budget_scope="model", allow_null=True)
+
+
+# --- transformers models (vmoe.slim.slim_hf) ---------------------------------------------------
+
+HF_SLIM_MODELS = ["qwen3_moe", "olmoe", "mixtral"]
+
+
+@pytest.fixture
+def hf():
+    pytest.importorskip("transformers")
+    import vmoe.hf
+
+    return vmoe.hf
+
+
+def _calibration_ids(B=2, S=12, seed=1):
+    return torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _hf_block_inputs(model, ids, paths):
+    """``{experts path: [T, d]}``: the input of the MoE block around each experts module, caught
+    by a pre-hook on the block (the experts module's parent) in one forward of ``model``."""
+    caught = {}
+    handles = [model.get_submodule(p.rpartition(".")[0]).register_forward_pre_hook(
+        lambda m, args, p=p: caught.__setitem__(p, args[0].reshape(-1, args[0].shape[-1]))) for p in paths]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return caught
+
+
+def _hf_scores_by_formula(model, path, x):
+    """act_w2 scores of the experts module at ``path`` on its block's input ``x``, transcribed in
+    float64 from transformers' layout: routing by the block's own router, gate rows [0, I) and up
+    rows [I, 2I) of gate_up_proj[e], w2 row j = column j of down_proj[e]."""
+    block = model.get_submodule(path.rpartition(".")[0])
+    with torch.no_grad():
+        _, weights, ids = block.gate(x)
+    up, down = block.experts.gate_up_proj.detach().double(), block.experts.down_proj.detach().double()
+    E, f = down.shape[0], down.shape[2]
+    x64, out = x.double(), []
+    for e in range(E):
+        omega = (weights.double() * (ids == e)).sum(1)                          # [T]
+        h = torch.nn.functional.silu(x64 @ up[e, :f].T) * (x64 @ up[e, f:].T)    # [T, I]
+        out.append((omega[:, None] * h.abs()).sum(0) / x.shape[0] * down[e].norm(dim=0))
+    return out
+
+
+@pytest.mark.parametrize("name", HF_SLIM_MODELS)
+def test_hf_budget_one_is_the_same_model(hf, name):
+    model = tiny_hf_model(name)
+    ids = _calibration_ids()
+    new, reports = slim_hf(model, ids, 1.0)
+    assert type(new) is hf.variable_width_class(type(model))
+    assert list(reports) == [path for path, _ in hf.experts_modules(model)]
+    assert all(r.widths == r.widths_before == (16,) * 4 and r.achieved == 1.0 for r in reports.values())
+    new.set_experts_implementation(hf.NAME)
+    assert new.config._experts_implementation == hf.NAME
+    with torch.no_grad():
+        assert_close("logits", new(ids).logits, model(ids).logits, torch.float32)
+
+
+@pytest.mark.parametrize("name", HF_SLIM_MODELS)
+def test_hf_scores_and_kept_channels(hf, name):
+    """The scores are the act_w2 formula on the model's own routing; each expert keeps its best
+    channels; the new experts' weights are exactly those channels' gate, up and down weights, in
+    their original order; every other weight is copied."""
+    model = tiny_hf_model(name)
+    ids = _calibration_ids()
+    new, reports = slim_hf(model, ids, 0.5, align=4, allow_null=True)
+    inputs = _hf_block_inputs(model, ids, list(reports))
+    for path, r in reports.items():
+        want = _hf_scores_by_formula(model, path, inputs[path])
+        for e, s in enumerate(r.scores):
+            assert_close(f"{path} scores[{e}]", s, want[e].cpu(), torch.float64, tol=1e-10)
+            kept, dropped = r.kept[e], torch.tensor(sorted(set(range(16)) - set(r.kept[e].tolist())))
+            if kept.numel() and dropped.numel():
+                assert s[kept].min() >= s[dropped].max()
+        old, slimmed = model.get_submodule(path), new.get_submodule(path)
+        assert slimmed.expert_widths == r.widths
+        o = column_offsets(r.widths)
+        for e, k in enumerate(r.kept):
+            w, k = r.widths[e], k.to(DEVICE)
+            gate, up = old.gate_up_proj[e, k], old.gate_up_proj[e, 16 + k]          # [w, d]
+            assert torch.equal(slimmed.w1[:, 2 * o[e]: 2 * o[e] + w], gate.T)
+            assert torch.equal(slimmed.w1[:, 2 * o[e] + w: 2 * (o[e] + w)], up.T)
+            assert torch.equal(slimmed.w2[o[e]: o[e] + w], old.down_proj[e][:, k].T)
+    others = {n: p for n, p in model.state_dict().items() if ".experts." not in n}
+    new_state = new.state_dict()
+    assert all(torch.equal(new_state[n], p) for n, p in others.items())
+
+
+HF_BUDGETS = [(b, kind, scope) for b in (0.7, 0.4) for kind in ("flops", "params")
+              for scope in ("layer", "model")]
+
+
+@pytest.mark.parametrize("budget,kind,scope", HF_BUDGETS, ids=[f"b{b}-{k}-{s}" for b, k, s in HF_BUDGETS])
+def test_hf_budget_within_one_block_per_expert(hf, budget, kind, scope):
+    """The experts' kept cost over the whole model: at most the budget, less than one block of
+    ``align`` channels per expert below it."""
+    model = tiny_hf_model("qwen3_moe")
+    ids = _calibration_ids()
+    _, reports = slim_hf(model, ids, budget, budget_kind=kind, budget_scope=scope, align=4,
+                         allow_null=True)
+    T, k = ids.numel(), model.config.num_experts_per_tok
+    assert all(sum(r.counts) == T * k and r.tokens == T for r in reports.values())
+    units = [n if kind == "flops" else 1 for r in reports.values() for n in r.counts]
+    widths = [w for r in reports.values() for w in r.widths]
+    total = sum(u * 16 for u in units)
+    kept = sum(u * w for u, w in zip(units, widths)) / total
+    assert budget - sum(4 * u for u in units) / total <= kept <= budget
+    if scope == "layer":
+        assert all(r.achieved <= budget for r in reports.values())
+
+
+def _router_logits(model, ids, path):
+    """The router logits of the MoE block around ``path`` on ``ids``."""
+    caught = []
+    gate = model.get_submodule(path.rpartition(".")[0]).gate
+    handle = gate.register_forward_hook(lambda m, args, out: caught.append(out[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return caught[0]
+
+
+def test_hf_null_experts_keep_their_router_logits(hf):
+    model = tiny_hf_model("qwen3_moe")
+    ids = _calibration_ids()
+    new, reports = slim_hf(model, ids, 0.25, allow_null=True)  # 2 blocks of 8 a layer: some null
+    widths = [r.widths for r in reports.values()]
+    assert all(0 in w and any(w) for w in widths)
+    first = next(iter(reports))
+    for path in reports:  # every expert keeps its router row; the first block's input is unchanged
+        block, twin = (m.get_submodule(path.rpartition(".")[0]) for m in (model, new))
+        assert torch.equal(twin.gate.weight, block.gate.weight) and twin.gate.weight.shape[0] == 4
+        assert twin.experts.num_experts == 4
+    assert torch.equal(_router_logits(new, ids, first), _router_logits(model, ids, first))
+    with torch.no_grad():
+        assert bool(torch.isfinite(new(ids).logits).all())
+    _, strict = slim_hf(model, ids, 0.6, allow_null=False)  # 8 of 16 channels each is the floor
+    assert all(min(r.widths) == 8 for r in strict.values())
+    with pytest.raises(ValueError, match="allow_null=True or a larger budget"):
+        slim_hf(model, ids, 0.25, allow_null=False)
+
+
+def test_hf_save_and_load_round_trip(hf, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf_model("olmoe")
+    ids = _calibration_ids()
+    new, reports = slim_hf(model, ids, 0.25, allow_null=True)  # 2 blocks of 8 a layer: some null
+    assert all(0 in r.widths for r in reports.values())
+    with torch.no_grad():
+        logits = new(ids).logits
+    new.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=hf.NAME)
+    loaded = loaded.to(DEVICE)
+    assert type(loaded) is type(new)
+    assert [loaded.get_submodule(p).expert_widths for p in reports] == [r.widths for r in reports.values()]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_hf_deterministic(hf):
+    """The pass runs in eval mode (attention dropout off) and draws only from its own seeded
+    generator: the same seed gives the same model whatever the global RNG, and the caller's model
+    mode and RNG are left as they were."""
+    model = tiny_hf_model("qwen3_moe").train()
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    ids = _calibration_ids(B=3)
+    runs = []
+    for rng_seed in (1, 2):
+        torch.manual_seed(rng_seed)
+        state = torch.get_rng_state()
+        runs.append(slim_hf(model, ids, 0.5, allow_null=True, align=4, max_tokens=20, seed=3))
+        assert torch.equal(torch.get_rng_state(), state) and model.training
+    (a, ra), (b, rb) = runs
+    for path in ra:
+        assert ra[path].widths == rb[path].widths and ra[path].counts == rb[path].counts
+        assert all(torch.equal(p, q) for p, q in zip(ra[path].scores, rb[path].scores))
+        assert ra[path].tokens == 20
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    _, rc = slim_hf(model, ids, 0.5, allow_null=True, align=4, max_tokens=20, seed=4)
+    assert any(rc[p].counts != ra[p].counts for p in ra)
+
+
+HF_BAD = [
+    ("budget-0", dict(budget=0.0), ValueError, r"budget must be a number in \(0, 1\]"),
+    ("budget-negative", dict(budget=-0.5), ValueError, "budget must be"),
+    ("budget-above-1", dict(budget=1.5), ValueError, "budget must be"),
+    ("budget-nan", dict(budget=float("nan")), ValueError, "budget must be"),
+    ("budget-string", dict(budget="0.5"), ValueError, "budget must be a number"),
+    ("budget-tensor", dict(budget=torch.tensor(0.5)), ValueError, "budget must be a number"),
+    ("ids-float", dict(ids=lambda t: t.float()), TypeError, "calibration_input_ids must hold integer"),
+    ("ids-bool", dict(ids=lambda t: t > 3), TypeError, "calibration_input_ids must hold integer"),
+    ("ids-1d", dict(ids=lambda t: t[0]), ValueError, r"calibration_input_ids must be \[B, S\]"),
+    ("ids-3d", dict(ids=lambda t: t[..., None]), ValueError, r"calibration_input_ids must be \[B, S\]"),
+    ("ids-hidden-states", dict(ids=lambda t: torch.randn(2, 12, 32)), TypeError, "calibration_input_ids"),
+    ("ids-empty", dict(ids=lambda t: t[:, :0]), ValueError, "calibration_input_ids is empty"),
+    ("ids-out-of-vocab", dict(ids=lambda t: t + 64), ValueError, r"token ids in \[0, 64\)"),
+    ("ids-negative", dict(ids=lambda t: t - 100), ValueError, "calibration_input_ids must be token ids"),
+    ("ids-list", dict(ids=lambda t: t.tolist()), TypeError, "calibration_input_ids must be a torch.Tensor"),
+    ("not-a-model", dict(model=lambda m: torch.nn.Linear(4, 4)), TypeError, "model must be a transformers"),
+    ("criterion", dict(criterion="magnitude"), ValueError, "criterion must be one of"),
+    ("budget-scope", dict(budget_scope="global"), ValueError, "budget_scope must be one of"),
+    ("budget-kind", dict(budget_kind="bytes"), ValueError, "budget_kind must be one of"),
+    ("allocation", dict(allocation="random"), ValueError, "allocation must be one of"),
+    ("align-0", dict(align=0), ValueError, "align must be an int >= 1"),
+    ("max-tokens-0", dict(max_tokens=0), ValueError, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,change,exc,match", HF_BAD, ids=[b[0] for b in HF_BAD])
+def test_hf_bad_arguments(hf, name, change, exc, match):
+    model = tiny_hf_model("qwen3_moe")
+    change = dict(change)
+    model = change.pop("model", lambda m: m)(model)
+    ids = change.pop("ids", lambda t: t)(_calibration_ids())
+    with pytest.raises(exc, match=match):
+        slim_hf(model, ids, change.pop("budget", 0.5), **change)
+
+
+def test_hf_model_without_experts_and_bad_kept(hf):
+    transformers = pytest.importorskip("transformers")
+    dense = tiny_hf_model("qwen3_moe")
+    config = dense.config
+    config.mlp_only_layers = list(range(config.num_hidden_layers))
+    dense = transformers.Qwen3MoeForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="holds no transformers experts module"):
+        slim_hf(dense, _calibration_ids(), 0.5)
+    model = tiny_hf_model("qwen3_moe")
+    with pytest.raises(ValueError, match="not experts modules"):
+        hf.to_variable_width(model, kept={"model.layers.0.mlp": [torch.arange(8)] * 4})
+    bad = [torch.arange(8), torch.tensor([3, 2]), torch.arange(8), torch.arange(8)]
+    with pytest.raises(ValueError, match=r"kept\[1\] must be ascending"):
+        hf.to_variable_width(model, kept={"model.layers.0.mlp.experts": bad})

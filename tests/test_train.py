@@ -13,6 +13,7 @@ enough tokens to learn the synthetic corpus.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 
 import vmoe.layer
 import vmoe.train.loop as loop
+from vmoe.config import gate_factor
 from vmoe.ops.utils.device import interpreting
 from vmoe.train.data import write_corpus
 from vmoe.train.loop import (
@@ -153,6 +155,38 @@ def test_log_columns_and_widths(corpus, tmp_path):
     for row in var:
         for col in ("width", "width_code", "width_prose", "width_punct", "width_letters"):
             assert 2 * 16 <= float(row[col]) <= 2 * 48, (col, row[col])
+
+
+def test_widths_of_a_slimmed_model(corpus):
+    """The width columns read each layer's own widths: a slimmed GPT's layers differ from each
+    other and from its config. The expected widths come from each layer's forward output f_i
+    (the fraction of assignments per expert): k * sum_e f_i[e] * w_e per token."""
+    from vmoe.slim import slim_model
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    data = loop.ByteCorpus(corpus)
+    windows, domain = data.eval_windows(TINY.eval_tokens, TINY.seq_len)
+    slimmed, _ = slim_model(model, [windows[:, :-1].long()], 0.4, align=8, allow_null=True)
+    layer_widths = [blk.mlp.config.expert_widths for blk in slimmed.blocks]
+    assert len(set(layer_widths)) == TINY.n_layer and TINY.moe_config().expert_widths not in layer_widths
+    seen = [[] for _ in slimmed.blocks]  # per layer: (tokens, f_i) of each forward
+    hooks = [blk.mlp.register_forward_hook(lambda m, args, out, i=i: seen[i].append(
+        (args[0].numel() // TINY.n_embd, out[2].detach().double()))) for i, blk in enumerate(slimmed.blocks)]
+    row = loop.evaluate(slimmed, windows, domain, torch.device("cpu"), TINY.batch_size,
+                        contextlib.nullcontext())
+    for h in hooks:
+        h.remove()
+    want = []
+    for calls, widths in zip(seen, layer_widths):
+        w = torch.tensor(widths, dtype=torch.float64)
+        want.append(sum(n * TINY.k * float(f_i @ w) for n, f_i in calls) / sum(n for n, _ in calls))
+    assert row["width_by_layer"] == " ".join(f"{w:.1f}" for w in want)
+    assert math.isclose(row["width"], sum(want) / len(want), rel_tol=1e-5)
+    per_width = 2 * TINY.n_embd * (gate_factor(TINY.activation) + 1)  # forward FLOPs per unit of width
+    assert math.isclose(row["expert_fwd_flops_per_token"], per_width * sum(want), rel_tol=1e-5)
+    for col in ("width_code", "width_prose", "width_punct", "width_letters"):
+        assert TINY.k * min(min(w) for w in layer_widths) <= row[col] <= TINY.k * max(map(max, layer_widths))
 
 
 def test_collect(corpus, tmp_path):

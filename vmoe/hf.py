@@ -37,7 +37,8 @@ the widths in the config (``vmoe_expert_widths``) and a model type of its own
 (``vmoe_<model type>``), registered with the Auto classes for Qwen3-MoE, Qwen2-MoE, OLMoE and
 Mixtral. It saves and loads with ``save_pretrained`` / ``from_pretrained``; without
 ``import vmoe.hf`` transformers does not know the model type and refuses to load it, rather
-than building uniform experts and dropping the weights.
+than building uniform experts and dropping the weights. :func:`vmoe.slim.slim_hf` chooses the
+widths from calibration tokens and builds the twin with :func:`to_variable_width`.
 
 Walk-through: notebooks/10_hf.ipynb. Shape letters: see :mod:`vmoe.config`; I is the width of
 every expert of a transformers experts module.
@@ -59,12 +60,13 @@ from vmoe import library as ops
 from vmoe import reference
 from vmoe.autograd import apply_experts, autocast_inputs, expert_mlp, use_triton
 from vmoe.config import check_activation, check_expert_widths, check_routed_args, gate_factor
+from vmoe.slim import check_kept
 
 NAME = "vmoe"
 
 __all__ = ["NAME", "UnsupportedExperts", "ExpertsLayout", "experts_layout", "experts_forward",
-           "uniform_expert_mlp", "check_model", "VariableWidthExperts", "variable_width_class",
-           "to_variable_width"]
+           "uniform_expert_mlp", "check_model", "experts_modules", "VariableWidthExperts",
+           "variable_width_class", "to_variable_width"]
 
 
 class UnsupportedExperts(ValueError):
@@ -164,6 +166,11 @@ def is_experts_module(module) -> bool:
     these flags on it)."""
     return (isinstance(module, nn.Module) and hasattr(module, "is_transposed")
             and hasattr(module, "has_gate") and hasattr(module, "down_proj"))
+
+
+def experts_modules(model) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` for every transformers experts module of ``model``, in module order."""
+    return [(path, m) for path, m in model.named_modules() if is_experts_module(m)]
 
 
 def experts_layout(module, where: str | None = None) -> ExpertsLayout:
@@ -319,7 +326,7 @@ def _layer_widths(config, n_layers: int) -> list[tuple[int, ...]]:
 def _install_variable_width_experts(model) -> None:
     """Replace each transformers experts module of ``model`` by a :class:`VariableWidthExperts`
     with the widths of ``model.config``."""
-    found = [(path, m) for path, m in model.named_modules() if is_experts_module(m)]
+    found = experts_modules(model)
     for (path, module), widths in zip(found, _layer_widths(model.config, len(found))):
         layout = experts_layout(module, where=f"{type(model).__name__}.{path}")
         w1, _ = layout.weights(module)
@@ -373,29 +380,50 @@ def variable_width_class(base: type) -> type:
     return model_cls
 
 
-def to_variable_width(model):
-    """A variable-width copy of a transformers MoE model with uniform experts (every expert of
-    width I becomes an expert of width I of :class:`VariableWidthExperts`; its weights are copied
-    into vmoe's flat layout): the starting point for giving experts different widths."""
+def to_variable_width(model, kept: dict | None = None):
+    """A variable-width copy of a transformers MoE model with uniform experts, its weights copied
+    into vmoe's flat layout: every expert keeps all I channels, or, for an experts module whose
+    path is a key of ``kept``, expert e keeps exactly channels ``kept[path][e]`` (ascending
+    indices in ``[0, I)``, in their original order: its gate and up columns and its down rows;
+    an empty one makes a null expert). Routers and every other weight are copied unchanged.
+    :func:`vmoe.slim.slim_hf` builds its models with it. Leaves the global RNG as it was.
+
+    Example::
+
+        twin = to_variable_width(model)                                   # the same function
+        slim = to_variable_width(model, {"model.layers.0.mlp.experts": [torch.arange(8)] * E})
+    """
     cls = variable_width_class(type(model))
-    found = [(path, m) for path, m in model.named_modules() if is_experts_module(m)]
+    found = experts_modules(model)
+    kept = dict(kept or {})
+    unknown = sorted(set(kept) - {path for path, _ in found})
+    if unknown:
+        raise ValueError(f"kept names {unknown}, which are not experts modules of "
+                         f"{type(model).__name__} ({[path for path, _ in found]})")
     per_layer = []
     state = dict(model.state_dict())
     for path, module in found:
         layout = experts_layout(module, where=f"{type(model).__name__}.{path}")
-        w1, w2 = layout.weights(module)
+        w1, w2 = (w.detach() for w in layout.weights(module))              # [E, d, g*I], [E, I, d]
         E, d, gI = w1.shape
-        per_layer.append([gI // gate_factor(layout.activation)] * E)
+        g = gate_factor(layout.activation)
+        f = gI // g                                                        # I, every expert's width
+        idx = check_kept(kept.get(path, [torch.arange(f)] * E), (f,) * E)
+        per_layer.append([i.numel() for i in idx])
         for key in (f"{path}.{layout.up_name}", f"{path}.down_proj"):
             state.pop(key)
-        state[f"{path}.w1"] = w1.detach().permute(1, 0, 2).reshape(d, E * gI)
-        state[f"{path}.w2"] = w2.detach().reshape(-1, d)
+        # Expert e's kept gate columns, then its kept up columns, as VariableWidthExperts reads them.
+        cols = [torch.cat([half * f + i for half in range(g)]).to(w1.device) for i in idx]
+        state[f"{path}.w1"] = torch.cat([w1[e][:, c] for e, c in enumerate(cols)], dim=1)  # [d, g*F]
+        state[f"{path}.w2"] = torch.cat([w2[e][i.to(w2.device)] for e, i in enumerate(idx)])  # [F, d]
     fields = {k: v for k, v in model.config.to_dict().items()
               if k not in ("model_type", "architectures", "transformers_version")}
     config = cls.config_class(**fields, vmoe_expert_widths=per_layer)
-    out = cls(config).to(device=next(model.parameters()).device,
-                         dtype=next(model.parameters()).dtype)
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten below; spare the caller's RNG
+        out = cls(config)
+    out = out.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
     out.load_state_dict(state)
+    out.train(model.training)
     return out
 
 

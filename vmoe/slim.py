@@ -15,8 +15,11 @@ Three steps, each a public function, and :func:`slim` doing all three:
 3. :func:`prune`: a new layer holding exactly those channels, router and shared expert copied, so
    routing stays as trained.
 
-:func:`slim_model` slims every :class:`~vmoe.MoEMLP` of a model from one calibration pass, and
-:func:`finetune` is a short, generic training loop for afterwards.
+:func:`slim_model` slims every :class:`~vmoe.MoEMLP` of a model from one calibration pass,
+:func:`slim_hf` every experts module of a transformers MoE model (into its variable-width twin,
+:func:`vmoe.hf.to_variable_width`), and :func:`finetune` is a short, generic training loop for
+afterwards. The two model-wide ones take ``budget_scope`` (:data:`BUDGET_SCOPES`): one budget per
+layer, or one for all the layers' experts together.
 """
 from __future__ import annotations
 
@@ -55,6 +58,13 @@ BUDGET_KINDS = ("flops", "params")
 # criterion still picks which channels). "drop": whole experts are kept or made null, greedily
 # by total score / cost.
 ALLOCATIONS = ("global", "uniform", "drop")
+# Which experts share a budget, when a model has several MoE layers. "layer": each layer keeps
+# ``budget`` of its own cost, so every layer shrinks by the same fraction and none can be emptied.
+# "model": every layer's experts compete for one budget of the whole model's expert cost, so
+# width moves to the layers whose channels score more per unit of cost. Scores of different
+# layers are norms of what channels add to a residual stream whose scale changes with depth, so
+# comparing them is a heuristic that "layer" avoids; it is the default.
+BUDGET_SCOPES = ("layer", "model")
 # The load-balance groups of the slimmed layer: "original" keeps the groups the layer was trained
 # with (a SlimMoEMLP), "widths" makes a plain MoEMLP whose groups are runs of equal width.
 GROUPS = ("original", "widths")
@@ -171,6 +181,22 @@ def _check_layer(moe) -> MoEMLP:
     return moe
 
 
+def _check_max_tokens(max_tokens) -> None:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise ValueError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
+
+
+def _sampled_rows(n: int, max_tokens, seed) -> torch.Tensor | None:
+    """Which of ``n`` calibration tokens to score: None (all of them) if ``max_tokens`` is None or
+    at least ``n``, else ``max_tokens`` ascending row indices, drawn without replacement by a
+    generator seeded with ``seed`` (the global RNG is not touched)."""
+    _check_max_tokens(max_tokens)
+    if max_tokens is None or n <= max_tokens:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_tokens].sort().values
+
+
 def _calibration_tokens(moe: MoEMLP, calibration_x, max_tokens, seed) -> torch.Tensor:
     """``calibration_x`` as ``[T, d]`` on the layer's device, checked; at most ``max_tokens`` rows,
     sampled without replacement by a generator seeded with ``seed`` (kept in their order)."""
@@ -188,12 +214,9 @@ def _calibration_tokens(moe: MoEMLP, calibration_x, max_tokens, seed) -> torch.T
     x = calibration_x.detach().reshape(-1, d)
     if x.shape[0] == 0:
         raise ValueError("calibration_x is empty: slimming needs at least one calibration token")
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
-        if x.shape[0] > max_tokens:
-            pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
-            x = x[pick.sort().values.to(x.device)]
+    pick = _sampled_rows(x.shape[0], max_tokens, seed)
+    if pick is not None:
+        x = x[pick.to(x.device)]
     x = x.to(moe.router.weight.device)
     if not bool(torch.isfinite(x).all()):  # host-ok: slimming is offline, one check per call
         raise ValueError("calibration_x holds NaN or Inf")
@@ -216,32 +239,64 @@ def channel_scores(moe: MoEMLP, calibration_x: torch.Tensor, criterion: str = "a
     _check_choice("criterion", criterion, CRITERIA)
     x = _calibration_tokens(moe, calibration_x, max_tokens, seed)
     cfg = moe.config
-    g, widths = gate_factor(cfg.activation), cfg.expert_widths
-    offsets = column_offsets(widths)
+    widths, offsets = cfg.expert_widths, column_offsets(cfg.expert_widths)
+    g = gate_factor(cfg.activation)
+    w1, w2 = moe.w1.detach(), moe.w2.detach()
+
+    def expert_w1(e):                                                       # [d, g*f_e]
+        return w1[:, g * offsets[e]: g * (offsets[e] + widths[e])]
+
+    def expert_w2(e):                                                       # [f_e, d]
+        return w2[offsets[e]: offsets[e] + widths[e]]
+
     routed = moe.route(x)
     ids = routed.topk_ids.long()
     counts = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
     counts = tuple(int(n) for n in counts.tolist())  # host-ok: offline, once per call
-    w1, w2 = moe.w1.detach().double(), moe.w2.detach().double()
-    x64, weights = x.double(), routed.topk_weights.double()
-    T = x.shape[0]
+    sums = (None if criterion == "weight" else
+            _activation_sums(x, ids, routed.topk_weights, expert_w1, widths, cfg.activation))
+    return _finish_scores(criterion, sums, counts, x.shape[0], expert_w1, expert_w2, widths,
+                          cfg.activation)
+
+
+def _activation_sums(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     expert_w1: Callable[[int], torch.Tensor], widths: Sequence[int],
+                     activation: str) -> list[torch.Tensor]:
+    """Per expert e, ``sum over the assignments (t, slot) to e of topk_weights[t, slot] *
+    |act(x_t W1_e)|``: ``[f_e]`` float64 on x's device, computed in float64. ``x [T, d]``,
+    ``topk_ids``/``topk_weights [T, k]`` (ids outside ``[0, E)`` count for no expert),
+    ``expert_w1(e)`` expert e's ``[d, g*f_e]`` columns (gate, then up). Sums over disjoint token
+    sets add up, so a calibration pass may hand its tokens over in any number of calls."""
+    x64, weights = x.double(), topk_weights.double()
+    sums = []
+    for e in range(len(widths)):
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        h = reference.act(x64[tok] @ expert_w1(e).double(), activation)      # [n_e, f_e]
+        sums.append(weights[tok, slot] @ h.abs())                             # [f_e]
+    return sums
+
+
+def _finish_scores(criterion: str, sums, counts: Sequence[int], tokens: int,
+                   expert_w1: Callable[[int], torch.Tensor], expert_w2: Callable[[int], torch.Tensor],
+                   widths: Sequence[int], activation: str) -> ChannelScores:
+    """The :class:`ChannelScores` of one layer under ``criterion`` from its
+    :func:`_activation_sums` over ``tokens`` calibration tokens (None for ``"weight"``, which
+    needs no data), n_e (``counts``) and its experts' weights (``expert_w2(e)``: ``[f_e, d]``)."""
+    g = gate_factor(activation)
     scores = []
     for e, f in enumerate(widths):
-        o = offsets[e]
-        w1_e, w2_e = w1[:, g * o: g * (o + f)], w2[o: o + f]                    # [d, g*f], [f, d]
+        w2_e = expert_w2(e).double()
         if criterion == "weight":
-            col_norms = w1_e.norm(dim=0).reshape(g, f)                          # gate (, up) per channel
+            col_norms = expert_w1(e).double().norm(dim=0).reshape(g, f)      # gate (, up) per channel
             s = col_norms.prod(0) * w2_e.norm(dim=1)
         else:
-            tok, slot = torch.nonzero(ids == e, as_tuple=True)
-            h = reference.act(x64[tok] @ w1_e, cfg.activation)                  # [n_e, f]
-            s = (weights[tok, slot] @ h.abs()) / T                              # [f]
+            s = sums[e] / tokens
             if criterion == "act_w2":
                 s = s * w2_e.norm(dim=1)
         scores.append(s.cpu())  # host-ok: offline, the scores are returned on the host
     if not all(bool(torch.isfinite(s).all()) for s in scores):  # host-ok: offline check
         raise ValueError("the channel scores are not finite: the layer's weights hold NaN or Inf")
-    return ChannelScores(criterion, tuple(scores), counts, T)
+    return ChannelScores(criterion, tuple(scores), tuple(counts), tokens)
 
 
 def _ranked(scores: torch.Tensor) -> torch.Tensor:
@@ -352,6 +407,26 @@ def expert_sizes_of(widths: Sequence[int]) -> tuple:
     return tuple(sizes)
 
 
+def check_kept(kept: Sequence, widths: Sequence[int]) -> list[torch.Tensor]:
+    """``kept`` (per expert, the indices of the channels it keeps) as int64 tensors on the host,
+    checked against the experts' widths: one entry per expert, each ascending distinct indices in
+    ``[0, f_e)``, and some expert keeping a channel. :func:`prune` and
+    :func:`vmoe.hf.to_variable_width` read their ``kept`` through it."""
+    if len(kept) != len(widths):
+        raise ValueError(f"kept must hold one index tensor per expert ({len(widths)}), got {len(kept)}")
+    out = []
+    for e, (idx, f) in enumerate(zip(kept, widths)):
+        idx = torch.as_tensor(idx).long().cpu()  # host-ok: slimming is offline; indices go to the host
+        if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= f)) or (  # host-ok
+                idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):  # host-ok: host indices
+            raise ValueError(f"kept[{e}] must be ascending distinct channel indices in [0, {f}), "
+                             f"got {idx.tolist()}")  # host-ok: an error message
+        out.append(idx)
+    if not any(idx.numel() for idx in out):
+        raise ValueError("kept keeps no channel of any expert: at least one expert needs a width >= 1")
+    return out
+
+
 @torch.no_grad()
 def prune(moe: MoEMLP, kept: Sequence[torch.Tensor], groups: str = "original") -> MoEMLP:
     """A new layer whose expert e holds exactly channels ``kept[e]`` (indices within expert e,
@@ -362,28 +437,18 @@ def prune(moe: MoEMLP, kept: Sequence[torch.Tensor], groups: str = "original") -
     _check_choice("groups", groups, GROUPS)
     cfg = moe.config
     widths_before = cfg.expert_widths
-    if len(kept) != cfg.num_experts:
-        raise ValueError(f"kept must hold one index tensor per expert ({cfg.num_experts}), got {len(kept)}")
+    kept = check_kept(kept, widths_before)
     g, offsets = gate_factor(cfg.activation), column_offsets(widths_before)
     dev = moe.w1.device
-    cols, rows, widths = [], [], []
+    cols, rows = [], []
     for e, idx in enumerate(kept):
-        idx = torch.as_tensor(idx).long().cpu()  # host-ok: slimming is offline; indices go to the host
-        f = widths_before[e]
-        if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= f)) or (  # host-ok
-                idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):  # host-ok: host indices
-            raise ValueError(f"kept[{e}] must be ascending distinct channel indices in [0, {f}), "
-                             f"got {idx.tolist()}")  # host-ok: an error message
-        o = offsets[e]
+        o, f = offsets[e], widths_before[e]
         rows.append(o + idx)
         cols += [g * o + half * f + idx for half in range(g)]  # gate then up, as reference.act reads
-        widths.append(idx.numel())
-    if not any(widths):
-        raise ValueError("kept keeps no channel of any expert: at least one expert needs a width >= 1")
     F, S = cfg.total_width, cfg.shared_expert_width
     rows.append(torch.arange(F, F + S))
     cols.append(torch.arange(g * F, g * (F + S)))
-    new_cfg = dataclasses.replace(cfg, expert_sizes=expert_sizes_of(widths))
+    new_cfg = dataclasses.replace(cfg, expert_sizes=expert_sizes_of([idx.numel() for idx in kept]))
     with torch.random.fork_rng(devices=[]):  # the init below is overwritten; spare the caller's RNG
         new = (SlimMoEMLP(new_cfg, moe._group_sizes) if groups == "original" else MoEMLP(new_cfg))
     new = new.to(device=dev, dtype=moe.w1.dtype)
@@ -394,6 +459,71 @@ def prune(moe: MoEMLP, kept: Sequence[torch.Tensor], groups: str = "original") -
         new.shared_gate.weight.copy_(moe.shared_gate.weight)
     new.train(moe.training)
     return new
+
+
+def _check_options(budget, budget_kind, allocation, align, budget_scope="layer", groups="original"):
+    """The checked ``(budget, align)``, after the choices of :func:`slim`, :func:`slim_model` and
+    :func:`slim_hf` are checked too: before any calibration pass, so a bad argument fails fast."""
+    budget = _check_budget(budget)
+    _check_choice("budget_kind", budget_kind, BUDGET_KINDS)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    _check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
+    _check_choice("groups", groups, GROUPS)
+    return budget, _check_align(align)
+
+
+def _choose(stats: dict, channel_costs: dict, budget: float, *, budget_scope: str, budget_kind: str,
+            allocation: str, align: int, allow_null: bool) -> dict:
+    """``{name: SlimReport}`` for the layers whose :class:`ChannelScores` ``stats`` holds, each
+    layer under its own budget (``budget_scope="layer"``) or all of them under one ("model").
+
+    ``channel_costs[name]`` is what one channel of that layer costs relative to the others (its
+    ``(g+1)*d``: the parameters it owns, and its FLOPs per assignment / 2), so that layers of
+    different shapes compete by what they cost; a layer's unit (:func:`choose_widths`) is its
+    n_e (FLOPs) or 1 (parameters) times that cost.
+    """
+    scopes = [[name] for name in stats] if budget_scope == "layer" else [list(stats)]
+    reports = {}
+    for names in scopes:
+        scores, units = [], []
+        for name in names:
+            st = stats[name]
+            per_channel = st.counts if budget_kind == "flops" else (1,) * len(st.scores)
+            scores += st.scores
+            units += [u * channel_costs[name] for u in per_channel]
+        if budget_kind == "flops" and sum(u * s.numel() for u, s in zip(units, scores)) == 0:
+            raise ValueError("no calibration token reaches an expert of width > 0, so the FLOPs "
+                             "budget is undefined: pass more calibration tokens or budget_kind='params'")
+        widths, kept = choose_widths(scores, units, budget, align=align, allow_null=allow_null,
+                                     allocation=allocation)
+        start = 0
+        for name in names:
+            st = stats[name]
+            stop = start + len(st.scores)
+            if not any(widths[start:stop]):
+                hint = " or budget_scope='layer' (one budget per layer)" if len(names) > 1 else ""
+                raise ValueError(f"budget={budget:g} keeps no channel of {name or 'the layer'}: pass a "
+                                 f"larger budget{hint}")
+            reports[name] = _report(st, budget, budget_kind, allocation, align,
+                                    widths[start:stop], kept[start:stop])
+            start = stop
+    return reports
+
+
+def _report(stats: ChannelScores, budget: float, budget_kind: str, allocation: str, align: int,
+            widths: tuple, kept: tuple) -> SlimReport:
+    """The :class:`SlimReport` of one layer: what it keeps of its own FLOPs and parameters."""
+    before = tuple(s.numel() for s in stats.scores)
+    n = stats.counts
+    flops = sum(a * w for a, w in zip(n, widths)) / max(sum(a * f for a, f in zip(n, before)), 1)
+    return SlimReport(criterion=stats.criterion, budget=budget, budget_kind=budget_kind,
+                      allocation=allocation, align=align, widths_before=before, widths=widths,
+                      kept=kept, scores=stats.scores, counts=stats.counts, tokens=stats.tokens,
+                      flops_fraction=flops, params_fraction=sum(widths) / sum(before))
+
+
+def _channel_cost(cfg: MoEConfig) -> int:
+    return (gate_factor(cfg.activation) + 1) * cfg.n_embd
 
 
 def slim(moe: MoEMLP, calibration_x: torch.Tensor, budget: float, *, criterion: str = "act_w2",
@@ -436,30 +566,11 @@ def slim(moe: MoEMLP, calibration_x: torch.Tensor, budget: float, *, criterion: 
         print(report)            # per-expert widths, loads, kept score share, achieved fraction
     """
     _check_layer(moe)
-    budget = _check_budget(budget)
-    _check_choice("budget_kind", budget_kind, BUDGET_KINDS)
-    _check_choice("allocation", allocation, ALLOCATIONS)
-    _check_choice("groups", groups, GROUPS)
-    align = _check_align(align)
+    budget, align = _check_options(budget, budget_kind, allocation, align, groups=groups)
     stats = channel_scores(moe, calibration_x, criterion, max_tokens=max_tokens, seed=seed)
-    widths_before = moe.config.expert_widths
-    if budget_kind == "flops":
-        units = stats.counts
-        if sum(n * f for n, f in zip(units, widths_before)) == 0:
-            raise ValueError("no calibration token reaches an expert of width > 0, so the FLOPs "
-                             "budget is undefined: pass more calibration_x or budget_kind='params'")
-    else:
-        units = (1,) * len(widths_before)
-    widths, kept = choose_widths(stats.scores, units, budget, align=align, allow_null=allow_null,
-                                 allocation=allocation)
-    new = prune(moe, kept, groups)
-    n = stats.counts
-    flops = sum(a * w for a, w in zip(n, widths)) / max(sum(a * f for a, f in zip(n, widths_before)), 1)
-    report = SlimReport(criterion=criterion, budget=budget, budget_kind=budget_kind, allocation=allocation,
-                        align=align, widths_before=widths_before, widths=widths, kept=kept,
-                        scores=stats.scores, counts=stats.counts, tokens=stats.tokens,
-                        flops_fraction=flops, params_fraction=sum(widths) / sum(widths_before))
-    return new, report
+    report = _choose({"": stats}, {"": 1}, budget, budget_scope="layer", budget_kind=budget_kind,
+                     allocation=allocation, align=align, allow_null=allow_null)[""]
+    return prune(moe, report.kept, groups), report
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEMLP]]:
@@ -494,23 +605,182 @@ def layer_inputs(model: nn.Module, batches: Iterable, run: Callable | None = Non
 
 
 def slim_model(model: nn.Module, batches: Iterable, budget: float, *, run: Callable | None = None,
-               inputs: dict | None = None, **kwargs) -> tuple[nn.Module, dict]:
-    """A copy of ``model`` with every MoEMLP slimmed by :func:`slim` (``**kwargs`` are its keyword
-    arguments), each to ``budget`` of its own cost; returns ``(new_model, {name: SlimReport})``.
+               inputs: dict | None = None, criterion: str = "act_w2", budget_kind: str = "flops",
+               budget_scope: str = "layer", allocation: str = "global", align: int = 8,
+               allow_null: bool = False, groups: str = "original", max_tokens: int | None = None,
+               seed: int = 0) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with every MoEMLP slimmed as :func:`slim` slims one (the keyword
+    arguments are its own), to ``budget`` of each layer's cost or, with ``budget_scope="model"``,
+    of all the layers' cost together (:data:`BUDGET_SCOPES`); returns ``(new_model, {name:
+    SlimReport})``, each report with its layer's own achieved fractions.
 
     The layers' inputs come from one pass of the original model over ``batches``
     (:func:`layer_inputs`; ``run(model, batch)`` calls it, default ``model(batch)``), or from
     ``inputs`` when given (``{name: [T, d]}``, e.g. what :func:`layer_inputs` returned, so that
     several budgets share one pass). ``model`` is left unchanged.
     """
+    budget, align = _check_options(budget, budget_kind, allocation, align, budget_scope, groups)
+    _check_choice("criterion", criterion, CRITERIA)
     if inputs is None:
         inputs = layer_inputs(model, batches, run)
+    layers = moe_layers(model)
+    stats = {name: channel_scores(layer, inputs[name].to(layer.router.weight.dtype), criterion,
+                                  max_tokens=max_tokens, seed=seed) for name, layer in layers}
+    reports = _choose(stats, {name: _channel_cost(layer.config) for name, layer in layers}, budget,
+                      budget_scope=budget_scope, budget_kind=budget_kind, allocation=allocation,
+                      align=align, allow_null=allow_null)
     new = copy.deepcopy(model)
-    reports = {}
-    for name, layer in moe_layers(model):
-        slimmed, reports[name] = slim(layer, inputs[name].to(layer.router.weight.dtype), budget, **kwargs)
+    for name, layer in layers:
         parent, _, child = name.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, child, slimmed)
+        setattr(new.get_submodule(parent) if parent else new, child,
+                prune(layer, reports[name].kept, groups))
+    return new, reports
+
+
+def _check_input_ids(model: nn.Module, calibration_input_ids) -> torch.Tensor:
+    """``calibration_input_ids`` checked (``[B, S]`` integer token ids within the model's
+    vocabulary, at least one) and on the model's device."""
+    if not isinstance(calibration_input_ids, torch.Tensor):
+        raise TypeError(f"calibration_input_ids must be a torch.Tensor of token ids [B, S], "
+                        f"got {type(calibration_input_ids).__name__}")
+    ids = calibration_input_ids
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"calibration_input_ids must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"calibration_input_ids must be [B, S] token ids (equal-length windows), "
+                         f"got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("calibration_input_ids is empty: slimming needs at least one calibration token")
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(ids.min()), int(ids.max())  # host-ok: slimming is offline, one check per call
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"calibration_input_ids must be token ids in [0, {vocab}) (the model's "
+                         f"vocabulary), got ids from {lo} to {hi}")
+    return ids.to(next(model.parameters()).device)
+
+
+# How transformers calls an experts module: forward(hidden_states [T, d], top_k_index [T, k],
+# top_k_weights [T, k]), after its router.
+_EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+class _ExpertsTally:
+    """What one transformers experts module receives in :func:`slim_hf`'s calibration pass, added
+    up call by call: n_e, the tokens and the :func:`_activation_sums`."""
+
+    def __init__(self, layout, module: nn.Module, criterion: str):
+        self.w1, self.w2 = (w.detach() for w in layout.weights(module))    # [E, d, g*I], [E, I, d]
+        self.activation, self.criterion = layout.activation, criterion
+        E = self.w1.shape[0]
+        self.widths = (self.w2.shape[1],) * E
+        self.counts = torch.zeros(E, dtype=torch.long, device=self.w1.device)
+        self.tokens, self.sums = 0, None
+
+    def expert_w1(self, e: int) -> torch.Tensor:                             # [d, g*I]
+        return self.w1[e]
+
+    def expert_w2(self, e: int) -> torch.Tensor:                             # [I, d]
+        return self.w2[e]
+
+    @property
+    def channel_cost(self) -> int:
+        return (gate_factor(self.activation) + 1) * self.w1.shape[1]
+
+    def add(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        E = len(self.widths)
+        topk_ids = topk_ids.long()
+        live = topk_ids[(topk_ids >= 0) & (topk_ids < E)]  # the expert-parallel sentinel E counts for none
+        self.counts += torch.bincount(live, minlength=E)
+        self.tokens += x.shape[0]
+        if self.criterion != "weight":
+            sums = _activation_sums(x, topk_ids, topk_weights, self.expert_w1, self.widths,
+                                    self.activation)
+            self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
+
+    def scores(self, path: str) -> ChannelScores:
+        if self.tokens == 0:
+            raise ValueError(f"{path} received no token in the calibration pass: slim_hf needs every "
+                             "experts module to run in the model's forward")
+        counts = tuple(int(n) for n in self.counts.tolist())  # host-ok: offline, once per layer
+        return _finish_scores(self.criterion, self.sums, counts, self.tokens, self.expert_w1,
+                              self.expert_w2, self.widths, self.activation)
+
+
+@torch.no_grad()
+def slim_hf(model, calibration_input_ids: torch.Tensor, budget: float, *, criterion: str = "act_w2",
+            budget_kind: str = "flops", budget_scope: str = "layer", allocation: str = "global",
+            align: int = 8, allow_null: bool = False, max_tokens: int | None = None,
+            seed: int = 0) -> tuple[nn.Module, dict]:
+    """Slim a transformers MoE causal LM (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, ...; experts of
+    one width) into its variable-width twin; returns ``(new_model, {experts path: SlimReport})``.
+
+    One forward pass of ``model`` (in eval mode, no grad) over ``calibration_input_ids`` (``[B,
+    S]`` token ids: equal-length windows of text, as calibration sets are cut) scores every
+    channel of every experts module, hooked where the model's own router hands them their tokens,
+    top-k ids and routing weights: so routing is exactly the model's, whatever its router. The
+    statistics are accumulated in the hooks (as :func:`channel_scores` computes them), so the
+    layers' inputs are never stored. Then the widths are chosen as :func:`slim_model` chooses
+    them (the keyword arguments are its own; ``budget_scope`` says whether each layer keeps
+    ``budget`` of its own cost or all layers share one budget, :data:`BUDGET_SCOPES`), and
+    :func:`vmoe.hf.to_variable_width` builds the new model from the kept channels: experts of
+    different widths (:class:`vmoe.hf.VariableWidthExperts`, vmoe's kernels), a null expert for
+    each width 0, every other weight (routers included, so every expert keeps its router logit)
+    copied. It saves and loads with ``save_pretrained`` / ``from_pretrained`` after ``import
+    vmoe.hf``. ``max_tokens`` scores a sample of the calibration tokens (the same positions in
+    every layer) drawn with ``seed``; nothing else draws randomness, so the result is
+    deterministic. Load-balance groups are transformers' own (its router loss spans all
+    experts), so there is no ``groups``. ``model`` is left unchanged.
+
+    Example::
+
+        import vmoe.hf
+        from vmoe.slim import slim_hf
+        new, reports = slim_hf(model, calib_ids, 0.5, allow_null=True)
+        new.save_pretrained(path)          # AutoModelForCausalLM.from_pretrained(path) loads it
+    """
+    from vmoe import hf  # transformers is an optional dependency
+
+    budget, align = _check_options(budget, budget_kind, allocation, align, budget_scope)
+    _check_choice("criterion", criterion, CRITERIA)
+    _check_max_tokens(max_tokens)
+    if not isinstance(model, nn.Module) or not hasattr(model, "get_input_embeddings"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    found = hf.experts_modules(model)
+    if not found:
+        raise ValueError(f"model ({type(model).__name__}) holds no transformers experts module "
+                         "(@use_experts_implementation) of experts of one width")
+    ids = _check_input_ids(model, calibration_input_ids)
+    rows = _sampled_rows(ids.numel(), max_tokens, seed)
+    rows = None if rows is None else rows.to(ids.device)
+    tallies = {path: _ExpertsTally(hf.experts_layout(module, where=f"{type(model).__name__}.{path}"),
+                                   module, criterion) for path, module in found}
+
+    def catch(path):
+        def hook(module, args, kwargs):
+            call = dict(zip(_EXPERTS_ARGS, args), **kwargs)
+            x, topk_ids, topk_weights = (call[name] for name in _EXPERTS_ARGS)
+            if x.shape[0] != ids.numel():
+                raise ValueError(f"{path} received {x.shape[0]} tokens for {ids.numel()} calibration "
+                                 "tokens: slim_hf needs experts that see every token once per pass")
+            if rows is not None:
+                x, topk_ids, topk_weights = x[rows], topk_ids[rows], topk_weights[rows]
+            tallies[path].add(x, topk_ids, topk_weights)
+        return hook
+
+    handles = [module.register_forward_pre_hook(catch(path), with_kwargs=True) for path, module in found]
+    was_training = model.training
+    model.eval()  # dropout off: the pass measures the model as it will run
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    stats = {path: tally.scores(path) for path, tally in tallies.items()}
+    costs = {path: tally.channel_cost for path, tally in tallies.items()}
+    reports = _choose(stats, costs, budget, budget_scope=budget_scope, budget_kind=budget_kind,
+                      allocation=allocation, align=align, allow_null=allow_null)
+    new = hf.to_variable_width(model, kept={path: r.kept for path, r in reports.items()})
     return new, reports
 
 

@@ -10,6 +10,7 @@ one thing everywhere.
 - :data:`DEVICE`, :data:`ON_GPU`, :func:`sizes`: where the kernels run, and a problem size for it.
 - :func:`spawn_ranks`: run a multi-process check (expert parallelism) on a free local port.
 - :func:`capture_graph`: a step warmed up, then captured in a CUDA graph.
+- :func:`tiny_hf_model`: a tiny random-init transformers MoE causal LM (needs transformers).
 
 Without a GPU the kernels run in the Triton interpreter, which must be selected
 (``TRITON_INTERPRET=1``) before vmoe is imported: tests/conftest.py and notebooks/nbutil.py do that
@@ -161,3 +162,44 @@ def capture_graph(step, warmup: int = 2):
     with torch.cuda.graph(graph):
         result = step()
     return graph, result
+
+
+# The transformers MoE causal LMs the vmoe.hf checks build, by model type.
+HF_MODELS = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v3")
+
+
+def tiny_hf_model(name: str, device=DEVICE):
+    """A tiny random-init transformers MoE causal LM of model type ``name`` (:data:`HF_MODELS`),
+    built from its config class (no download), in eval mode on ``device``: vocabulary 64, d=32,
+    2 layers, 4 experts of width 16, top-2 (Qwen2-MoE adds a shared expert of 16)."""
+    import transformers  # an optional dependency: only the vmoe.hf checks need it
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  initializer_range=0.2)
+    if name == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
+                                             head_dim=8, norm_topk_prob=True)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif name == "olmoe":
+        config = transformers.OlmoeConfig(**common, intermediate_size=16)
+        cls = transformers.OlmoeForCausalLM
+    elif name == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=16, head_dim=8)
+        cls = transformers.MixtralForCausalLM
+    elif name == "deepseek_v3":
+        common.pop("num_experts")
+        common["num_key_value_heads"] = 4  # multi-head latent attention: one key per head
+        config = transformers.DeepseekV3Config(**common, n_routed_experts=4, intermediate_size=64,
+                                               moe_intermediate_size=16, n_group=1, topk_group=1,
+                                               first_k_dense_replace=0, q_lora_rank=None,
+                                               kv_lora_rank=16, qk_rope_head_dim=8,
+                                               qk_nope_head_dim=8, v_head_dim=8)
+        cls = transformers.DeepseekV3ForCausalLM
+    elif name == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=16)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:
+        raise ValueError(f"name must be one of {HF_MODELS}, got {name!r}")
+    return cls(config).to(device).eval()

@@ -168,18 +168,20 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
     (see the module docstring) overall and per class of :data:`WIDTH_CLASSES`, and per layer.
 
     The topk ids come from each layer's own ``route`` on the layer's input, caught by a forward
-    hook, so they are exactly the ones the layer used. Reads back to the host once, at the end.
+    hook, so they are exactly the ones the layer used, and they index that layer's own widths
+    (``mlp.config``), which differ from layer to layer and from ``model.cfg`` once the model is
+    slimmed (:mod:`vmoe.slim`). Reads back to the host once, at the end.
     """
-    cfg = model.cfg
     was_training = model.training
     model.eval()
     ids: list[torch.Tensor] = []
 
     def catch(module, inputs, _output):
-        ids.append(module.route(inputs[0].reshape(-1, module.config.n_embd))[3])
+        ids.append(module.route(inputs[0].reshape(-1, module.config.n_embd)).topk_ids)
 
-    hooks = [blk.mlp.register_forward_hook(catch) for blk in model.blocks]
-    widths = torch.tensor(cfg.moe_config().expert_widths, dtype=torch.float32, device=device)
+    layers = [blk.mlp for blk in model.blocks]
+    hooks = [m.register_forward_hook(catch) for m in layers]
+    widths = [torch.tensor(m.config.expert_widths, dtype=torch.float32, device=device) for m in layers]
     punct = torch.zeros(VOCAB, dtype=torch.bool)
     punct[list(PUNCT_BYTES)] = True
     letters = torch.zeros(VOCAB, dtype=torch.bool)
@@ -188,7 +190,7 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
     C = len(WIDTH_CLASSES)
     ce_sum = torch.zeros(C, device=device)
     count = torch.zeros(C, device=device)
-    width_sum = torch.zeros(cfg.n_layer, C, device=device)
+    width_sum = torch.zeros(len(layers), C, device=device)
     try:
         for lo in range(0, len(windows), batch_size):
             chunk = windows[lo:lo + batch_size].to(device).long()
@@ -204,7 +206,7 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
                                  dom_t == DOMAINS.index("code"), punct[xb], letters[xb]], 1).float()
             ce_sum += ce @ masks
             count += masks.sum(0)
-            width_sum += torch.stack([widths[t.long()].sum(-1) for t in ids]) @ masks     # [L, C]
+            width_sum += torch.stack([w[t.long()].sum(-1) for w, t in zip(widths, ids)]) @ masks  # [L, C]
     finally:
         for h in hooks:
             h.remove()
@@ -214,15 +216,16 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
     per_layer = width_sum / count                                                      # [L, C]
     width = per_layer.mean(0).tolist()  # host-ok: already on the host
     cls = dict(zip(WIDTH_CLASSES, width))
-    g = gate_factor(cfg.activation)
+    # Per assignment, an expert of width f does 2*d*(g*f) + 2*f*d forward FLOPs; linear in f, so
+    # a layer's mean over assignments is that of its realised width.
+    flops = sum(2 * m.config.n_embd * (gate_factor(m.config.activation) + 1) * w
+                for m, w in zip(layers, per_layer[:, 0].tolist()))  # host-ok: already on the host
     return {
         "val_bpb": bpb[0], "val_bpb_prose": bpb[1], "val_bpb_code": bpb[2],
         "width": cls["all"], "width_prose": cls["prose"], "width_code": cls["code"],
         "width_punct": cls["punct"], "width_letters": cls["letters"],
         "width_by_layer": " ".join(f"{w:.1f}" for w in per_layer[:, 0].tolist()),  # host-ok: host
-        # Per assignment, an expert of width f does 2*d*(g*f) + 2*f*d forward FLOPs; linear in f,
-        # so the mean over assignments is that of the mean width.
-        "expert_fwd_flops_per_token": cfg.n_layer * 2 * cfg.n_embd * (g + 1) * cls["all"],
+        "expert_fwd_flops_per_token": flops,
     }
 
 
