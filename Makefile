@@ -60,7 +60,7 @@ data: $(VENV)/.installed
 # vmoe.bench names its CSVs. MATCH narrows a sweep or probe to the configs it matches (a regex).
 .PHONY: gpu-test gpu-test-tma gpu-test-parallel bench-large bench-widths bench-layer bench-seed-tma \
 	probe-gemms probe-forward probe-width-cost probe-kernels probe-launch probe-first-step \
-	probe-layer-host train-batch
+	probe-layer-host train-batch train-batch-d768
 
 GPU_WORKERS ?= 12
 MATCH ?= .
@@ -184,5 +184,18 @@ train-batch: $(VENV)/.installed
 	for seed in $(TRAIN_SEEDS); do for run in $(TRAIN_RUNS); do set -- $$(echo $$run | tr : ' '); \
 		$(PY) -m vmoe.train --config $$1 $${2:+--expert-width $$2} --seed $$seed --compile reduce-overhead \
 			--total-tokens 16777216 --resume $(TRAIN_FLAGS) || exit 1; \
+	done; done
+	$(PY) -m vmoe.train --collect --results results
+
+TRAIN_RUNS_D768 ?= uniform_d768 var5_d768 var23_d768 var5_null_d768 var5_null_bound_d768 var5_cl_d768 \
+	var23_cl_d768
+## train-batch-d768: the study at d=768 (12 layers, 100 MiB of bytes a run, the registry's schedule),
+## TRAIN_RUNS_D768 x TRAIN_SEEDS, one run at a time under CUDA graphs; each run must finish inside one
+## device command, so pass a few runs at a time; then results/train_<gpu>.csv gains their rows
+train-batch-d768: $(VENV)/.installed
+	$(SHOW_CARD)
+	for seed in $(TRAIN_SEEDS); do for run in $(TRAIN_RUNS_D768); do set -- $$(echo $$run | tr : ' '); \
+		$(PY) -m vmoe.train --config $$1 $${2:+--expert-width $$2} --seed $$seed --compile reduce-overhead \
+			--resume $(TRAIN_FLAGS) || exit 1; \
 	done; done
 	$(PY) -m vmoe.train --collect --results results

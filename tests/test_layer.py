@@ -337,3 +337,100 @@ def test_null_and_shared_by_hand(activation, router, gate, impl):
     assert f_i.shape == (cfg.num_experts,), "f_i covers the routed experts only"
     # In float64 only the router's probabilities are rounded (MoEMLP computes them in fp32).
     assert_close("out", out, expected, dtype, tol=1e-6 if dtype == torch.float64 else None)
+
+
+# The null-share bound (MoEConfig.max_null_share): a router that sends most slots to the null group.
+NULL_BOUND = dict(expert_sizes=[(2, 16), (3, 0), (1, 8), (1, 0)], num_active_experts=2,
+                  activation="relu2", router="softmax")
+
+
+def _null_heavy_layer(bound, impl="auto", seed=0):
+    torch.manual_seed(seed)
+    layer = MoEMLP(MoEConfig(n_embd=16, max_null_share=bound, impl=impl, **NULL_BOUND)).to(DEVICE)
+    with torch.no_grad():  # with _null_inputs' feature 0 at 2: the null logits rise by 3
+        for lo, hi in layer.config.null_ranges:
+            layer.router.weight[lo:hi, 0] += 1.5
+    return layer
+
+
+def _null_inputs(T):
+    x = torch.randn(T, 16, device=DEVICE)
+    x[:, 0] = 2.0
+    return x
+
+
+def _null_share_by_hand(cfg, router_weight, x, bound):
+    """relu(s - bound) * p in float64: s the null share of the float64 top-k, p the null experts'
+    summed mean softmax probability."""
+    P = torch.softmax(x.double() @ router_weight.double().T, dim=-1)
+    ids = P.topk(cfg.num_active_experts, dim=-1).indices
+    null = [e for lo, hi in cfg.null_ranges for e in range(lo, hi)]
+    share = torch.isin(ids, torch.tensor(null, device=ids.device)).double().mean()
+    p = P.mean(0)[null].sum()
+    return torch.relu(share - bound) * p, float(share)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("bound", [0.1, 0.95], ids=["above-bound", "within-bound"])
+def test_null_share_loss_by_hand(impl, bound):
+    """The loss and its gradient w.r.t. the router weight against the float64 formula: positive
+    with a gradient above the bound, exactly 0 with a zero gradient within it."""
+    layer = _null_heavy_layer(bound, impl)
+    x = _null_inputs(40)
+    _, aux, f_i = layer(x)
+    assert set(aux) == AUX_KEYS | {"null_share_loss"}
+    assert aux["null_share_loss"].dtype == torch.float32
+    w = layer.router.weight.detach().double().requires_grad_()
+    expected, share = _null_share_by_hand(layer.config, w, x, bound)
+    null = [e for lo, hi in layer.config.null_ranges for e in range(lo, hi)]
+    assert abs(float(f_i[null].sum()) - share) < 1e-6, "the layer's top-k differs from float64's"
+    assert_close("null_share_loss", aux["null_share_loss"], expected, torch.float32)
+    (g,) = torch.autograd.grad(aux["null_share_loss"], layer.router.weight)
+    (g_ref,) = torch.autograd.grad(expected, w)
+    assert_close("d null_share_loss / d router", g, g_ref, torch.float32)
+    if bound < share:
+        assert float(aux["null_share_loss"].detach()) > 0 and float(g.abs().max()) > 0
+    else:
+        assert float(aux["null_share_loss"].detach()) == 0 and float(g.abs().max()) == 0
+
+
+def test_null_share_loss_lowers_the_null_share():
+    """A few SGD steps on the loss alone take the null experts' share down to the bound."""
+    layer = _null_heavy_layer(0.25)
+    x = _null_inputs(64)
+    opt = torch.optim.SGD(layer.router.parameters(), lr=20.0)
+    null = [e for lo, hi in layer.config.null_ranges for e in range(lo, hi)]
+    shares = []
+    for _ in range(30):
+        _, aux, f_i = layer(x)
+        shares.append(float(f_i[null].sum()))
+        opt.zero_grad()
+        aux["null_share_loss"].backward()
+        opt.step()
+    assert shares[0] > 0.5, f"the setup should start null-heavy, got {shares[0]:.2f}"
+    assert shares[-1] <= 0.25 + 1 / 64, f"null share {shares[0]:.2f} -> {shares[-1]:.2f}"
+
+
+def test_no_null_share_loss_without_a_bound():
+    layer = MoEMLP(MoEConfig(n_embd=16, **NULL_BOUND)).to(DEVICE)
+    _, aux, _ = layer(torch.randn(5, 16, device=DEVICE))
+    assert set(aux) == AUX_KEYS
+
+
+@pytest.mark.parametrize("bound,match", [(0, "max_null_share"), (1, "max_null_share"),
+                                         (-0.1, "max_null_share"), ("0.2", "max_null_share"),
+                                         (True, "max_null_share")])
+def test_null_share_bound_is_checked(bound, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(n_embd=16, max_null_share=bound, **NULL_BOUND)
+
+
+def test_null_share_bound_needs_a_null_expert():
+    with pytest.raises(ValueError, match="no null expert"):
+        MoEConfig(n_embd=16, expert_sizes=[(4, 8)], max_null_share=0.2)
+
+
+def test_null_share_loss_with_zero_tokens():
+    layer = _null_heavy_layer(0.2)
+    _, aux, _ = layer(torch.randn(0, 16, device=DEVICE))
+    assert float(aux["null_share_loss"]) == 0.0

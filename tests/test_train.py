@@ -44,6 +44,7 @@ from vmoe.train.loop import (
     resolve_config,
     run_dir_for,
     train,
+    training_loss,
 )
 
 TINY = replace(CONFIGS["tiny"], impl="reference", seq_len=32, batch_size=8, total_tokens=20 * 8 * 32,
@@ -199,6 +200,30 @@ def test_collect(corpus, tmp_path):
     assert (tmp_path / "results" / "train_cpu.csv").exists()
 
 
+def test_collect_keeps_the_other_runs_of_the_file(corpus, tmp_path):
+    """Collecting a new batch into an existing train_<gpu>.csv replaces the runs it has logs of and
+    keeps the others, including rows from before the n_embd / n_layer columns existed."""
+    import pandas as pd
+    results = tmp_path / "results"
+    results.mkdir()
+    old_columns = [c for c in LOG_COLUMNS if c not in ("n_embd", "n_layer", "max_null_share")]
+    old = pd.DataFrame([{**{c: None for c in old_columns}, "config": "older", "seed": 5, "step": 0,
+                         "val_bpb": 1.5, "gpu": "cpu"},
+                        {**{c: None for c in old_columns}, "config": TINY.name, "seed": 0,
+                         "step": 0, "val_bpb": 99.0, "gpu": "cpu"}])
+    old.to_csv(results / "train_cpu.csv", index=False)
+    runs = tmp_path / "runs"
+    train(replace(TINY, total_tokens=5 * 8 * 32), seed=0, out=runs, data_dir=corpus, device="cpu")
+    collect(runs, results=results)
+    merged = pd.read_csv(results / "train_cpu.csv")
+    assert list(merged.columns) == LOG_COLUMNS
+    older = merged[merged["config"] == "older"]
+    assert len(older) == 1 and older["val_bpb"].item() == 1.5 and older["n_embd"].isna().all()
+    mine = merged[merged["config"] == TINY.name]
+    assert len(mine) == 2 and 99.0 not in mine["val_bpb"].tolist()  # the stale run replaced
+    assert (mine["n_embd"] == TINY.n_embd).all() and (mine["n_layer"] == TINY.n_layer).all()
+
+
 def test_collect_writes_where_git_does_not_track_unless_told(corpus, tmp_path, monkeypatch):
     """``--collect`` alone writes beside the runs (results/runs/, ignored by git); the committed
     results/train_<gpu>.csv takes an explicit ``--results results``."""
@@ -318,20 +343,42 @@ def test_registry_constructs(name):
     configs keep the uniform one's mean width, so evenly routed tokens cost the same."""
     cfg = CONFIGS[name]
     assert cfg.name == name
-    try:
-        moe = cfg.moe_config()
-    except ValueError as e:
-        if name == "var5_null":
-            pytest.skip(f"MoEConfig does not take width 0 yet: {e}")
-        raise
+    moe = cfg.moe_config()
     with torch.device("meta"):
         model = GPT(cfg)
     assert len(model.blocks) == cfg.n_layer
     if name != "tiny":
+        # Active width 4d at either scale: k * mean width = 2 * 2d.
+        d = 768 if name.endswith("_d768") else 384
         widths = [w for w in moe.expert_widths if w > 0]
-        assert sum(widths) / len(widths) == 768, widths
-        assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.seq_len, cfg.k) == (384, 6, 6, 256, 2)
+        assert sum(widths) / len(widths) == 2 * d, widths
+        shape = (768, 12, 12) if d == 768 else (384, 6, 6)
+        assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.seq_len, cfg.k) == (*shape, 256, 2)
+        if d == 768:
+            base = CONFIGS[name[:-len("_d768")]]
+            assert cfg.total_tokens >= 100_000_000
+            assert (cfg.max_null_share, cfg.compute_loss_weight) == (base.max_null_share,
+                                                                     base.compute_loss_weight)
     assert CONFIGS["var5_cl"].compute_loss_weight > 0 == CONFIGS["var5_cl0"].compute_loss_weight
+    assert CONFIGS["var5_null_bound"].max_null_share == 0.24
+
+
+def test_null_share_loss_enters_the_training_loss():
+    """A config with a null-share bound: the model's aux carries null_share_loss (averaged over the
+    layers like the others) and the training loss adds it at its weight."""
+    cfg = replace(TINY, expert_sizes=((2, 48), (2, 16), (2, 0)), max_null_share=0.01,
+                  null_share_loss_weight=3.0)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(VOCAB, (2, cfg.seq_len))
+    y = torch.randint(VOCAB, (2, cfg.seq_len))
+    loss, ce, aux = training_loss(cfg, model, x, y)
+    assert sorted(aux) == sorted((*AUX_KEYS, "null_share_loss"))
+    assert float(aux["null_share_loss"]) > 0  # a bound of 1%: random routing exceeds it
+    expected = (ce + cfg.z_loss_weight * aux["router_z_loss"]
+                + cfg.lb_loss_weight * aux["load_balance_loss"]
+                + cfg.compute_loss_weight * aux["compute_loss"] + 3.0 * aux["null_share_loss"])
+    assert torch.allclose(loss, expected)
 
 
 def test_resolve_config_overrides():

@@ -104,6 +104,12 @@ class MoEConfig:
             and computed in the same launches; 0 for none.
         shared_expert_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (a
             ``Linear(d, 1)``, as Qwen2-MoE does) instead of 1.
+        max_null_share: None, or a bound in (0, 1) on the fraction of slots that null experts
+            take: the layer's aux losses then include ``null_share_loss``, which is 0 while the
+            null experts' share of the assignments stays at or below the bound and, above it,
+            pushes their router probability down (see :class:`vmoe.MoEMLP`). Needs a null expert.
+            Load balancing runs within each width group, so without a bound nothing limits how
+            many slots the null group takes.
     """
 
     n_embd: int = 768
@@ -115,6 +121,7 @@ class MoEConfig:
     impl: str = "auto"
     shared_expert_width: int = 0
     shared_expert_gate: bool = False
+    max_null_share: float | None = None
 
     def __post_init__(self):
         if isinstance(self.n_embd, bool) or not isinstance(self.n_embd, int) or self.n_embd < 1:
@@ -155,9 +162,26 @@ class MoEConfig:
             raise ValueError(f"shared_expert_width must be an int >= 0 (0 for none), got {S!r}")
         if not isinstance(self.shared_expert_gate, bool):
             raise TypeError(f"shared_expert_gate must be a bool, got {self.shared_expert_gate!r}")
+        bound = self.max_null_share
+        if bound is not None:
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < 1:
+                raise ValueError(f"max_null_share must be None or a number in (0, 1), got {bound!r}")
+            if not self.null_ranges:
+                raise ValueError(f"max_null_share={bound} bounds the null experts' share, but "
+                                 f"expert_sizes {self.expert_sizes} has no null expert (width 0)")
         if self.shared_expert_gate and S == 0:
             raise ValueError("shared_expert_gate=True needs a shared expert: set "
                              "shared_expert_width >= 1")
+
+    @cached_property
+    def null_ranges(self) -> tuple[tuple[int, int], ...]:
+        """``((lo, hi), ...)``: the expert ids ``[lo, hi)`` of each group of null experts, in order."""
+        out, lo = [], 0
+        for count, width in self.expert_sizes:
+            if width == 0:
+                out.append((lo, lo + count))
+            lo += count
+        return tuple(out)
 
     @cached_property
     def expert_widths(self) -> tuple[int, ...]:

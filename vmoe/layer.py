@@ -27,7 +27,8 @@ class Routed(NamedTuple):
     topk_weights: torch.Tensor   # [T, k] in the experts' dtype
     routing: tuple | None        # the five routing arrays (kernel path), None on the torch path
     counts: torch.Tensor         # [E] assignments per expert
-    aux: dict                    # router_z_loss, load_balance_loss, compute_loss: [] float32
+    aux: dict                    # router_z_loss, load_balance_loss, compute_loss (and
+                                 # null_share_loss with max_null_share): [] float32
     f_i: torch.Tensor            # [E] fraction of the T*k assignments per expert
 
 
@@ -80,6 +81,9 @@ class MoEMLP(nn.Module):
             the mean of L_g over the groups.
           - ``compute_loss = mean_t(sum_e P[t, e] * f_e) / mean_e(f_e)``: the expected width per
             unit of probability, relative to the mean width; it pushes tokens toward cheap experts.
+          - ``null_share_loss``, only with ``config.max_null_share`` set: ``relu(s - bound) * p``,
+            s the fraction of assignments to null experts and p their summed ``mean_t P``
+            (:func:`vmoe.reference.null_share_loss`).
         * ``f_i``: ``[E]`` fraction of the T*k assignments that went to each expert (sums to 1).
     """
 
@@ -164,11 +168,12 @@ class MoEMLP(nn.Module):
         logits = self.router(x2)                                           # [T, E]
         if use_triton(x2, cfg.impl):
             x2, _, w1, w2 = autocast_inputs(x2, None, self.w1, self.w2)
-            (topk_weights, _, _, z_loss, lb_loss, compute_loss, topk_ids, f_i,
+            (topk_weights, p_sum, _, z_loss, lb_loss, compute_loss, topk_ids, f_i,
              *routing) = apply_route(logits, k, cfg.router, cfg.norm_topk_prob, cfg.expert_widths,
                                      self._group_sizes, x2.dtype)
             aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
                    "compute_loss": compute_loss}
+            self._add_null_share_loss(aux, p_sum / max(T, 1), f_i)
             return Routed(x2, w1, w2, topk_ids, topk_weights, routing, routing[0], aux, f_i)
         if cfg.impl == "auto":
             _warn_reference_on_cpu()
@@ -181,8 +186,17 @@ class MoEMLP(nn.Module):
         counts = torch.zeros(E, device=x2.device).scatter_add_(
             0, topk_ids.reshape(-1), torch.ones(T * k, device=x2.device))
         aux = self.aux_losses(logits, probs, counts)
-        return Routed(x2, w1, w2, topk_ids, topk_weights.to(x2.dtype), None, counts, aux,
-                      counts / max(T * k, 1))
+        f_i = counts / max(T * k, 1)
+        self._add_null_share_loss(aux, probs.sum(0) / max(T, 1), f_i)
+        return Routed(x2, w1, w2, topk_ids, topk_weights.to(x2.dtype), None, counts, aux, f_i)
+
+    def _add_null_share_loss(self, aux: dict, p_mean: torch.Tensor, f_i: torch.Tensor) -> None:
+        """``aux["null_share_loss"]`` when the config bounds the null share (float32, like the
+        other losses)."""
+        bound = self.config.max_null_share
+        if bound is not None:
+            aux["null_share_loss"] = reference.null_share_loss(p_mean.float(), f_i.float(),
+                                                               self.config.null_ranges, bound)
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
         """The three auxiliary losses (see the class docstring) from ``[T, E]`` logits and

@@ -188,6 +188,18 @@ def route_aux_losses(lse: torch.Tensor, probs: torch.Tensor, counts: torch.Tenso
             "compute_loss": compute_loss}
 
 
+def null_share_loss(p_mean: torch.Tensor, f: torch.Tensor, null_ranges, bound: float
+                    ) -> torch.Tensor:
+    """``relu(s - bound) * p`` for ``MoEConfig.max_null_share``: ``s`` the null experts' share of
+    the assignments (``f``, the ``[E]`` fractions, summed over the ``null_ranges``; no gradient) and
+    ``p`` their summed mean router probability (from the ``[E]`` ``p_mean``). 0 while the share is
+    within the bound; above it, the gradient lowers the null experts' probability in proportion to
+    the excess, as the load-balance loss's f * p form does."""
+    share = sum(f[lo:hi].sum() for lo, hi in null_ranges)
+    p = sum(p_mean[lo:hi].sum() for lo, hi in null_ranges)
+    return torch.relu(share.detach().to(p.dtype) - bound) * p
+
+
 # The expert-parallel exchange (:mod:`vmoe.ops.exchange`), index by index; ``plan`` is its
 # :class:`~vmoe.ops.exchange.ExchangePlan`.
 

@@ -90,7 +90,8 @@ LOG_COLUMNS = [
     "config", "seed", "step", "tokens", "wall_s", "train_loss", "train_bpb", "val_bpb", "val_bpb_prose",
     "val_bpb_code", "tokens_per_s", "width", "width_code", "width_prose", "width_punct", "width_letters",
     "width_by_layer", "expert_fwd_flops_per_token", "lr", *AUX_KEYS, "expert_sizes", "k",
-    "compute_loss_weight", "total_tokens", "compile", "gpu", "torch", "triton", "git_commit", "data_sha256",
+    "compute_loss_weight", "max_null_share", "n_embd", "n_layer", "total_tokens", "compile", "gpu",
+    "torch", "triton", "git_commit", "data_sha256",
 ]
 
 
@@ -100,6 +101,8 @@ def training_loss(cfg: TrainConfig, model: nn.Module, x, y):
     ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
     loss = (ce + cfg.z_loss_weight * aux["router_z_loss"] + cfg.lb_loss_weight * aux["load_balance_loss"]
             + cfg.compute_loss_weight * aux["compute_loss"])
+    if "null_share_loss" in aux:  # only where the config bounds the null share
+        loss = loss + cfg.null_share_loss_weight * aux["null_share_loss"]
     return loss, ce, aux
 
 
@@ -487,7 +490,8 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
                 "lr": lr_at(cfg, step - 1) if step else None,
                 **{key: means[1 + i] if trained else None for i, key in enumerate(AUX_KEYS)},
                 "expert_sizes": " ".join(f"{c}x{w}" for c, w in cfg.expert_sizes), "k": cfg.k,
-                "compute_loss_weight": cfg.compute_loss_weight, "total_tokens": cfg.total_tokens, **env})
+                "compute_loss_weight": cfg.compute_loss_weight, "max_null_share": cfg.max_null_share,
+                "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "total_tokens": cfg.total_tokens, **env})
             acc.zero_()
             st.update(last_eval=step, tokens_at_eval=st["tokens"], wall_at_eval=st["wall"], n_acc=0)
             # The row first: once the checkpoint records this evaluation, a resume never repeats it.
@@ -532,7 +536,10 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
 
 def collect(out: Path = DEFAULT_OUT, results: Path | None = None):
     """Every run's ``log.csv`` under ``out`` in one DataFrame; with ``results``, also written to
-    ``results/train_<gpu>.csv``, one file per GPU (as the benchmark's CSVs are)."""
+    ``results/train_<gpu>.csv``, one file per GPU (as the benchmark's CSVs are). A run already in
+    that file (same config and seed) is replaced by its log; the file's other runs are kept, with
+    empty cells in columns their logs did not have, so that batches collected on different
+    machines add up."""
     import pandas as pd
 
     logs = sorted(Path(out).glob(f"*/{LOG}"))
@@ -542,8 +549,16 @@ def collect(out: Path = DEFAULT_OUT, results: Path | None = None):
     if results is not None:
         Path(results).mkdir(parents=True, exist_ok=True)
         for gpu, part in df.groupby("gpu"):
+            path = Path(results) / f"train_{gpu_slug(str(gpu))}.csv"
+            if path.exists():
+                old = pd.read_csv(path)
+                runs = set(zip(part["config"], part["seed"]))
+                keep = [(c, s) not in runs for c, s in zip(old["config"], old["seed"])]
+                part = pd.concat([old[keep], part], ignore_index=True)
+            columns = list(dict.fromkeys([*LOG_COLUMNS, *part.columns]))
+            part = part.reindex(columns=columns)
             rows = part.astype(object).where(part.notna(), None).to_dict("records")  # NaN: empty
-            report.write_csv(Path(results) / f"train_{gpu_slug(str(gpu))}.csv", rows, list(part.columns))
+            report.write_csv(path, rows, columns)
     return df
 
 

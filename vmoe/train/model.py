@@ -42,6 +42,9 @@ class TrainConfig:
     z_loss_weight: float = 1e-3
     lb_loss_weight: float = 1e-2
     compute_loss_weight: float = 0.0
+    # A bound on the null experts' share of slots (MoEConfig.max_null_share) and its loss's weight.
+    max_null_share: float | None = None
+    null_share_loss_weight: float = 1.0
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -56,7 +59,8 @@ class TrainConfig:
     def moe_config(self) -> MoEConfig:
         return MoEConfig(n_embd=self.n_embd, expert_sizes=self.expert_sizes, num_active_experts=self.k,
                          activation=self.activation, router=self.router,
-                         norm_topk_prob=self.norm_topk_prob, impl=self.impl)
+                         norm_topk_prob=self.norm_topk_prob, impl=self.impl,
+                         max_null_share=self.max_null_share)
 
     @property
     def tokens_per_step(self) -> int:
@@ -88,12 +92,31 @@ CONFIGS = {
     "uniform_realised": replace(_BASE, name="uniform_realised", expert_sizes=((8, 768),)),
     # Null experts (width 0) let a token skip an MLP (the original author's follow-up).
     "var5_null": replace(_BASE, name="var5_null", expert_sizes=((4, 1280), (4, 256), (4, 0))),
+    # The same with the null share bounded at the write-up's 24% of slots.
+    "var5_null_bound": replace(_BASE, name="var5_null_bound",
+                               expert_sizes=((4, 1280), (4, 256), (4, 0)), max_null_share=0.24),
     # var5_cl0 is var5 under the name of the compute-loss pair (compute_loss weight 0 vs 0.01).
     "var5_cl0": replace(_BASE, name="var5_cl0", expert_sizes=((4, 1280), (4, 256)),
                         compute_loss_weight=0.0),
     "var5_cl": replace(_BASE, name="var5_cl", expert_sizes=((4, 1280), (4, 256)),
                        compute_loss_weight=0.01),
+    "var23_cl": replace(_BASE, name="var23_cl", expert_sizes=((4, 1472), (4, 64)),
+                        compute_loss_weight=0.01),
 }
+
+
+def at_d768(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` at the original work's model width: d=768, 12 heads, 12 layers, every expert twice as
+    wide (so the active width stays 4d), 100 MiB of bytes (6400 steps of 16384), evaluated every
+    400 steps; named ``<name>_d768``."""
+    return replace(cfg, name=f"{cfg.name}_d768", n_embd=768, n_head=12, n_layer=12,
+                   expert_sizes=tuple((n, 2 * w) for n, w in cfg.expert_sizes),
+                   total_tokens=100 * 2**20, eval_interval=400)
+
+
+# The study at d=768: every d=384 config but the smoke run, under the same name plus _d768.
+CONFIGS.update({f"{name}_d768": at_d768(cfg) for name, cfg in list(CONFIGS.items())
+                if name != "tiny"})
 
 
 def resolve_config(name: str, expert_width: int | None = None, total_tokens: int | None = None
@@ -109,7 +132,7 @@ def resolve_config(name: str, expert_width: int | None = None, total_tokens: int
                              f"{cfg.expert_sizes}")
         count = cfg.expert_sizes[0][0]
         cfg = replace(cfg, name=f"{name}_w{expert_width}", expert_sizes=((count, expert_width),))
-    elif name == "uniform_realised":
+    elif name.startswith("uniform_realised"):
         raise ValueError("uniform_realised needs --expert-width: a variable run's realised width / k")
     if total_tokens is not None:
         cfg = replace(cfg, total_tokens=total_tokens)
@@ -184,5 +207,7 @@ class GPT(nn.Module):
         for blk in self.blocks:
             x, aux = blk(x)
             auxes.append(aux)
-        aux = {key: torch.stack([a[key].float() for a in auxes]).mean() for key in AUX_KEYS}
+        # AUX_KEYS, and null_share_loss where the config bounds the null share: every layer has
+        # the same keys.
+        aux = {key: torch.stack([a[key].float() for a in auxes]).mean() for key in auxes[0]}
         return self.head(self.ln_f(x)), aux
