@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
+
+from tqdm import TqdmWarning
 
 # The interpreter must be chosen before triton is imported; without a GPU the kernels run on the
 # CPU through it, which is how CI executes the notebooks.
@@ -21,6 +24,9 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# tqdm warns on stderr, which nbval compares, when ipywidgets is missing (transformers imports
+# tqdm.auto); whether it is installed is no concern of the notebooks.
+warnings.filterwarnings("ignore", category=TqdmWarning)
 
 import matplotlib  # noqa: E402
 
