@@ -55,6 +55,20 @@ def _moe(dtype, **kw):
     return MoEMLP(cfg).to(DEVICE, dtype)
 
 
+def _two_steps(recorded, shared: bool, tokens: tuple) -> tuple[list, list]:
+    """The launches of two training steps of one layer (with a gated shared expert if ``shared``),
+    at ``tokens[0]`` then ``tokens[1]`` tokens, with new inputs each time."""
+    kw = dict(shared_expert_width=24, shared_expert_gate=True) if shared else {}
+    moe = _moe(torch.float32, **kw)
+    _layer_step(moe, 32, tokens[0], torch.float32, seed=1)
+    first = list(recorded)
+    recorded.clear()
+    _layer_step(moe, 32, tokens[1], torch.float32, seed=2)
+    second = list(recorded)
+    assert len(first) == len(second) >= 12
+    return first, second
+
+
 def _key(kernel, args, kwargs, device):
     return launch_mod.launch_key(kernel, (*args, *kwargs.values()), tuple(kwargs), device)
 
@@ -69,14 +83,7 @@ def test_replayed_arguments_equal_triton_binding(recorded, shared):
     (same key) with the second call's tensors in their slots equals a fresh binding of the second
     call, value by value and tensor by tensor. Covers every kernel of the forward and backward,
     positional and keyword launches, heuristics, the autotuned config and defaults."""
-    kw = dict(shared_expert_width=24, shared_expert_gate=True) if shared else {}
-    moe = _moe(torch.float32, **kw)
-    _layer_step(moe, 32, 7, torch.float32, seed=1)
-    first = list(recorded)
-    recorded.clear()
-    _layer_step(moe, 32, 7, torch.float32, seed=2)
-    second = list(recorded)
-    assert len(first) == len(second) >= 12
+    first, second = _two_steps(recorded, shared, (7, 7))
     kernels = set()
     for (k1, _, a1, kw1), (k2, _, a2, kw2) in zip(first, second):
         assert k1 is k2
@@ -215,15 +222,9 @@ def test_token_count_arguments_are_not_specialized(recorded, shared):
     Triton does not compile a new variant for its divisibility by 16 or its being 1. Two training
     steps at T=16 and T=37 launch the same kernels in the same order; each argument that differs
     must be listed."""
-    kw = dict(shared_expert_width=24, shared_expert_gate=True) if shared else {}
-    moe = _moe(torch.float32, **kw)
-    _layer_step(moe, 32, 16, torch.float32, seed=1)
-    first = list(recorded)
-    recorded.clear()
-    _layer_step(moe, 32, 37, torch.float32, seed=2)
-    assert len(first) == len(recorded) >= 12
+    first, second = _two_steps(recorded, shared, (16, 37))
     varying = 0
-    for (k1, _, a1, kw1), (k2, _, a2, kw2) in zip(first, recorded):
+    for (k1, _, a1, kw1), (k2, _, a2, kw2) in zip(first, second):
         assert k1 is k2
         ints1, ints2 = _int_arguments(k1, a1, kw1), _int_arguments(k2, a2, kw2)
         changed = {n for n in ints1 if ints1[n] != ints2.get(n)}

@@ -10,14 +10,12 @@ a cProfile of 300 forwards on the direct path (where the rest of the host time g
 """
 from __future__ import annotations
 
-import cProfile
-import pstats
 import time
 
 import torch
 
 from vmoe import MoEConfig, MoEMLP
-from vmoe.bench.probes.profiling import layer_steps
+from vmoe.bench.probes.profiling import layer_steps, print_host_profile
 from vmoe.ops.gather_scatter import combine
 from vmoe.ops.routing import build_routing
 from vmoe.ops.utils import launch as launch_mod
@@ -83,15 +81,8 @@ def main():
     with torch.no_grad():
         for _ in range(10):
             moe(x)
-        torch.cuda.synchronize()  # host-ok: the timer
-        profile = cProfile.Profile()
-        profile.enable()
-        for _ in range(300):
-            moe(x)
-        profile.disable()
-    torch.cuda.synchronize()  # host-ok: the timer
-    print(f"\ncProfile, 300 no-grad forwards of {name}, direct path on")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        print_host_profile(lambda: moe(x), 300,
+                           f"\ncProfile, 300 no-grad forwards of {name}, direct path on", top=25)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ so the GPU's time shows only where it is longer).
     PYTHONPATH=OTHER_TREE python vmoe/bench/probes/layer_host.py [LABEL]   # another checkout
 
 Prints one ``mode what ms`` line per case, then the profiles (22 costliest functions by own time).
+It imports nothing but ``vmoe`` itself, so that run as a file it measures whichever checkout
+``PYTHONPATH`` selects (an A/B of two versions in one call, on one host).
 """
 import cProfile
 import pstats

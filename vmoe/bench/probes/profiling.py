@@ -1,10 +1,12 @@
-"""What the probes share: a layer's two timed calls, and GPU time per call.
+"""What the probes share: a layer's two timed calls, GPU time per call, and a host profile.
 
 At the sizes the probes look at, an eager call is partly or wholly host-bound, so a wall-clock
 timer (do_bench) measures the host; the kernels' own times (:func:`kernel_times`) do not.
 """
 from __future__ import annotations
 
+import cProfile
+import pstats
 from collections import defaultdict
 
 import torch
@@ -39,3 +41,17 @@ def kernel_times(fn, steps: int = 10, warmup: int = 3, name_len: int = 90) -> di
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[e.name[:name_len]] += e.time_range.elapsed_us() / steps
     return dict(per_kernel)
+
+
+def print_host_profile(fn, calls: int, title: str, top: int = 22) -> None:
+    """cProfile ``calls`` calls of ``fn`` (the device synchronized before and after, so the GPU's
+    backlog lands outside), then print ``title`` and the ``top`` functions by own time."""
+    torch.cuda.synchronize()  # host-ok: the timer
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()  # host-ok: the timer
+    print(title)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(top)
