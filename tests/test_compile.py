@@ -24,10 +24,10 @@ LAYERS = [
     dict(expert_sizes=[(1, 100), (2, 1), (1, 33)], activation="swiglu", router="softmax"),
     dict(expert_sizes=[(3, 12)], activation="gelu", router="softmax", norm_topk_prob=False),
     dict(expert_sizes=[(2, 12), (2, 0)], activation="swiglu", router="sigmoid",
-         shared_expert_width=9, shared_expert_gate=True),
+         shared_expert_width=9, shared_expert_gate=True, max_null_share=0.1),
 ]
 LAYER_IDS = ["relu2-sigmoid-w16x2+7x2", "swiglu-softmax-w100+1x2+33", "gelu-softmax-nonorm-w12x3",
-             "swiglu-sigmoid-w12x2+null2-shared9-gate"]
+             "swiglu-sigmoid-w12x2+null2-bound-shared9-gate"]
 
 
 @pytest.fixture(autouse=True)

@@ -211,10 +211,11 @@ def test_exchange_kernels_match_torch(T, k, widths, placement, chunks, capacity)
 # The layer on several processes
 
 
-def _config(activation, router="sigmoid", widths=WIDTHS, k=2, impl="auto", shared=0, gate=False):
+def _config(activation, router="sigmoid", widths=WIDTHS, k=2, impl="auto", shared=0, gate=False,
+            null_bound=None):
     return MoEConfig(n_embd=16, expert_sizes=tuple((1, w) for w in widths), num_active_experts=k,
                      activation=activation, router=router, impl=impl, shared_expert_width=shared,
-                     shared_expert_gate=gate)
+                     shared_expert_gate=gate, max_null_share=null_bound)
 
 
 def _assert_grads(name, shard, moe, dtype):
@@ -236,10 +237,11 @@ def _assert_grads(name, shard, moe, dtype):
 
 
 def _check_layer(rank, world, activation, router, widths, tokens, batch_dim, impl="auto",
-                 shared=0, gate=False, state_dict=False, **options):
+                 shared=0, gate=False, state_dict=False, null_bound=None, **options):
     """The shard against the full layer on the concatenation of every rank's tokens."""
     torch.manual_seed(1234)  # the same layer and tokens on every rank
-    moe = MoEMLP(_config(activation, router, widths, impl=impl, shared=shared, gate=gate))
+    moe = MoEMLP(_config(activation, router, widths, impl=impl, shared=shared, gate=gate,
+                         null_bound=null_bound))
     d = moe.config.n_embd
     xs = [torch.randn(n, d) for n in tokens]
     dys = [torch.randn(n, d) for n in tokens]
@@ -414,8 +416,8 @@ LAYER_CASES = {
         ("swiglu", "softmax", SHUFFLED, [3, 6], True,
          dict(exchange="capacity", max_tokens=6, chunks=2)),
         ("gelu", "softmax", SHUFFLED, [4, 1], False, dict(impl="reference", chunks=2)),
-        ("relu2", "softmax", [7, 0, 33, 0, 16], [4, 3], False,          # null experts
-         dict(exchange="capacity", max_tokens=4)),
+        ("relu2", "softmax", [7, 0, 33, 0, 16], [4, 3], False,          # null experts, bounded
+         dict(exchange="capacity", max_tokens=4, null_bound=0.05)),
         ("swiglu", "sigmoid", WIDTHS, [5, 3], False,                     # gated shared expert
          dict(shared=8, gate=True, state_dict=True)),
         ("relu2", "softmax", WIDTHS, [2, 4], False,

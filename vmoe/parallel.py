@@ -396,6 +396,7 @@ class ExpertParallelMoEMLP(nn.Module):
 
     # The torch path's losses (impl="reference") read only the config.
     aux_losses = MoEMLP.aux_losses
+    _add_null_share_loss = MoEMLP._add_null_share_loss
     # MoEMLP's router, on the local tokens, with this shard's w1 and w2 cast for its experts.
     route = MoEMLP.route
     shared_weight = MoEMLP.shared_weight
