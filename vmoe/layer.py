@@ -173,7 +173,7 @@ class MoEMLP(nn.Module):
                                      self._group_sizes, x2.dtype)
             aux = {"router_z_loss": z_loss, "load_balance_loss": lb_loss,
                    "compute_loss": compute_loss}
-            self._add_null_share_loss(aux, p_sum / max(T, 1), f_i)
+            self._add_null_share_loss(aux, lambda: p_sum / max(T, 1), f_i)
             return Routed(x2, w1, w2, topk_ids, topk_weights, routing, routing[0], aux, f_i)
         if cfg.impl == "auto":
             _warn_reference_on_cpu()
@@ -187,15 +187,15 @@ class MoEMLP(nn.Module):
             0, topk_ids.reshape(-1), torch.ones(T * k, device=x2.device))
         aux = self.aux_losses(logits, probs, counts)
         f_i = counts / max(T * k, 1)
-        self._add_null_share_loss(aux, probs.sum(0) / max(T, 1), f_i)
+        self._add_null_share_loss(aux, lambda: probs.sum(0) / max(T, 1), f_i)
         return Routed(x2, w1, w2, topk_ids, topk_weights.to(x2.dtype), None, counts, aux, f_i)
 
-    def _add_null_share_loss(self, aux: dict, p_mean: torch.Tensor, f_i: torch.Tensor) -> None:
+    def _add_null_share_loss(self, aux: dict, p_mean, f_i: torch.Tensor) -> None:
         """``aux["null_share_loss"]`` when the config bounds the null share (float32, like the
-        other losses)."""
+        other losses); ``p_mean()`` gives the ``[E]`` mean probabilities, computed only then."""
         bound = self.config.max_null_share
         if bound is not None:
-            aux["null_share_loss"] = reference.null_share_loss(p_mean.float(), f_i.float(),
+            aux["null_share_loss"] = reference.null_share_loss(p_mean().float(), f_i.float(),
                                                                self.config.null_ranges, bound)
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> dict:
