@@ -2,10 +2,11 @@
 
 A fresh layer's first training step autotunes six row GEMMs and two weight-gradient GEMMs, each over
 up to 14 candidate configs: Triton compiles every candidate, then times each with ``do_bench``'s
-25 ms of warm-up and 100 ms of repetitions. Compiled kernels already persist in Triton's cache
-directory; the choice did not, so every new process timed every candidate again (9.0 s of a warm
-process's first step on an H100, results/NOTES.md, "The first step"). :func:`autotune` changes two
-things and leaves the choice itself to Triton's :class:`~triton.runtime.autotuner.Autotuner`:
+25 ms of warm-up and 100 ms of repetitions. Compiled kernels persist in Triton's cache directory,
+but by default the autotuner keeps its choice in memory only, so every new process would time
+every candidate again (9.0 s of a warm process's first step on an H100, results/NOTES.md, "The
+first step and a new token count"). :func:`autotune` changes two things and leaves the choice
+itself to Triton's :class:`~triton.runtime.autotuner.Autotuner`:
 
 - **Results on disk.** ``cache_results=True``: the timings of each tuning key are stored in Triton's
   cache directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) beside the compiled kernels,
