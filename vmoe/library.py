@@ -95,6 +95,11 @@ def _tensors(n: int) -> str:
     return "(" + ", ".join(["Tensor"] * n) + ")"
 
 
+# The routing arrays and the widths, as every operator after the routing takes them.
+_ROUTING_ARGS = ("Tensor counts, Tensor offsets, Tensor sorted_to_assign, Tensor assign_to_sorted, "
+                 "Tensor ragged_offsets, int[] expert_widths")
+
+
 def _define(schema: str, impl, fake):
     """``torch.ops.vmoe.<name>.default`` for ``schema``, computed by ``impl`` on every backend and
     by ``fake`` on fake tensors. Registered with ``torch.library.Library`` rather than
@@ -146,9 +151,8 @@ def _add_shared_slot_fake(counts, offsets, sorted_to_assign, assign_to_sorted, r
 
 
 add_shared_slot_op = _define(
-    "add_shared_slot(Tensor counts, Tensor offsets, Tensor sorted_to_assign, "
-    "Tensor assign_to_sorted, Tensor ragged_offsets, int[] expert_widths, int shared_width, "
-    "int k) -> " + _tensors(5), add_shared_slot_impl, _add_shared_slot_fake)
+    "add_shared_slot(" + _ROUTING_ARGS + ", int shared_width, int k) -> " + _tensors(5),
+    add_shared_slot_impl, _add_shared_slot_fake)
 
 
 def shared_slot(routing_tensors, expert_widths: Sequence[int], shared_width: int, k: int) -> tuple:
@@ -182,8 +186,6 @@ def _expert_mlp_fake(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign,
     return x.new_empty(T, d), z, x.new_empty(A, d)
 
 
-_ROUTING_ARGS = ("Tensor counts, Tensor offsets, Tensor sorted_to_assign, Tensor assign_to_sorted, "
-                 "Tensor ragged_offsets, int[] expert_widths")
 expert_mlp_op = _define(
     "expert_mlp(Tensor x, Tensor topk_weights, Tensor w1, Tensor w2, " + _ROUTING_ARGS
     + ", str activation, bool save) -> " + _tensors(3), expert_mlp_impl, _expert_mlp_fake)

@@ -522,8 +522,10 @@ def _report(stats: ChannelScores, budget: float, budget_kind: str, allocation: s
                       flops_fraction=flops, params_fraction=sum(widths) / sum(before))
 
 
-def _channel_cost(cfg: MoEConfig) -> int:
-    return (gate_factor(cfg.activation) + 1) * cfg.n_embd
+def _channel_cost(activation: str, d: int) -> int:
+    """What one channel of an expert costs, relative to the other layers' channels: its (g+1)*d
+    weights, and half its forward FLOPs per assignment."""
+    return (gate_factor(activation) + 1) * d
 
 
 def slim(moe: MoEMLP, calibration_x: torch.Tensor, budget: float, *, criterion: str = "act_w2",
@@ -626,9 +628,9 @@ def slim_model(model: nn.Module, batches: Iterable, budget: float, *, run: Calla
     layers = moe_layers(model)
     stats = {name: channel_scores(layer, inputs[name].to(layer.router.weight.dtype), criterion,
                                   max_tokens=max_tokens, seed=seed) for name, layer in layers}
-    reports = _choose(stats, {name: _channel_cost(layer.config) for name, layer in layers}, budget,
-                      budget_scope=budget_scope, budget_kind=budget_kind, allocation=allocation,
-                      align=align, allow_null=allow_null)
+    costs = {name: _channel_cost(layer.config.activation, layer.config.n_embd) for name, layer in layers}
+    reports = _choose(stats, costs, budget, budget_scope=budget_scope, budget_kind=budget_kind,
+                      allocation=allocation, align=align, allow_null=allow_null)
     new = copy.deepcopy(model)
     for name, layer in layers:
         parent, _, child = name.rpartition(".")
@@ -684,7 +686,7 @@ class _ExpertsTally:
 
     @property
     def channel_cost(self) -> int:
-        return (gate_factor(self.activation) + 1) * self.w1.shape[1]
+        return _channel_cost(self.activation, self.w1.shape[1])
 
     def add(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         E = len(self.widths)

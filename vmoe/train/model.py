@@ -133,7 +133,7 @@ def resolve_config(name: str, expert_width: int | None = None, total_tokens: int
         count = cfg.expert_sizes[0][0]
         cfg = replace(cfg, name=f"{name}_w{expert_width}", expert_sizes=((count, expert_width),))
     elif name.startswith("uniform_realised"):
-        raise ValueError("uniform_realised needs --expert-width: a variable run's realised width / k")
+        raise ValueError(f"{name} needs --expert-width: a variable run's realised width / k")
     if total_tokens is not None:
         cfg = replace(cfg, total_tokens=total_tokens)
     cfg.moe_config()  # fail here, with MoEConfig's message, rather than after loading the data

@@ -21,7 +21,6 @@ may set environment variables for its processes: ``LABEL=PATH:VMOE_TUNE_REP=100`
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -109,11 +108,8 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
             for process in ("cold", "warm"):
                 rows.append(run_case(label, path, env_extra, cache, process))
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    from vmoe.bench.report import write_csv  # the parent only: a child imports its own vmoe
+    write_csv(out, rows)  # the header: every key, in first-seen order
     return 0
 
 
