@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -93,7 +94,12 @@ def test_grouped_mm_applicability():
 def test_every_seed_and_large_config_runs_on_every_provider():
     for cfg in bench.configs("all"):
         for p in bench.PROVIDERS:
-            assert baselines.applicability(p, cfg, torch.bfloat16) == (True, ""), (p, cfg.name)
+            applicable = baselines.applicability(p, cfg, torch.bfloat16)
+            if p == "megablocks_variable" and cfg.activation == "swiglu":
+                # The fork's variable-width layer computes relu2 only.
+                assert not applicable[0] and "relu2" in applicable[1], cfg.name
+                continue
+            assert applicable == (True, ""), (p, cfg.name)
 
 
 @pytest.fixture(scope="module")
@@ -898,3 +904,44 @@ def test_replayed_provider_on_a_balanced_config(provider):
             assert row["ok"] == "" and row["reason"].startswith("not checked")
         else:
             assert row["ok"] is True, row["reason"]
+
+
+def test_megablocks_variable_is_skipped_when_not_importable(monkeypatch, tmp_path):
+    from vmoe.bench import megablocks_variable
+
+    monkeypatch.setenv("VMOE_MEGABLOCKS_VARIABLE", str(tmp_path))   # an empty folder: nothing built
+    monkeypatch.setattr(megablocks_variable, "_MODULES", None)
+    for name in ("megablocks_ops", "nanomoe_ops", "megablocks", "gpt_model"):
+        monkeypatch.setitem(sys.modules, name, None)   # None in sys.modules: import fails
+    logs = []
+    kept = baselines.available_providers(["vmoe", "megablocks_variable"], torch.device("cpu"), torch.bfloat16,
+                                         log=logs.append)
+    assert kept == ["vmoe"]
+    assert len(logs) == 1 and logs[0].startswith("skipping megablocks_variable: cannot import")
+    assert str(tmp_path) in logs[0] and "python -m vmoe.bench.megablocks_variable build" in logs[0]
+    # Optional: run only when named, never by default.
+    assert "megablocks_variable" in bench.PROVIDERS and "megablocks_variable" not in bench.DEFAULT_PROVIDERS
+
+
+@pytest.mark.parametrize("widths,d,activation,dtype,needle", [
+    ((256, 128), 256, "relu2", torch.bfloat16, None),
+    ((256, 100, 64), 256, "relu2", torch.bfloat16, "[64, 100]"),
+    ((256, 128), 96, "relu2", torch.bfloat16, "96"),
+    ((256, 128), 256, "swiglu", torch.bfloat16, "swiglu"),
+    ((256, 128), 256, "relu2", torch.float32, "float32"),
+    ((256,), 256, "relu2", torch.bfloat16, "2 experts"),
+], ids=["ok", "w100-w64", "d96", "swiglu", "fp32", "E1"])
+def test_megablocks_variable_applicability(widths, d, activation, dtype, needle):
+    applicable, reason = baselines.applicability("megablocks_variable", _cfg(widths, d, activation), dtype)
+    assert applicable is (needle is None)
+    assert (needle or "") in reason and (reason == "") is applicable
+
+
+def test_megablocks_variable_provider():
+    device = torch.device(DEVICE)
+    if not baselines.available_providers(["megablocks_variable"], device, torch.bfloat16,
+                                         log=lambda *_: None):
+        pytest.skip("megablocks-variable is not built here (python -m vmoe.bench.megablocks_variable build)")
+    # T not a multiple of 128 (padded rows) and expert 1 left empty.
+    cfg = bench.BenchConfig("m", 300, 128, 2, ((1, 128), (1, 256), (2, 128)), "relu2")
+    _check_provider("megablocks_variable", cfg, torch.bfloat16, _ids_leaving_expert_empty(300, 2, 4, empty=1))

@@ -27,6 +27,7 @@ from vmoe import reference
 from vmoe.config import IMPLS, check_expert_mlp_args, expand_sizes
 from vmoe.ops.grouped_gemm import kernel_weight
 from vmoe.ops.routing import Routing
+from vmoe.ops.utils import precompile
 from vmoe.ops.utils.device import check_triton_device, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -260,6 +261,20 @@ def apply_experts(x, topk_weights, w1, w2, routing_tensors, expert_widths: tuple
     return y
 
 
+def precompile_experts(x, topk_ids, topk_weights, w1, w2, widths: tuple, activation: str) -> None:
+    """Before the first kernel-path call of its kind, compile the routing, the experts'
+    forward and their backward in parallel (:func:`vmoe.ops.utils.precompile.first_call`)."""
+    if not precompile.applicable(x):
+        return
+    sig = precompile.signature
+    key = ("experts", widths, activation, tuple(topk_ids.shape[1:]), topk_ids.dtype,
+           sig(x, rows=True), sig(topk_weights, rows=True), sig(w1), sig(w2))
+    precompile.first_call(
+        key, lambda x, w, a, b: apply_experts(x, w, a, b, ops.routing(topk_ids, widths), widths,
+                                              activation),
+        (x, topk_weights, w1, w2))
+
+
 def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="relu2", *,
                impl="auto", routing: Routing | None = None):
     """The expert computation of a variable-width MoE layer, differentiable w.r.t. x,
@@ -299,6 +314,7 @@ def expert_mlp(x, topk_ids, topk_weights, w1, w2, expert_widths, activation="rel
     widths = check_expert_mlp_args(x, topk_ids, topk_weights, w1, w2, expert_widths, activation)
     if not use_triton(x, impl):
         return reference.expert_mlp_unchecked(x, topk_ids, topk_weights, w1, w2, widths, activation)
+    precompile_experts(x, topk_ids, topk_weights, w1, w2, widths, activation)
     if routing is None:
         routing_tensors = ops.routing(topk_ids, widths)
     else:

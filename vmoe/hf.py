@@ -58,7 +58,7 @@ from transformers.integrations import moe as hf_moe
 
 from vmoe import library as ops
 from vmoe import reference
-from vmoe.autograd import apply_experts, autocast_inputs, expert_mlp, use_triton
+from vmoe.autograd import apply_experts, autocast_inputs, expert_mlp, precompile_experts, use_triton
 from vmoe.config import check_activation, check_expert_widths, check_routed_args, gate_factor
 from vmoe.slim import check_kept
 
@@ -123,6 +123,7 @@ def uniform_expert_mlp(x, topk_ids, topk_weights, w1, w2, activation="swiglu", *
         return reference.expert_mlp_unchecked(x, topk_ids, topk_weights,
                                               w1.permute(1, 0, 2).reshape(d, E * gI),
                                               w2.reshape(-1, d), widths, activation)
+    precompile_experts(x, topk_ids, topk_weights, w1, w2, widths, activation)
     return apply_experts(x, topk_weights, w1, w2, ops.routing(topk_ids, widths), widths, activation)
 
 

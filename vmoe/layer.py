@@ -14,6 +14,7 @@ from vmoe import library as ops
 from vmoe import reference
 from vmoe.autograd import apply_experts, apply_route, autocast_inputs, use_triton
 from vmoe.config import MoEConfig, column_offsets, gate_factor
+from vmoe.ops.utils import precompile
 from vmoe.ops.utils.device import device_ints
 
 
@@ -123,6 +124,13 @@ class MoEMLP(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: "
                             f"cast one to the other (x.to({weight.dtype}) or moe.to({x.dtype})), "
                             "or run under torch.autocast")
+        if precompile.applicable(x) and use_triton(x, cfg.impl):
+            # A fresh layer's kernels compile in parallel before its first call (or the first
+            # call that needs a backward); see vmoe.ops.utils.precompile.
+            params = tuple(self.parameters())
+            key = ("MoEMLP", repr(cfg), precompile.signature(x.reshape(-1, cfg.n_embd), rows=True),
+                   *map(precompile.signature, params))
+            precompile.first_call(key, self.forward, (x,), params)
         shape = x.shape
         x2, w1, w2, topk_ids, topk_weights, routing, _, aux, f_i = self.route(
             x.reshape(-1, cfg.n_embd))

@@ -9,6 +9,10 @@ Expert scope (``y = sum_j w[t, j] * MLP_e(x[t])`` for a given routing):
                 and weighted. Torch ops do the routing (MegaBlocks' CUDA extension does not build on
                 CUDA 13). Needs d and every f_e to be multiples of 128. Optional (``pip install
                 .[bench]``).
+    megablocks_variable  hbfreed/megablocks-variable's variable-width layer (a MegaBlocks fork), its
+                own routing ops, topology and stk sdd/dsd, on the same routing; eager only (one host
+                synchronization per forward). Needs a build of its CUDA extensions: see
+                :mod:`vmoe.bench.megablocks_variable`. Optional, timed only when asked for.
     grouped_mm  ``torch._grouped_mm``: tokens sorted by expert, one grouped GEMM per group of
                 equal-width experts for each projection, weighted sum back to tokens. It keeps its
                 weights as one [n, d, g f] / [n, f, d] pair per width (copied from w1, w2 once).
@@ -39,6 +43,7 @@ import torch
 
 from vmoe import reference
 from vmoe.autograd import expert_mlp
+from vmoe.bench import megablocks_variable
 from vmoe.config import MoEConfig, column_offsets, gate_factor
 from vmoe.ops.utils.device import device_ints, interpreting
 
@@ -88,6 +93,8 @@ def add_dense_inputs(inp, cfg, ids, randn, dtype) -> None:
 
 def applicability(provider: str, cfg, dtype: torch.dtype) -> tuple[bool, str]:
     """Whether ``provider`` can compute ``cfg`` at all, and if not, why (a shape constraint, not a bug)."""
+    if provider == "megablocks_variable":
+        return megablocks_variable.applicability(cfg, dtype)
     if provider == "stk":
         bad = sorted({f for f in cfg.widths if f % STK_BLOCK})
         if bad:
@@ -312,7 +319,8 @@ def stk_moe(x, ids, w, w1, w2, widths, activation):
     return _weighted_sum(yp[row_of_sorted[inverse]], w)
 
 
-EXPERT_FNS = {"vmoe": vmoe_moe, "naive": naive_moe, "stk": stk_moe}
+EXPERT_FNS = {"vmoe": vmoe_moe, "naive": naive_moe, "stk": stk_moe,
+              "megablocks_variable": megablocks_variable.megablocks_variable_moe}
 
 
 def expert_provider(provider: str, inp, grad: bool, widths, activation):
@@ -370,6 +378,11 @@ def available_providers(requested, device, dtype, log=print) -> list[str]:
                 continue
             if device.type != "cuda" and not interpreting():
                 log("skipping stk: its Triton kernels need CUDA or TRITON_INTERPRET=1")
+                continue
+        if p == "megablocks_variable":
+            reason = megablocks_variable.unavailable(device)
+            if reason:
+                log(f"skipping {p}: {reason}")
                 continue
         if p.endswith("_compiled") and device.type != "cuda":
             log(f"skipping {p}: torch.compile is measured on a GPU only")

@@ -72,15 +72,17 @@ elasticity_table = report.elasticity_table
 
 SCOPES = ("expert", "layer")
 SCOPE_PROVIDERS = {"expert": ("vmoe", "vmoe_graph", "naive", "stk", "grouped_mm", "dense",
-                              "grouped_mm_graph", "dense_graph"),
+                              "grouped_mm_graph", "dense_graph", "megablocks_variable"),
                    "layer": ("vmoe", "vmoe_graph", "vmoe_compiled", "grouped_mm",
                              "grouped_mm_compiled", "dense")}
 PROVIDERS = tuple(dict.fromkeys(SCOPE_PROVIDERS["expert"] + SCOPE_PROVIDERS["layer"]))
 # Without --providers, a config set's own list, else every provider but the replayed baselines:
 # beside eager vmoe the eager baselines are the comparison; the widths suite's small configs take
-# tens of microseconds of GPU work, which only a replay shows.
+# tens of microseconds of GPU work, which only a replay shows. megablocks_variable runs only when
+# named: it needs its own build (python -m vmoe.bench.megablocks_variable build).
 SET_PROVIDERS = {"widths": ("vmoe_graph", "grouped_mm_graph", "dense_graph")}
-DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in ("grouped_mm_graph", "dense_graph"))
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS
+                          if p not in ("grouped_mm_graph", "dense_graph", "megablocks_variable"))
 ROUTINGS = ("topk", "balanced")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -11,7 +11,9 @@ training step = ``MoEMLP`` forward and backward of ``y.sum() + aux losses``:
 Per process, in order: the first step at T=4096, the second, and the first step at each of the
 new token counts T=4000 (not a multiple of 16) and T=1000 (a smaller bucket of nothing: vmoe's
 tuning keys hold no token count); each timed from the call to a device synchronize. Also the
-number of Triton compiles (a compile served by the cache counts too) and their summed time.
+number of Triton compiles (a compile served by the cache counts too) and their summed time, and
+what the parallel compile before the first step (:mod:`vmoe.ops.utils.precompile`) recorded and
+took. ``FIRST_STEP_PROFILE=PATH`` appends a cProfile of each process's first step to PATH.
 
     python -m vmoe.bench.probes.first_step OUT.csv [LABEL=PYTHONPATH ...]
 
@@ -67,9 +69,26 @@ def child() -> None:
         torch.cuda.synchronize()  # host-ok: the timer
         return time.perf_counter() - t
 
-    out = {"import_s": t_import, "first_step_s": step(TOKENS[0]), "second_step_s": step(TOKENS[0])}
+    profile = os.environ.get("FIRST_STEP_PROFILE")
+    if profile:  # where the first step's time goes: cProfile's top functions, into that file
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        first = prof.runcall(step, TOKENS[0])
+        with open(profile, "a") as f:
+            f.write(f"# {os.environ.get('FIRST_STEP_CASE', '')}: first step {first:.3f} s\n")
+            for order in ("cumulative", "tottime"):
+                pstats.Stats(prof, stream=f).sort_stats(order).print_stats(35)
+    else:
+        first = step(TOKENS[0])
+    out = {"import_s": t_import, "first_step_s": first, "second_step_s": step(TOKENS[0])}
     for T in TOKENS[1:]:
         out[f"first_step_T{T}_s"] = step(T)
+    # The parallel compile before the first step (vmoe.ops.utils.precompile), where it ran.
+    history = getattr(getattr(vmoe.ops.utils, "precompile", None), "HISTORY", [])
+    out.update(precompiled=sum(h["kernels"] for h in history),
+               precompile_record_s=sum(h["record_s"] for h in history),
+               precompile_compile_s=sum(h["compile_s"] for h in history))
     out.update(compiles=compiles["n"], compile_sum_s=compiles["s"],
                gpu=torch.cuda.get_device_name(), triton=__import__("triton").__version__)
     print("RESULT " + json.dumps(out), flush=True)
@@ -78,7 +97,7 @@ def child() -> None:
 def run_case(label: str, path: str, env_extra: dict, cache: str, process: str) -> dict:
     # The child runs in the cache directory, so that the current directory (first on a ``-c``
     # child's path) holds no vmoe, and PYTHONPATH alone picks the checkout.
-    env = {**os.environ, "TRITON_CACHE_DIR": cache, **env_extra,
+    env = {**os.environ, "TRITON_CACHE_DIR": cache, "FIRST_STEP_CASE": f"{label} {process}", **env_extra,
            "PYTHONPATH": os.path.abspath(path or ROOT)}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({__file__!r}, "

@@ -35,6 +35,8 @@ _CACHE: dict = {}
 # Kernels whose wrappers this module cannot replay (say, a config with a pre_hook): always Triton's
 # path.
 _UNSUPPORTED = object()
+# Inside :func:`dry_launches`: every launch is a warm-up (see :mod:`vmoe.ops.utils.precompile`).
+_DRY = [False]
 
 
 class _Direct:
@@ -133,6 +135,9 @@ def _hooked() -> bool:
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; from the second call with the same key on, the compiled
     kernel's launcher directly (see the module docstring)."""
+    if _DRY[0]:
+        warm(kernel, grid, args, kwargs)
+        return
     if not _ENABLED or _hooked():
         kernel[grid](*args, **kwargs)
         return
@@ -158,6 +163,76 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
               torch._C._cuda_getCurrentRawStream(device), entry.function, entry.packed, None,
               None, None, *full)
+
+
+class _TuningMiss(Exception):
+    pass
+
+
+def tuning_key(tuner: Autotuner, args: tuple, kwargs: dict) -> tuple:
+    """The key under which ``tuner`` keeps its choice for a launch, computed as
+    ``Autotuner.run`` does: the values of its ``key`` arguments, then the dtype of every argument
+    that has one."""
+    named = {k: v for k, v in {**dict(zip(tuner.arg_names, args)), **kwargs}.items()
+             if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def candidates(tuner: Autotuner, args: tuple, kwargs: dict) -> list:
+    """The configs a launch of ``tuner`` would compile: its choice where one is known (in memory
+    or in the disk cache), else every config its pruning keeps."""
+    if len(tuner.configs) <= 1:
+        return tuner.configs[:1]
+    key = tuning_key(tuner, args, kwargs)
+    if key in tuner.cache:
+        return [tuner.cache[key]]
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    try:
+        pruned = tuner.prune_configs(kwargs)
+    finally:
+        tuner.nargs = None
+    if tuner.cache_results:
+        def miss():
+            raise _TuningMiss
+        try:
+            # On a hit this stores the choice in tuner.cache, as the real launch would.
+            if tuner.check_disk_cache(key, pruned, miss):
+                return [tuner.cache[key]]
+        except _TuningMiss:
+            pass
+    return pruned
+
+
+def warm(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """What ``kernel[grid](*args, **kwargs)`` would compile, compiled (or, under Triton's
+    ``jit_cache_hook``, offered to the hook) without launching: the heuristics evaluated as
+    ``Heuristics.run`` does, and each of the autotuner's :func:`candidates` warmed up."""
+    named, configs, fn = dict(kwargs), [None], kernel
+    while isinstance(fn, (Heuristics, Autotuner)):
+        if isinstance(fn, Heuristics):
+            positional = dict(zip(fn.arg_names, args))
+            for name, heur in fn.values.items():
+                named[name] = heur({**positional, **named})
+        else:
+            configs = candidates(fn, args, named)
+        fn = fn.fn
+    for config in configs:
+        fn.warmup(*args, grid=grid, **named, **(config.all_kwargs() if config else {}))
+
+
+class dry_launches:
+    """``with dry_launches(): ...``: every :func:`launch` inside is :func:`warm` instead, and
+    the direct path's cache is neither read nor filled."""
+
+    def __enter__(self):
+        self.previous = _DRY[0]
+        _DRY[0] = True
+        return self
+
+    def __exit__(self, *exc):
+        _DRY[0] = self.previous
 
 
 def clear_cache() -> None:

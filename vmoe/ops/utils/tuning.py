@@ -13,19 +13,20 @@ itself to Triton's :class:`~triton.runtime.autotuner.Autotuner`:
   keyed by Triton's version, the GPU target (architecture and ptxas: an H100 and an H200 share
   them), the kernel's source, the key and the candidates. A second process reads the choice and
   loads one compiled config instead of tuning.
-- **Shorter timing.** ``VMOE_TUNE_REP`` ms of repetitions after a fifth of that of warm-up (25 ms
-  by default, against ``do_bench``'s 100): the candidates differ by far more than the spread of
-  25 ms of repetitions of a kernel that runs microseconds to milliseconds.
+- **Shorter timing.** Each candidate runs for ``VMOE_TUNE_REP`` ms (25 by default, against
+  ``do_bench``'s 100) and never more than ``VMOE_TUNE_MAX_REPS`` times (:data:`MAX_REPS`, 100):
+  the candidates differ by far more than the spread of that many runs, and a run of a small
+  kernel costs more in L2 flush than in the kernel.
 
-What it does not change: a cold cache still compiles every candidate, one after another. Handing
-them to Triton's asynchronous compile mode on a thread pool saved nothing measurable (the compile
-holds the GIL for most of its time); a process pool would need each worker to rebuild the launch's
-arguments. Under the interpreter there is one config and nothing is tuned or cached.
+On a cold cache, a layer's first call compiles every candidate before any is timed, in worker
+processes (:mod:`vmoe.ops.utils.precompile`). Under the interpreter there is one config and
+nothing is tuned or cached.
 """
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 from vmoe.ops.utils.device import interpreting
@@ -47,9 +48,46 @@ def _env_int(name: str, default: int) -> int:
 TUNE_REP_MS = _env_int("VMOE_TUNE_REP", 25)
 
 
+# A candidate is timed over at most this many runs (and at least MIN_REPS): the median of 100 runs
+# ranks configs that differ by a few percent, and a run of a microsecond kernel costs about 0.1 ms
+# of L2 flush, so a time budget alone (do_bench's) spends 25 ms on some 200 runs of each.
+MAX_REPS = _env_int("VMOE_TUNE_MAX_REPS", 100)
+MIN_REPS = 5
+
+
+def _driver():
+    return triton.runtime.driver.active
+
+
 def _bench(fn, quantiles):
-    return triton.testing.do_bench(fn, warmup=max(1, TUNE_REP_MS // 5), rep=TUNE_REP_MS,
-                                   quantiles=quantiles)
+    """``do_bench``'s measurement (the L2 flushed before each run, a pair of events around each)
+    over ``clamp(VMOE_TUNE_REP / estimate, MIN_REPS, MAX_REPS)`` runs after a fifth as many
+    warm-up runs; the quantiles of the run times in ms. Under the interpreter, ``do_bench``
+    itself."""
+    if interpreting():
+        return triton.testing.do_bench(fn, warmup=max(1, TUNE_REP_MS // 5), rep=TUNE_REP_MS,
+                                       quantiles=quantiles)
+    driver = _driver()
+    cache = driver.get_empty_cache_for_benchmark()
+
+    def timed(n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for start, end in zip(starts, ends):
+            driver.clear_cache(cache)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()  # host-ok: the timer
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+    fn()  # the first run loads the kernel
+    estimate = max(sum(timed(3)) / 3, 1e-4)
+    n = int(min(MAX_REPS, max(MIN_REPS, TUNE_REP_MS / estimate)))  # host-ok: host floats
+    for _ in range(max(1, n // 5)):
+        fn()
+    times = torch.tensor(timed(n))  # host floats: a CPU tensor
+    return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()  # host-ok: CPU
 
 
 def autotune(configs, key, prune):

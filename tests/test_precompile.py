@@ -1,0 +1,188 @@
+"""vmoe/ops/utils/precompile.py and the dry launches of vmoe/ops/utils/launch.py.
+
+On the CPU: the worker pool (forked processes, a shared job queue, failures and the timeout),
+the settings, and that a dry launch picks the configs Triton's own autotuner would (its tuning
+key, computed as ``Autotuner.run`` does, checked against a real autotuner under the
+interpreter). On a GPU: a fresh layer's first call records its kernels, compiles them in
+workers, runs no kernel while recording, changes no gradient, and gives the same outputs and
+gradients as the float64 reference. The wall-clock effect is measured by
+``vmoe.bench.probes.first_step``."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import vmoe
+from vmoe import testing
+from vmoe.ops.utils import launch, precompile
+
+
+def _touch(path):
+    return lambda: open(path, "w").close()
+
+
+def test_workers_run_every_job_once(tmp_path):
+    jobs = [_touch(tmp_path / f"{i}") for i in range(13)]
+    assert precompile.run_in_workers(jobs, workers=4) == 4
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == list(range(13))
+
+
+def test_a_failing_job_ends_only_itself(tmp_path):
+    def fail():
+        raise RuntimeError("a compile error")
+    jobs = [_touch(tmp_path / "a"), fail, _touch(tmp_path / "b"), _touch(tmp_path / "c")]
+    # One worker takes every job in turn: the failure must not stop the jobs after it.
+    assert precompile.run_in_workers(jobs, workers=1) == 0  # exits 1: one job failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+def test_a_stuck_worker_is_killed_at_the_timeout(tmp_path):
+    t = time.monotonic()
+    clean = precompile.run_in_workers([lambda: time.sleep(60), _touch(tmp_path / "x")], workers=2,
+                                      timeout_s=1.0)
+    assert time.monotonic() - t < 30
+    assert clean == 1 and (tmp_path / "x").exists()
+
+
+def test_no_jobs_forks_nothing():
+    assert precompile.run_in_workers([], workers=8) == 0
+
+
+@pytest.mark.parametrize("raw,expected", [("0", 0), ("1", 1), ("6", 6)])
+def test_worker_count_from_the_environment(monkeypatch, raw, expected):
+    monkeypatch.setenv("VMOE_PRECOMPILE_WORKERS", raw)
+    assert precompile._workers_from_env() == expected
+
+
+@pytest.mark.parametrize("raw", ["many", "-2", "2.5"])
+def test_bad_worker_counts_name_the_variable(monkeypatch, raw):
+    monkeypatch.setenv("VMOE_PRECOMPILE_WORKERS", raw)
+    with pytest.raises(ValueError, match="VMOE_PRECOMPILE_WORKERS"):
+        precompile._workers_from_env()
+
+
+def test_the_default_is_the_cores_up_to_16(monkeypatch):
+    monkeypatch.delenv("VMOE_PRECOMPILE_WORKERS", raising=False)
+    assert 1 <= precompile._workers_from_env() <= 16
+
+
+@pytest.mark.skipif(not vmoe.ops.utils.device.interpreting(), reason="the interpreter's case")
+def test_off_under_the_interpreter():
+    assert not precompile.enabled()
+    assert not precompile.applicable(torch.zeros(2, 2))
+
+
+def test_signature_drops_only_the_token_count():
+    a, b = torch.zeros(5, 8), torch.zeros(9, 8)
+    assert precompile.signature(a, rows=True) == precompile.signature(b, rows=True)
+    assert precompile.signature(a) != precompile.signature(b)
+    assert precompile.signature(a, rows=True) != precompile.signature(a.t().contiguous().t(),
+                                                                      rows=True)  # strides
+
+
+@triton.jit
+def _toy_kernel(x_ptr, n, N_KEY: tl.constexpr, BIG: tl.constexpr, B: tl.constexpr):
+    o = tl.arange(0, B)
+    tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) + 1, mask=o < n)
+
+
+def _toy(prune=None):
+    configs = [triton.Config({"B": 16}), triton.Config({"B": 32})]
+    tuner = triton.autotune(configs, key=["N_KEY", "BIG"],
+                            prune_configs_by={"early_config_prune": prune} if prune else None,
+                            do_bench=lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])(_toy_kernel)
+    return triton.heuristics({"BIG": lambda a: a["n"] > 3})(tuner), tuner
+
+
+@pytest.mark.skipif(not vmoe.ops.utils.device.interpreting(), reason="a CPU tensor launch")
+@pytest.mark.parametrize("positional", [False, True], ids=["keywords", "positional"])
+def test_tuning_key_is_the_autotuners_own(positional):
+    kernel, tuner = _toy()
+    x = torch.zeros(16)
+    if positional:
+        kernel[(1,)](x, 5, 7)
+        args, named = (x, 5, 7), {"BIG": True}
+    else:
+        kernel[(1,)](x_ptr=x, n=5, N_KEY=7)
+        args, named = (), {"x_ptr": x, "n": 5, "N_KEY": 7, "BIG": True}
+    assert list(tuner.cache) == [launch.tuning_key(tuner, args, named)]
+    # Known choice: the dry launch compiles that one config only.
+    assert launch.candidates(tuner, args, named) == [tuner.cache[launch.tuning_key(tuner, args,
+                                                                                    named)]]
+    # Another key: every config the pruning keeps.
+    other = {**named, "N_KEY": 8}
+    assert launch.candidates(tuner, args, other) == tuner.configs
+
+
+def test_candidates_apply_the_pruning():
+    seen = {}
+
+    def prune(configs, nargs, **kwargs):
+        seen.update(nargs=dict(nargs), kwargs=kwargs)
+        return configs[1:]
+    _, tuner = _toy(prune)
+    assert launch.candidates(tuner, (), {"n": 5, "N_KEY": 7, "BIG": True}) == tuner.configs[1:]
+    assert seen["kwargs"] == {"n": 5, "N_KEY": 7, "BIG": True}
+    assert tuner.nargs is None  # left as the autotuner leaves it between launches
+
+
+def test_dry_launches_nest_and_restore():
+    assert not launch._DRY[0]
+    with launch.dry_launches():
+        with launch.dry_launches():
+            assert launch._DRY[0]
+        assert launch._DRY[0]
+    assert not launch._DRY[0]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or not precompile.enabled(),
+                         reason="compiles for a GPU in forked workers")
+
+
+@gpu
+def test_a_fresh_layer_precompiles_then_matches_the_reference(monkeypatch):
+    # Widths no other test uses, so that nothing of this layer is compiled in this process yet;
+    # a null expert too.
+    cfg = vmoe.MoEConfig(n_embd=72, expert_sizes=[(2, 88), (3, 40), (1, 0)], num_active_experts=2,
+                         activation="relu2")
+    torch.manual_seed(0)
+    moe = vmoe.MoEMLP(cfg).cuda()
+    ref = vmoe.MoEMLP(dataclasses.replace(cfg, impl="reference")).cuda().double()
+    ref.load_state_dict(moe.state_dict())
+    stats, launched = [], []
+    real_precompile, real_hooked = precompile.precompile, launch._hooked
+
+    def counted(step, workers=None):
+        grads = [p.grad for p in moe.parameters()]
+        # Every launch that reaches the compiled kernel asks _hooked first.
+        monkeypatch.setattr(launch, "_hooked", lambda: launched.append(1) or real_hooked())
+        out = real_precompile(step, workers)
+        monkeypatch.setattr(launch, "_hooked", real_hooked)
+        assert [p.grad for p in moe.parameters()] == grads  # still None: nothing accumulated
+        stats.append(out)
+        return out
+    monkeypatch.setattr(precompile, "precompile", counted)
+
+    x = torch.randn(37, 72, device="cuda")
+    dy = torch.randn(37, 72, device="cuda")
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    outs = []
+    for layer, xi in zip((moe, ref), xs):
+        y, aux, _ = layer(xi)
+        (y.double() * dy).sum().backward()
+        outs.append([y, xi.grad, *(p.grad for p in layer.parameters())])
+    assert len(stats) == 1 and stats[0]["kernels"] > 0
+    assert not launched
+    names = ["y", "grad x"] + [f"grad {n}" for n, _ in moe.named_parameters()]
+    for name, out, r in zip(names, *outs):
+        testing.assert_close(name, out, r, torch.float32)
+    moe(x.clone().requires_grad_())  # grad mode on, the same key: no second precompile
+    assert len(stats) == 1
+    with torch.no_grad():
+        moe(x)  # a forward-only key: a second recording
+    assert len(stats) == 2
