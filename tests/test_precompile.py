@@ -10,6 +10,7 @@ gradients as the float64 reference. The wall-clock effect is measured by
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -131,13 +132,41 @@ def test_candidates_apply_the_pruning():
     assert tuner.nargs is None  # left as the autotuner leaves it between launches
 
 
-def test_dry_launches_nest_and_restore():
-    assert not launch._DRY[0]
+def test_dry_launches_nest_restore_and_stay_on_their_thread():
+    seen = []
+    assert not launch.dry()
     with launch.dry_launches():
         with launch.dry_launches():
-            assert launch._DRY[0]
-        assert launch._DRY[0]
-    assert not launch._DRY[0]
+            assert launch.dry()
+        assert launch.dry()
+        # Another thread (an nn.DataParallel replica, say) keeps launching for real meanwhile.
+        thread = threading.Thread(target=lambda: seen.append(launch.dry()))
+        thread.start()
+        thread.join()
+    assert not launch.dry()
+    assert seen == [False]
+
+
+class _Info:
+    def __init__(self, module):
+        self.module, self.jit_function = module, object()
+
+
+def _call(hook, module, data):
+    return hook(key="k", repr="r", fn=_Info(module), compile={"specialization_data": data},
+                is_manual_warmup=False, already_compiled=False)
+
+
+def test_the_recording_hook_takes_only_its_threads_vmoe_kernels():
+    records, other = {}, []
+    with precompile._recording(records) as hook:
+        assert _call(hook, "vmoe.ops.routing", "a") is True  # recorded and skipped
+        assert _call(hook, "my_package.kernels", "b") is None  # not vmoe's: compiles as usual
+        thread = threading.Thread(target=lambda: other.append(_call(hook, "vmoe.ops.routing", "c")))
+        thread.start()
+        thread.join()
+    assert other == [None]  # another thread's vmoe launch compiles and runs
+    assert list(records) == ["a"]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or not precompile.enabled(),

@@ -10,19 +10,20 @@ from triton.runtime.autotuner import Autotuner
 
 import vmoe.ops.grouped_gemm as gg
 from vmoe.ops.utils import tuning
+from vmoe.ops.utils.device import env_int
 
 
 @pytest.mark.parametrize("raw,expected", [("", 7), ("1", 1), ("12", 12)])
 def test_env_int(monkeypatch, raw, expected):
     monkeypatch.setenv("VMOE_X", raw)
-    assert tuning._env_int("VMOE_X", 7) == expected
+    assert env_int("VMOE_X", 7) == expected
 
 
 @pytest.mark.parametrize("raw", ["two", "0", "-1", "1.5"])
 def test_env_int_refuses_bad_values_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv("VMOE_X", raw)
     with pytest.raises(ValueError, match="VMOE_X"):
-        tuning._env_int("VMOE_X", 7)
+        env_int("VMOE_X", 7)
 
 
 def test_gemm_kernels_cache_their_tuning_and_time_briefly():

@@ -31,6 +31,21 @@ def poisoning() -> bool:
     return _POISONING
 
 
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset or empty), or a
+    ValueError that names the variable."""
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)  # host-ok: an environment string, not a tensor
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def checking() -> bool:
     """VMOE_CHECK=1 validates expert-id values, which costs a host synchronization."""
     return os.environ.get("VMOE_CHECK", "0") not in ("", "0")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 
 import torch
 from triton import knobs
@@ -35,8 +36,15 @@ _CACHE: dict = {}
 # Kernels whose wrappers this module cannot replay (say, a config with a pre_hook): always Triton's
 # path.
 _UNSUPPORTED = object()
-# Inside :func:`dry_launches`: every launch is a warm-up (see :mod:`vmoe.ops.utils.precompile`).
-_DRY = [False]
+# Inside :func:`dry_launches`, on its thread only: every launch is a warm-up (see
+# :mod:`vmoe.ops.utils.precompile`). Per thread, because another thread's launches (nn.DataParallel
+# runs replicas in threads) must run meanwhile.
+_THREAD = threading.local()
+
+
+def dry() -> bool:
+    """Whether this thread is inside :class:`dry_launches`."""
+    return getattr(_THREAD, "dry", False)
 
 
 class _Direct:
@@ -135,7 +143,7 @@ def _hooked() -> bool:
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; from the second call with the same key on, the compiled
     kernel's launcher directly (see the module docstring)."""
-    if _DRY[0]:
+    if getattr(_THREAD, "dry", False):
         warm(kernel, grid, args, kwargs)
         return
     if not _ENABLED or _hooked():
@@ -223,16 +231,16 @@ def warm(kernel, grid, args: tuple, kwargs: dict) -> None:
 
 
 class dry_launches:
-    """``with dry_launches(): ...``: every :func:`launch` inside is :func:`warm` instead, and
-    the direct path's cache is neither read nor filled."""
+    """``with dry_launches(): ...``: every :func:`launch` of this thread inside is :func:`warm`
+    instead, and the direct path's cache is neither read nor filled."""
 
     def __enter__(self):
-        self.previous = _DRY[0]
-        _DRY[0] = True
+        self.previous = dry()
+        _THREAD.dry = True
         return self
 
     def __exit__(self, *exc):
-        _DRY[0] = self.previous
+        _THREAD.dry = self.previous
 
 
 def clear_cache() -> None:

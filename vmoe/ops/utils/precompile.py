@@ -34,6 +34,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import Executor, Future
@@ -41,24 +42,15 @@ from concurrent.futures import Executor, Future
 import torch
 
 from vmoe.ops.utils import launch as launch_mod
-from vmoe.ops.utils.device import interpreting
+from vmoe.ops.utils.device import env_int, interpreting
 
 
 def _workers_from_env() -> int:
-    raw = os.environ.get("VMOE_PRECOMPILE_WORKERS", "")
-    if raw == "":
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        return min(cores, 16)
     try:
-        value = int(raw)  # host-ok: an environment string, not a tensor
-    except ValueError:
-        raise ValueError(f"VMOE_PRECOMPILE_WORKERS must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"VMOE_PRECOMPILE_WORKERS must be >= 0, got {value}")
-    return value
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return env_int("VMOE_PRECOMPILE_WORKERS", min(cores, 16), minimum=0)
 
 
 WORKERS = _workers_from_env()
@@ -75,7 +67,7 @@ def applicable(x: torch.Tensor) -> bool:
     """Whether a layer call on ``x`` may precompile: enabled, on a GPU, outside a torch.compile
     trace, a CUDA graph capture and another precompile's recording."""
     return (enabled() and x.is_cuda and not torch.compiler.is_compiling()
-            and not launch_mod._DRY[0] and not torch.cuda.is_current_stream_capturing())
+            and not launch_mod.dry() and not torch.cuda.is_current_stream_capturing())
 
 
 def run_in_workers(jobs: list, workers: int, timeout_s: float = TIMEOUT_S) -> int:
@@ -161,14 +153,16 @@ class _Compiled(Exception):
 
 @contextlib.contextmanager
 def _recording(records: dict):
-    """Triton's ``jit_cache_hook`` set to record each vmoe kernel that would compile (its
-    specialization, as ``JITFunction.preload`` reads it) and skip it."""
+    """Triton's ``jit_cache_hook`` set to record each vmoe kernel that this thread would compile
+    (its specialization, as ``JITFunction.preload`` reads it) and skip it. The hook is global:
+    another thread's compiles pass through to the hook that was there before, or compile."""
     from triton import knobs
 
     previous = knobs.runtime.jit_cache_hook
+    owner = threading.get_ident()
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
-        if not fn.module.startswith("vmoe."):
+        if threading.get_ident() != owner or not fn.module.startswith("vmoe."):
             return previous(key=key, repr=repr, fn=fn, compile=compile,
                             is_manual_warmup=is_manual_warmup,
                             already_compiled=already_compiled) if previous else None
@@ -177,7 +171,7 @@ def _recording(records: dict):
 
     knobs.runtime.jit_cache_hook = hook
     try:
-        yield
+        yield hook
     finally:
         knobs.runtime.jit_cache_hook = previous
 

@@ -24,34 +24,18 @@ nothing is tuned or cached.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from vmoe.ops.utils.device import interpreting
+from vmoe.ops.utils.device import env_int, interpreting
 
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)  # host-ok: an environment string, not a tensor
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-TUNE_REP_MS = _env_int("VMOE_TUNE_REP", 25)
+TUNE_REP_MS = env_int("VMOE_TUNE_REP", 25)
 
 
 # A candidate is timed over at most this many runs (and at least MIN_REPS): the median of 100 runs
 # ranks configs that differ by a few percent, and a run of a microsecond kernel costs about 0.1 ms
 # of L2 flush, so a time budget alone (do_bench's) spends 25 ms on some 200 runs of each.
-MAX_REPS = _env_int("VMOE_TUNE_MAX_REPS", 100)
+MAX_REPS = env_int("VMOE_TUNE_MAX_REPS", 100)
 MIN_REPS = 5
 
 
