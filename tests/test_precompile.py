@@ -215,3 +215,21 @@ def test_a_fresh_layer_precompiles_then_matches_the_reference(monkeypatch):
     with torch.no_grad():
         moe(x)  # a forward-only key: a second recording
     assert len(stats) == 2
+
+
+@pytest.mark.skipif(not vmoe.ops.utils.device.interpreting(), reason="the kernel path on CPU tensors")
+def test_the_layer_asks_once_per_kind_of_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(precompile, "applicable", lambda x: True)
+    monkeypatch.setattr(precompile, "first_call", lambda key, fn, inputs, params: calls.append(key))
+    moe = vmoe.MoEMLP(vmoe.MoEConfig(n_embd=16, expert_sizes=[(2, 8), (1, 4)], num_active_experts=2))
+    x = torch.randn(5, 16)
+    moe(x)
+    moe(torch.randn(9, 16))  # another token count: the same kind
+    assert len(calls) == 1
+    with torch.no_grad():
+        moe(x)
+    moe(x.requires_grad_())
+    assert len(calls) == 3
+    # The full key names the layer's config and holds no token count.
+    assert calls[0][:3] == ("MoEMLP", repr(moe.config), precompile.signature(torch.randn(9, 16), rows=True))

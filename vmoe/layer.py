@@ -125,12 +125,7 @@ class MoEMLP(nn.Module):
                             f"cast one to the other (x.to({weight.dtype}) or moe.to({x.dtype})), "
                             "or run under torch.autocast")
         if precompile.applicable(x) and use_triton(x, cfg.impl):
-            # A fresh layer's kernels compile in parallel before its first call (or the first
-            # call that needs a backward); see vmoe.ops.utils.precompile.
-            params = tuple(self.parameters())
-            key = ("MoEMLP", repr(cfg), precompile.signature(x.reshape(-1, cfg.n_embd), rows=True),
-                   *map(precompile.signature, params))
-            precompile.first_call(key, self.forward, (x,), params)
+            self._precompile(x)
         shape = x.shape
         x2, w1, w2, topk_ids, topk_weights, routing, _, aux, f_i = self.route(
             x.reshape(-1, cfg.n_embd))
@@ -149,6 +144,21 @@ class MoEMLP(nn.Module):
                 out = out + reference.shared_expert(x2, w1[:, g * F:], w2[F:], cfg.activation,
                                                     self.shared_weight(x2))
         return out.reshape(shape), aux, f_i
+
+    def _precompile(self, x: torch.Tensor) -> None:
+        """Before this layer's first call of a kind (dtypes, strides, grad mode, autocast), its
+        kernels compile in parallel (:mod:`vmoe.ops.utils.precompile`). The full key costs some
+        10 µs of host time, so a call like the last one skips it."""
+        quick = (x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(),
+                 torch.is_autocast_enabled(x.device.type), self.w1.dtype, self.w1.requires_grad,
+                 self.router.weight.requires_grad)
+        if quick == getattr(self, "_precompile_last", None):
+            return
+        self._precompile_last = quick
+        params = tuple(self.parameters())
+        key = ("MoEMLP", repr(self.config), precompile.signature(x.reshape(-1, x.shape[-1]), rows=True),
+               *map(precompile.signature, params))
+        precompile.first_call(key, self.forward, (x,), params)
 
     def shared_weight(self, x2: torch.Tensor) -> torch.Tensor | None:
         """``[T, 1]`` ``sigmoid(shared_gate(x))`` in the gate's output dtype (the experts' dtype,
