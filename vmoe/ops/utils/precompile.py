@@ -2,8 +2,8 @@
 
 On a cold Triton cache a layer's first forward and backward compile each kernel the moment it is
 first launched, one after another: the seven forward and eleven backward launches, and for each
-autotuned GEMM every candidate config before timing them (79 compiles, 45.5 s of a 51.5 s first
-step on an H100, results/NOTES.md, "The first step and a new token count"). A compile holds the
+autotuned GEMM every candidate config before timing them (79 compiles, 46.7 s of a 52.2 s first
+step on an H100; 7.0 s with this module: results/NOTES.md, "The first step and a new token count"). A compile holds the
 GIL for most of its time, so threads do not overlap them; processes do.
 
 :func:`precompile` takes a step (a callable that runs the layer's forward and backward) and:
@@ -11,9 +11,10 @@ GIL for most of its time, so threads do not overlap them; processes do.
 1. **Records** it: runs the step with every vmoe launch turned into a warm-up
    (:func:`vmoe.ops.utils.launch.dry_launches`) and Triton's ``jit_cache_hook`` set, so that each
    kernel (and, for a tuning miss, each candidate config) that would be compiled is recorded and
-   skipped. Nothing is launched; the outputs are never read (vmoe's launches size their grids from
-   host values only, so a step with uninitialised tensors takes the same path), and the gradients
-   are returned, not accumulated, by the step the layer builds.
+   skipped. No vmoe kernel is launched (torch's own operations in the step, such as the router's
+   GEMM, run on whatever the tensors hold); the outputs are never read (vmoe's launches size their
+   grids from host values only, so a step on uninitialised tensors takes the same path), and the
+   gradients are returned, not accumulated, by the step the layer builds.
 2. **Compiles** the recorded kernels in ``VMOE_PRECOMPILE_WORKERS`` forked processes into Triton's
    cache directory, and builds each one's C launcher there too (Triton builds those with the
    host's C compiler at a kernel's first launch). A worker only compiles: the target is fixed in
