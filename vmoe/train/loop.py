@@ -125,8 +125,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 
 class ByteCorpus:
-    """``train.bin`` and ``val.bin`` of a :mod:`vmoe.train.data` folder, held in host memory (about
-    10 MB), checked by :func:`vmoe.train.data.read_corpus` as they are read."""
+    """``train.bin`` and ``val.bin`` of a :mod:`vmoe.train.data` folder, held in host memory (10 MB;
+    69 MB for the large corpus), checked by :func:`vmoe.train.data.read_corpus` as they are read."""
 
     def __init__(self, data_dir: Path):
         self.data_dir = Path(data_dir)
@@ -567,7 +567,8 @@ def main(argv=None):
     parser.add_argument("--config", choices=sorted(CONFIGS), help="a named config of CONFIGS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs folder (default results/runs)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus folder (default data)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus folder (default data; "
+                        "data_large holds the large corpus: python -m vmoe.train.data --corpus large)")
     parser.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this many "
                         "seconds of this job; leave room for the last checkpoint's write")
     parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")

@@ -3,8 +3,9 @@
 On a cold Triton cache a layer's first forward and backward compile each kernel the moment it is
 first launched, one after another: the seven forward and eleven backward launches, and for each
 autotuned GEMM every candidate config before timing them (79 compiles, 46.7 s of a 52.2 s first
-step on an H100; 7.0 s with this module: results/NOTES.md, "The first step and a new token count"). A compile holds the
-GIL for most of its time, so threads do not overlap them; processes do.
+step on an H100; 7.0 s with this module: results/NOTES.md, "The first step and a new token
+count"). A compile holds the GIL for most of its time, so threads do not overlap them; processes
+do.
 
 :func:`precompile` takes a step (a callable that runs the layer's forward and backward) and:
 
