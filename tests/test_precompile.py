@@ -78,6 +78,12 @@ def test_off_under_the_interpreter():
     assert not precompile.applicable(torch.zeros(2, 2))
 
 
+def test_this_triton_has_what_the_precompile_uses():
+    # CI's Triton, like the GPU machine's 3.6: were the hook or the compile mode renamed, the
+    # precompile would switch itself off silently, and this fails instead.
+    assert precompile._triton_supports()
+
+
 def test_signature_drops_only_the_token_count():
     a, b = torch.zeros(5, 8), torch.zeros(9, 8)
     assert precompile.signature(a, rows=True) == precompile.signature(b, rows=True)

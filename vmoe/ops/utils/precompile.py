@@ -25,8 +25,9 @@ do.
 
 A worker that fails or runs past ``TIMEOUT_S`` is left behind: its kernels compile in the real
 step, in-process, as they would without precompiling, so the worst case costs time, never results.
-Off under the interpreter, without ``os.fork`` (not Linux), with ``VMOE_PRECOMPILE_WORKERS=0`` or
-1, and while ``torch.compile`` traces or a CUDA graph captures.
+Off under the interpreter, without ``os.fork`` (not Linux), with a Triton older than 3.4 (no
+``jit_cache_hook`` knob or asynchronous compile mode), with ``VMOE_PRECOMPILE_WORKERS=0`` or 1, and
+while ``torch.compile`` traces or a CUDA graph captures.
 """
 from __future__ import annotations
 
@@ -60,9 +61,23 @@ WORKERS = _workers_from_env()
 TIMEOUT_S = 300.0
 
 
+def _triton_supports() -> bool:
+    """Whether this Triton has what the recording and the workers use: the ``jit_cache_hook``
+    knob and the asynchronous compile mode (Triton 3.4 on)."""
+    try:
+        from triton import knobs
+        from triton.runtime._async_compile import AsyncCompileMode  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(knobs.runtime, "jit_cache_hook")
+
+
+_SUPPORTED = _triton_supports()
+
+
 def enabled() -> bool:
     """Whether :func:`precompile` forks workers here (see the module docstring)."""
-    return WORKERS > 1 and hasattr(os, "fork") and not interpreting()
+    return WORKERS > 1 and _SUPPORTED and hasattr(os, "fork") and not interpreting()
 
 
 def applicable(x: torch.Tensor) -> bool:
