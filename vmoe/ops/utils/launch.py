@@ -70,6 +70,14 @@ class _Direct:
         return full
 
 
+def add_heuristics(heuristics: Heuristics, args: tuple, named: dict) -> None:
+    """Put the values of ``heuristics`` into ``named`` as ``Heuristics.run`` does: in order, each
+    seeing the positional ``args`` and the values before it."""
+    positional = dict(zip(heuristics.arg_names, args))
+    for name, heur in heuristics.values.items():
+        named[name] = heur({**positional, **named})
+
+
 def bound_arguments(kernel, args: tuple, kwargs: dict):
     """``(jit_function, {name: value})``: every parameter of ``kernel``'s innermost JITFunction
     (or the interpreter's function), in order, as Triton's own launch just bound them: positional
@@ -79,10 +87,7 @@ def bound_arguments(kernel, args: tuple, kwargs: dict):
     fn = kernel
     while isinstance(fn, (Heuristics, Autotuner)):
         if isinstance(fn, Heuristics):
-            # As Heuristics.run: in order, each seeing the values before it.
-            positional = dict(zip(fn.arg_names, args))
-            for name, heur in fn.values.items():
-                named[name] = heur({**positional, **named})
+            add_heuristics(fn, args, named)
         elif isinstance(fn, Autotuner):
             config = getattr(fn, "best_config", None)
             if config is None or config.pre_hook is not None:
@@ -143,7 +148,7 @@ def _hooked() -> bool:
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; from the second call with the same key on, the compiled
     kernel's launcher directly (see the module docstring)."""
-    if getattr(_THREAD, "dry", False):
+    if dry():
         warm(kernel, grid, args, kwargs)
         return
     if not _ENABLED or _hooked():
@@ -220,9 +225,7 @@ def warm(kernel, grid, args: tuple, kwargs: dict) -> None:
     named, configs, fn = dict(kwargs), [None], kernel
     while isinstance(fn, (Heuristics, Autotuner)):
         if isinstance(fn, Heuristics):
-            positional = dict(zip(fn.arg_names, args))
-            for name, heur in fn.values.items():
-                named[name] = heur({**positional, **named})
+            add_heuristics(fn, args, named)
         else:
             configs = candidates(fn, args, named)
         fn = fn.fn

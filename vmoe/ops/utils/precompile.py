@@ -242,6 +242,7 @@ def precompile(step, workers: int | None = None) -> dict:
     HISTORY.append(stats)
     return stats
 
+
 def signature(t: torch.Tensor, rows: bool = False) -> tuple:
     """What of a tensor can change the kernels a call compiles: dtype, device, shape (without the
     first dimension when ``rows``: the token count, which no kernel specializes on), strides
