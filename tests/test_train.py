@@ -37,6 +37,7 @@ from vmoe.train.loop import (
     GPT,
     LOG_COLUMNS,
     VOCAB,
+    ByteCorpus,
     collect,
     gpu_sized_warning,
     lr_at,
@@ -45,6 +46,7 @@ from vmoe.train.loop import (
     run_dir_for,
     train,
     training_loss,
+    warm_kernels,
 )
 
 TINY = replace(CONFIGS["tiny"], impl="reference", seq_len=32, batch_size=8, total_tokens=20 * 8 * 32,
@@ -125,6 +127,31 @@ def test_resume_is_bitwise(corpus, tmp_path):
     for ra, rb in zip(rows_a, rows_b):
         for col in ("step", "tokens", "train_loss", "val_bpb", "val_bpb_code", "width", "width_punct"):
             assert ra[col] == rb[col], (col, ra[col], rb[col])
+
+
+def test_no_checkpoints_writes_the_log_only(corpus, tmp_path):
+    """``checkpoints=False`` (``--no-checkpoints``): the log of a whole run, no checkpoint file, and the
+    same rows as a run that wrote its checkpoints."""
+    with_ck = train(TINY, seed=4, out=tmp_path / "a", data_dir=corpus, device="cpu")
+    run = train(TINY, seed=4, out=tmp_path / "b", data_dir=corpus, device="cpu", checkpoints=False)
+    assert (with_ck / "ckpt.pt").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["log.csv"]
+    rows_a, rows_b = read_log(with_ck), read_log(run)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]
+    assert [r["val_bpb"] for r in rows_b] == [r["val_bpb"] for r in rows_a]
+
+
+def test_warm_kernels_changes_nothing_of_the_run(corpus):
+    """The eager warm-up step before a compiled run leaves no gradient and no parameter change, and
+    draws nothing from the global RNG."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    warm_kernels(TINY, model, ByteCorpus(corpus), torch.device("cpu"), contextlib.nullcontext())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_resume_rejects_another_config(corpus, tmp_path):

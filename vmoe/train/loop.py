@@ -396,7 +396,8 @@ def _progress(total: int, initial: int, desc: str):
 
 def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path = DEFAULT_DATA,
           max_seconds: float | None = None, max_steps: int | None = None, resume: bool = False,
-          compile: bool | str = False, device: str | torch.device | None = None) -> Path:
+          compile: bool | str = False, device: str | torch.device | None = None,
+          checkpoints: bool = True) -> Path:
     """Train (or, with ``resume``, continue) ``cfg`` with ``seed``; returns the run's folder.
 
     Stops at ``cfg.total_steps``, or after ``max_steps`` steps or ``max_seconds`` seconds of this
@@ -404,7 +405,9 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     checkpoint starts afresh, so a job script can always pass it; without ``resume`` an existing
     checkpoint is an error rather than overwritten. ``compile``: False (eager), True or a
     ``torch.compile`` mode; "reduce-overhead" replays each step as CUDA graphs, which takes the
-    host's launch time out of tokens/s at this model size.
+    host's launch time out of tokens/s at this model size. ``checkpoints=False`` writes none (for
+    a machine whose disk does not outlive the job: a d=768 checkpoint is about 3 GB, and writing
+    one at each of its 17 evaluations costs about a minute); the log is written either way.
 
     Refuses (ValueError, naming the file and the fix) a corpus that is damaged or not the pinned
     one, a checkpoint of another config, seed or corpus, and a run whose checkpoints all fail to
@@ -454,6 +457,8 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
         _truncate_log(log_path, -1)  # no checkpoint: rows left by an earlier attempt are not this run's
 
     def save():
+        if not checkpoints:
+            return
         acc_host = acc.cpu()  # host-ok: checkpoints are written at boundaries only
         _save_checkpoint({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
@@ -468,6 +473,8 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     graphs = mode is not None and "reduce-overhead" in mode
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
+    if mode and device.type == "cuda":
+        warm_kernels(cfg, model, data, device, autocast)
     total, steps_here = cfg.total_steps, 0
     bar = _progress(total, st["step"], f"{cfg.name} s{seed}")
     t0 = _sync(device)
@@ -534,6 +541,20 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     return run_dir
 
 
+def warm_kernels(cfg: TrainConfig, model: nn.Module, data: "ByteCorpus", device: torch.device,
+                 autocast) -> None:
+    """One eager forward and backward of ``model`` on a batch outside the run's data stream, its
+    gradients dropped. Inside a torch.compile trace a layer compiles its Triton kernels one by one
+    as they first launch (about a minute for a cold cache); eager, its first call compiles them in
+    parallel (:mod:`vmoe.ops.utils.precompile`) and tunes them, into the caches the compiled step
+    then reads. Changes no parameter, optimizer state or RNG stream of the run."""
+    x, y = data.batch(torch.Generator().manual_seed(0), cfg.batch_size, cfg.seq_len, device)
+    with autocast:
+        loss, _, _ = training_loss(cfg, model, x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def collect(out: Path = DEFAULT_OUT, results: Path | None = None):
     """Every run's ``log.csv`` under ``out`` in one DataFrame; with ``results``, also written to
     ``results/train_<gpu>.csv``, one file per GPU (as the benchmark's CSVs are). A run already in
@@ -580,6 +601,8 @@ def main(argv=None):
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile the model's training step (MODE default: default; "
                         "reduce-overhead: CUDA graphs)")
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="write no checkpoint (a machine whose disk does not outlive the job)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--collect", action="store_true",
                         help="only concatenate the runs' logs under --out into train_<gpu>.csv")
@@ -608,7 +631,7 @@ def main(argv=None):
     try:
         run_dir = train(cfg, args.seed, out=args.out, data_dir=args.data, max_seconds=args.max_seconds,
                         max_steps=args.max_steps, resume=args.resume, compile=args.compile,
-                        device=args.device)
+                        device=args.device, checkpoints=not args.no_checkpoints)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     print(f"{run_dir}: see {LOG}")
