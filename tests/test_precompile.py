@@ -21,6 +21,7 @@ import triton.language as tl
 import vmoe
 from vmoe import testing
 from vmoe.ops.utils import launch, precompile
+from vmoe.ops.utils.device import interpreting
 
 
 def _touch(path):
@@ -145,6 +146,8 @@ def test_dry_launches_nest_restore_and_stay_on_their_thread():
         with launch.dry_launches():
             assert launch.dry()
         assert launch.dry()
+        with launch.dry_launches(False):
+            assert launch.dry()  # dry_launches(False) turns nothing off
         # Another thread (an nn.DataParallel replica, say) keeps launching for real meanwhile.
         thread = threading.Thread(target=lambda: seen.append(launch.dry()))
         thread.start()
@@ -163,16 +166,62 @@ def _call(hook, module, data):
                 is_manual_warmup=False, already_compiled=False)
 
 
-def test_the_recording_hook_takes_only_its_threads_vmoe_kernels():
+def test_the_recording_hook_takes_only_dry_threads_vmoe_kernels():
     records, other = {}, []
+
+    def dry_call(data):
+        with launch.dry_launches():
+            other.append(_call(hook, "vmoe.ops.routing", data))
+
     with precompile._recording(records) as hook:
-        assert _call(hook, "vmoe.ops.routing", "a") is True  # recorded and skipped
-        assert _call(hook, "my_package.kernels", "b") is None  # not vmoe's: compiles as usual
-        thread = threading.Thread(target=lambda: other.append(_call(hook, "vmoe.ops.routing", "c")))
-        thread.start()
-        thread.join()
-    assert other == [None]  # another thread's vmoe launch compiles and runs
-    assert list(records) == ["a"]
+        assert _call(hook, "vmoe.ops.routing", "a") is None  # not in dry_launches: compiles
+        with launch.dry_launches():
+            assert _call(hook, "vmoe.ops.routing", "b") is True  # recorded and skipped
+            assert _call(hook, "my_package.kernels", "c") is None  # not vmoe's: compiles as usual
+            # A thread outside dry_launches compiles and runs; one inside (the autograd thread
+            # of a dry step's backward) is recorded.
+            for target in (lambda: other.append(_call(hook, "vmoe.ops.routing", "d")),
+                           lambda: dry_call("e")):
+                thread = threading.Thread(target=target)
+                thread.start()
+                thread.join()
+    assert other == [None, True]
+    assert list(records) == ["b", "e"]
+
+
+@pytest.mark.skipif(not interpreting(), reason="the layer's kernels on the CPU need TRITON_INTERPRET=1")
+def test_the_backward_of_a_dry_forward_is_dry_on_any_thread(monkeypatch):
+    """torch runs a CUDA backward on its own thread, outside the recording thread's
+    dry_launches: the backward of a dry forward must stay dry there (launched for real, its
+    kernels read the forward's uninitialised routing arrays). Here the backward runs on a
+    thread of its own, as on a GPU."""
+    cfg = vmoe.MoEConfig(n_embd=32, expert_sizes=[(2, 32), (2, 16), (2, 0)], num_active_experts=2,
+                         activation="relu2", max_null_share=0.25)
+    moe = vmoe.MoEMLP(cfg)
+    x = torch.randn(24, 32, requires_grad=True)
+    warmed, ran = [], []
+    # Every launch is recorded instead of compiled (warm) or run (the direct path asks _hooked).
+    monkeypatch.setattr(launch, "warm", lambda kernel, *a: warmed.append(threading.get_ident()))
+    monkeypatch.setattr(launch, "_ENABLED", True)
+    monkeypatch.setattr(launch, "_hooked", lambda: ran.append(threading.get_ident()) or True)
+
+    def backward_launches(on_thread: bool) -> int:
+        with launch.dry_launches():
+            out, aux, _ = moe(x)
+            loss = out.float().sum() + sum(v.float() for v in aux.values())
+            n_forward = len(warmed)
+            if not on_thread:
+                loss.backward()
+        if on_thread:
+            thread = threading.Thread(target=loss.backward)
+            thread.start()
+            thread.join()
+        return len(warmed) - n_forward
+
+    same_thread = backward_launches(False)
+    assert same_thread >= 3 and not ran  # the router's backward and the experts' GEMMs
+    assert backward_launches(True) == same_thread
+    assert not ran
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or not precompile.enabled(),

@@ -27,7 +27,7 @@ from vmoe import reference
 from vmoe.config import IMPLS, check_expert_mlp_args, expand_sizes
 from vmoe.ops.grouped_gemm import kernel_weight
 from vmoe.ops.routing import Routing
-from vmoe.ops.utils import precompile
+from vmoe.ops.utils import launch, precompile
 from vmoe.ops.utils.device import check_triton_device, interpreting
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,13 +87,15 @@ class ExpertMLPFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, topk_weights, w1, w2, z, ys, *routing)
         ctx.expert_widths, ctx.activation = expert_widths, activation
+        ctx.dry = launch.dry()
 
     @staticmethod
     @differentiable_once
     def backward(ctx, dy, _dz, _dys):
         needs = tuple(ctx.needs_input_grad[:4])
-        grads = ops.expert_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.expert_widths,
-                                        ctx.activation, needs)
+        with launch.dry_launches(ctx.dry):
+            grads = ops.expert_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.expert_widths,
+                                            ctx.activation, needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
@@ -115,13 +117,15 @@ class RouteFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # a loss left out of the total costs the kernel nothing
         ctx.save_for_backward(logits, ids, counts, p_sum)
         ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
+        ctx.dry = launch.dry()
 
     @staticmethod
     @differentiable_once
     def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, *_):
         logits, ids, counts, p_sum = ctx.saved_tensors
-        d_logits = ops.route_backward(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
-                                      d_lb_loss, d_compute_loss, counts, p_sum, *ctx.config)
+        with launch.dry_launches(ctx.dry):
+            d_logits = ops.route_backward(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
+                                          d_lb_loss, d_compute_loss, counts, p_sum, *ctx.config)
         return d_logits, None, None, None, None, None, None
 
 

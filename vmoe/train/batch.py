@@ -25,6 +25,7 @@ from pathlib import Path
 from vmoe.train.loop import DEFAULT_OUT, collect
 from vmoe.train.model import CONFIGS
 
+
 def parse_run(spec: str) -> tuple[str, int | None, int]:
     """``config[:expert_width]@seed`` as (config, expert_width or None, seed)."""
     name, at, seed = spec.partition("@")

@@ -37,7 +37,6 @@ import os
 import signal
 import struct
 import sys
-import threading
 import time
 import warnings
 from concurrent.futures import Executor, Future
@@ -170,16 +169,17 @@ class _Compiled(Exception):
 
 @contextlib.contextmanager
 def _recording(records: dict):
-    """Triton's ``jit_cache_hook`` set to record each vmoe kernel that this thread would compile
-    (its specialization, as ``JITFunction.preload`` reads it) and skip it. The hook is global:
-    another thread's compiles pass through to the hook that was there before, or compile."""
+    """Triton's ``jit_cache_hook`` set to record each vmoe kernel that a thread in
+    :class:`~vmoe.ops.utils.launch.dry_launches` would compile (its specialization, as
+    ``JITFunction.preload`` reads it) and skip it: the recording thread's, and the autograd
+    thread's that runs the dry step's CUDA backward. The hook is global: any other compile passes
+    through to the hook that was there before, or compiles."""
     from triton import knobs
 
     previous = knobs.runtime.jit_cache_hook
-    owner = threading.get_ident()
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
-        if threading.get_ident() != owner or not fn.module.startswith("vmoe."):
+        if not launch_mod.dry() or not fn.module.startswith("vmoe."):
             return previous(key=key, repr=repr, fn=fn, compile=compile,
                             is_manual_warmup=is_manual_warmup,
                             already_compiled=already_compiled) if previous else None
