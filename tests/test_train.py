@@ -183,6 +183,16 @@ def test_log_columns_and_widths(corpus, tmp_path):
     for row in var:
         for col in ("width", "width_code", "width_prose", "width_punct", "width_letters"):
             assert 2 * 16 <= float(row[col]) <= 2 * 48, (col, row[col])
+        assert float(row["null_share"]) == 0.0
+
+    # One non-null width (48) beside null experts: every non-null slot adds 48, so the realised
+    # width is exactly k * 48 * (1 - null_share).
+    null = replace(TINY, name="tiny_null", expert_sizes=((2, 48), (2, 0)), total_tokens=5 * 8 * 32)
+    rows = read_log(train(null, seed=2, out=tmp_path, data_dir=corpus, device="cpu"))
+    shares = [float(row["null_share"]) for row in rows]
+    assert any(0 < v < 1 for v in shares), shares
+    for row, share in zip(rows, shares):
+        assert float(row["width"]) == pytest.approx(2 * 48 * (1 - share), rel=1e-5), row
 
 
 def test_widths_of_a_slimmed_model(corpus):

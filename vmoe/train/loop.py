@@ -40,7 +40,8 @@ as one that never stopped (bitwise on the CPU; on a GPU as far as the kernels ar
 the steps since the previous row, ``train_bpb`` the same in bits, the aux columns their means over
 the same steps; ``val_bpb*`` are bits per byte on fixed validation windows, half prose and half
 code; ``width*`` the realised width (overall, by domain, and by the token's own byte: whitespace
-and ASCII punctuation vs ASCII letters); ``expert_fwd_flops_per_token`` the experts' forward
+and ASCII punctuation vs ASCII letters); ``null_share`` the share of the k slots of a token and
+layer that went to a null expert (width 0), over tokens and layers; ``expert_fwd_flops_per_token`` the experts' forward
 FLOPs per token summed over layers; ``wall_s`` and ``tokens_per_s`` count training time only.
 
 Host synchronisation happens only at evaluation and checkpoint boundaries: the training loss is
@@ -89,7 +90,7 @@ WIDTH_CLASSES = ("all", "prose", "code", "punct", "letters")
 LOG_COLUMNS = [
     "config", "seed", "step", "tokens", "wall_s", "train_loss", "train_bpb", "val_bpb", "val_bpb_prose",
     "val_bpb_code", "tokens_per_s", "width", "width_code", "width_prose", "width_punct", "width_letters",
-    "width_by_layer", "expert_fwd_flops_per_token", "lr", *AUX_KEYS, "expert_sizes", "k",
+    "width_by_layer", "null_share", "expert_fwd_flops_per_token", "lr", *AUX_KEYS, "expert_sizes", "k",
     "compute_loss_weight", "max_null_share", "n_embd", "n_layer", "total_tokens", "compile", "gpu",
     "torch", "triton", "git_commit", "data_sha256",
 ]
@@ -194,6 +195,7 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
     ce_sum = torch.zeros(C, device=device)
     count = torch.zeros(C, device=device)
     width_sum = torch.zeros(len(layers), C, device=device)
+    null_sum = torch.zeros((), device=device)
     try:
         for lo in range(0, len(windows), batch_size):
             chunk = windows[lo:lo + batch_size].to(device).long()
@@ -210,11 +212,13 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
             ce_sum += ce @ masks
             count += masks.sum(0)
             width_sum += torch.stack([w[t.long()].sum(-1) for w, t in zip(widths, ids)]) @ masks  # [L, C]
+            null_sum += sum((w[t.long()] == 0).float().mean(-1).sum() for w, t in zip(widths, ids))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     ce_sum, count, width_sum = ce_sum.cpu(), count.cpu(), width_sum.cpu()  # host-ok: eval boundary
+    null_share = float(null_sum) / (float(count[0]) * len(layers))  # host-ok: eval boundary
     bpb = (ce_sum / count / math.log(2)).tolist()  # host-ok: already on the host
     per_layer = width_sum / count                                                      # [L, C]
     width = per_layer.mean(0).tolist()  # host-ok: already on the host
@@ -228,6 +232,7 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
         "width": cls["all"], "width_prose": cls["prose"], "width_code": cls["code"],
         "width_punct": cls["punct"], "width_letters": cls["letters"],
         "width_by_layer": " ".join(f"{w:.1f}" for w in per_layer[:, 0].tolist()),  # host-ok: host
+        "null_share": null_share,
         "expert_fwd_flops_per_token": flops,
     }
 
