@@ -194,17 +194,18 @@ train-batch: $(VENV)/.installed
 	done; done
 	$(PY) -m vmoe.train --collect --results results
 
+# var5's and var23's seed-0 realised widths at d=768 (1917 and 1446) over k, rounded to multiples of 16
+# so that the controls are also fair speed controls.
 TRAIN_RUNS_D768 ?= uniform_d768 var5_d768 var23_d768 var5_null_d768 var5_null_bound_d768 var5_cl_d768 \
-	var23_cl_d768
+	var23_cl_d768 uniform_realised_d768:960 uniform_realised_d768:720
 ## train-batch-d768: the study at d=768 (12 layers, 100 MiB of bytes a run, the registry's schedule) on the
-## large corpus (DATA_D768, built by make data-large), TRAIN_RUNS_D768 x TRAIN_SEEDS, one run at a time under
-## CUDA graphs; each run must finish inside one device command, so pass a few runs at a time; then
-## results/train_<gpu>.csv gains their rows
+## large corpus (DATA_D768, built by make data-large): TRAIN_RUNS_D768 x TRAIN_SEEDS, seed by seed, one run
+## at a time under CUDA graphs (python -m vmoe.train.batch); TRAIN_BUDGET_S starts no run that would end
+## past that many seconds; results/train_<gpu>.csv gains each run's rows as it ends
 DATA_D768 ?= data_large
+TRAIN_BUDGET_S ?=
 train-batch-d768: $(VENV)/.installed
 	$(SHOW_CARD)
-	for seed in $(TRAIN_SEEDS); do for run in $(TRAIN_RUNS_D768); do set -- $$(echo $$run | tr : ' '); \
-		$(PY) -m vmoe.train --config $$1 $${2:+--expert-width $$2} --seed $$seed --compile reduce-overhead \
-			--data $(DATA_D768) --resume $(TRAIN_FLAGS) || exit 1; \
-	done; done
-	$(PY) -m vmoe.train --collect --results results
+	$(PY) -m vmoe.train.batch $(foreach s,$(TRAIN_SEEDS),$(foreach r,$(TRAIN_RUNS_D768),$(r)@$(s))) \
+		--data $(DATA_D768) $(if $(TRAIN_BUDGET_S),--budget-s $(TRAIN_BUDGET_S)) --results results \
+		-- --compile reduce-overhead --resume $(TRAIN_FLAGS)
