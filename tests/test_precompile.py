@@ -146,8 +146,6 @@ def test_dry_launches_nest_restore_and_stay_on_their_thread():
         with launch.dry_launches():
             assert launch.dry()
         assert launch.dry()
-        with launch.dry_launches(False):
-            assert launch.dry()  # dry_launches(False) turns nothing off
         # Another thread (an nn.DataParallel replica, say) keeps launching for real meanwhile.
         thread = threading.Thread(target=lambda: seen.append(launch.dry()))
         thread.start()

@@ -70,6 +70,23 @@ def differentiable_once(backward):
     return wrapper
 
 
+def _recording() -> bool:
+    """Whether a forward runs inside a precompile's recording (:mod:`vmoe.ops.utils.precompile`),
+    for its backward to know: torch runs a CUDA backward on its own autograd thread, which does not
+    see the recording thread's :func:`~vmoe.ops.utils.launch.dry` state; launched for real there,
+    the backward's kernels would read the dry forward's uninitialised routing arrays. Never while
+    torch.compile traces (no precompile then, and the thread-local state is not traceable)."""
+    return not torch.compiler.is_compiling() and launch.dry()
+
+
+def _dry_if(dry: bool, fn, *args):
+    """``fn(*args)``, inside :class:`~vmoe.ops.utils.launch.dry_launches` where ``dry``."""
+    if not dry:
+        return fn(*args)
+    with launch.dry_launches():
+        return fn(*args)
+
+
 class ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, topk_weights, w1, w2, counts, offsets, sorted_to_assign, assign_to_sorted,
@@ -87,15 +104,14 @@ class ExpertMLPFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, topk_weights, w1, w2, z, ys, *routing)
         ctx.expert_widths, ctx.activation = expert_widths, activation
-        ctx.dry = launch.dry()
+        ctx.dry = _recording()
 
     @staticmethod
     @differentiable_once
     def backward(ctx, dy, _dz, _dys):
         needs = tuple(ctx.needs_input_grad[:4])
-        with launch.dry_launches(ctx.dry):
-            grads = ops.expert_mlp_backward(dy.contiguous(), *ctx.saved_tensors, ctx.expert_widths,
-                                            ctx.activation, needs)
+        grads = _dry_if(ctx.dry, ops.expert_mlp_backward, dy.contiguous(), *ctx.saved_tensors,
+                        ctx.expert_widths, ctx.activation, needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
@@ -117,15 +133,15 @@ class RouteFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # a loss left out of the total costs the kernel nothing
         ctx.save_for_backward(logits, ids, counts, p_sum)
         ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
-        ctx.dry = launch.dry()
+        ctx.dry = _recording()
 
     @staticmethod
     @differentiable_once
     def backward(ctx, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, *_):
         logits, ids, counts, p_sum = ctx.saved_tensors
-        with launch.dry_launches(ctx.dry):
-            d_logits = ops.route_backward(logits, ids, d_weights, d_p_sum, d_lse_sq_sum, d_z_loss,
-                                          d_lb_loss, d_compute_loss, counts, p_sum, *ctx.config)
+        d_logits = _dry_if(ctx.dry, ops.route_backward, logits, ids, d_weights, d_p_sum,
+                           d_lse_sq_sum, d_z_loss, d_lb_loss, d_compute_loss, counts, p_sum,
+                           *ctx.config)
         return d_logits, None, None, None, None, None, None
 
 

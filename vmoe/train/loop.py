@@ -41,8 +41,9 @@ the steps since the previous row, ``train_bpb`` the same in bits, the aux column
 the same steps; ``val_bpb*`` are bits per byte on fixed validation windows, half prose and half
 code; ``width*`` the realised width (overall, by domain, and by the token's own byte: whitespace
 and ASCII punctuation vs ASCII letters); ``null_share`` the share of the k slots of a token and
-layer that went to a null expert (width 0), over tokens and layers; ``expert_fwd_flops_per_token`` the experts' forward
-FLOPs per token summed over layers; ``wall_s`` and ``tokens_per_s`` count training time only.
+layer that went to a null expert (width 0), over tokens and layers; ``expert_fwd_flops_per_token``
+the experts' forward FLOPs per token summed over layers; ``wall_s`` and ``tokens_per_s`` count
+training time only.
 
 Host synchronisation happens only at evaluation and checkpoint boundaries: the training loss is
 accumulated on the device, and the wall time of training (``wall_s``, evaluation excluded) is

@@ -235,20 +235,15 @@ def warm(kernel, grid, args: tuple, kwargs: dict) -> None:
 
 class dry_launches:
     """``with dry_launches(): ...``: every :func:`launch` of this thread inside is :func:`warm`
-    instead, and the direct path's cache is neither read nor filled. ``dry_launches(False)``
-    changes nothing.
+    instead, and the direct path's cache is neither read nor filled.
 
-    The state is the thread's own, and torch runs a CUDA backward on its own thread: an autograd
-    Function records ``dry()`` in its forward's context and enters ``dry_launches(ctx.dry)`` in
-    its backward, so that the backward of a dry forward is dry too (launched for real, it would
-    read the forward's uninitialised routing arrays)."""
-
-    def __init__(self, on: bool = True):
-        self.on = on
+    The state is the thread's own, and torch runs a CUDA backward on its own thread: vmoe's
+    autograd Functions record ``dry()`` in their forward's context and enter ``dry_launches`` in
+    their backward where it was set (:func:`vmoe.autograd._recording`)."""
 
     def __enter__(self):
         self.previous = dry()
-        _THREAD.dry = self.previous or self.on
+        _THREAD.dry = True
         return self
 
     def __exit__(self, *exc):
