@@ -36,7 +36,7 @@ def parse_run(spec: str) -> tuple[str, int | None, int]:
         raise ValueError(f"run {spec!r}: unknown config {config!r}")
     if width and not width.isdigit():
         raise ValueError(f"run {spec!r}: expert_width {width!r} is not a whole number")
-    return config, int(width) if width else None, int(seed)
+    return config, int(width) if width else None, int(seed)  # host-ok: strings of the command line
 
 
 def command(config: str, width: int | None, seed: int, data: Path, out: Path, extra: list[str]) -> list[str]:
