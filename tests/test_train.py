@@ -261,6 +261,35 @@ def test_collect_keeps_the_other_runs_of_the_file(corpus, tmp_path):
     assert (mine["n_embd"] == TINY.n_embd).all() and (mine["n_layer"] == TINY.n_layer).all()
 
 
+def test_merge_adds_a_machines_collected_runs(corpus, tmp_path, capsys):
+    """``--merge``: the train_<gpu>.csv a GPU job returned joins the committed one as a collect
+    would (its runs replace the same config and seed; the others stay); a CSV that is not a
+    collected log, or no --results, is refused."""
+    import pandas as pd
+    returned = tmp_path / "job"
+    runs = tmp_path / "runs"
+    train(replace(TINY, total_tokens=5 * 8 * 32), seed=1, out=runs, data_dir=corpus, device="cpu")
+    collect(runs, results=returned)
+    results = tmp_path / "results"
+    results.mkdir()
+    pd.DataFrame([{"config": "older", "seed": 0, "step": 0, "val_bpb": 1.5, "gpu": "cpu"},
+                  {"config": TINY.name, "seed": 1, "step": 0, "val_bpb": 99.0, "gpu": "cpu"}]
+                 ).to_csv(results / "train_cpu.csv", index=False)
+    main(["--merge", str(returned / "train_cpu.csv"), "--results", str(results)])
+    assert "1 runs" in capsys.readouterr().out
+    merged = pd.read_csv(results / "train_cpu.csv")
+    assert merged[merged["config"] == "older"]["val_bpb"].tolist() == [1.5]
+    mine = merged[merged["config"] == TINY.name]
+    assert mine["step"].tolist() == [0, 5] and 99.0 not in mine["val_bpb"].tolist()
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit):
+        main(["--merge", str(tmp_path / "other.csv"), "--results", str(results)])
+    assert "no config, seed, step, gpu column" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--merge", str(returned / "train_cpu.csv")])
+    assert "--merge needs --results" in capsys.readouterr().err
+
+
 def test_collect_writes_where_git_does_not_track_unless_told(corpus, tmp_path, monkeypatch):
     """``--collect`` alone writes beside the runs (results/runs/, ignored by git); the committed
     results/train_<gpu>.csv takes an explicit ``--results results``."""

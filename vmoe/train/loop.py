@@ -13,7 +13,8 @@ runs (or continues) ``results/runs/var5_s0``: ``ckpt.pt`` (written at every eval
 per evaluation). ``results/runs/`` is scratch, ignored by git (a checkpoint of the d=384 configs
 is about 390 MB: weights and AdamW's two moments in float32). ``python -m vmoe.train --collect``
 concatenates every run's log into ``results/runs/train_<gpu>.csv``; ``--collect --results results``
-writes ``results/train_<gpu>.csv``, the file to commit.
+writes ``results/train_<gpu>.csv``, the file to commit; ``--merge CSV... --results results`` adds
+the runs of ``train_<gpu>.csv`` files that a GPU machine's job returned to it.
 
 On a CPU, ``python -m vmoe.train --config tiny`` is the smoke run (about half a minute): it
 re-executes itself under ``TRITON_INTERPRET=1``, so the MoE layers run the Triton kernels in
@@ -574,19 +575,42 @@ def collect(out: Path = DEFAULT_OUT, results: Path | None = None):
         return pd.DataFrame(columns=LOG_COLUMNS)
     df = pd.concat([pd.read_csv(p) for p in logs], ignore_index=True)
     if results is not None:
-        Path(results).mkdir(parents=True, exist_ok=True)
-        for gpu, part in df.groupby("gpu"):
-            path = Path(results) / f"train_{gpu_slug(str(gpu))}.csv"
-            if path.exists():
-                old = pd.read_csv(path)
-                runs = set(zip(part["config"], part["seed"]))
-                keep = [(c, s) not in runs for c, s in zip(old["config"], old["seed"])]
-                part = pd.concat([old[keep], part], ignore_index=True)
-            columns = list(dict.fromkeys([*LOG_COLUMNS, *part.columns]))
-            part = part.reindex(columns=columns)
-            rows = part.astype(object).where(part.notna(), None).to_dict("records")  # NaN: empty
-            report.write_csv(path, rows, columns)
+        write_results(df, results)
     return df
+
+
+def merge(csvs, results: Path):
+    """The runs of collected ``train_<gpu>.csv`` files (those a GPU machine's job returned) added
+    to ``results/train_<gpu>.csv`` as :func:`collect` adds logs: each run replaces the same config
+    and seed there. Returns the merged rows."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_csv(p) for p in csvs], ignore_index=True)
+    missing = [c for c in ("config", "seed", "step", "gpu") if c not in df]
+    if missing:
+        raise ValueError(f"{', '.join(map(str, csvs))}: no {', '.join(missing)} column; "
+                         "expected train_<gpu>.csv files written by --collect")
+    write_results(df, results)
+    return df
+
+
+def write_results(df, results: Path) -> None:
+    """``df``'s runs into ``results/train_<gpu>.csv``, replacing the same (config, seed) there."""
+    import pandas as pd
+
+    Path(results).mkdir(parents=True, exist_ok=True)
+    for gpu, part in df.groupby("gpu"):
+        path = Path(results) / f"train_{gpu_slug(str(gpu))}.csv"
+        if path.exists():
+            old = pd.read_csv(path)
+            runs = set(zip(part["config"], part["seed"]))
+            keep = [(c, s) not in runs for c, s in zip(old["config"], old["seed"])]
+            part = pd.concat([old[keep], part], ignore_index=True)
+        part = part.sort_values(["config", "seed", "step"], kind="stable")
+        columns = list(dict.fromkeys([*LOG_COLUMNS, *part.columns]))
+        part = part.reindex(columns=columns)
+        rows = part.astype(object).where(part.notna(), None).to_dict("records")  # NaN: empty
+        report.write_csv(path, rows, columns)
 
 
 def main(argv=None):
@@ -612,10 +636,22 @@ def main(argv=None):
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--collect", action="store_true",
                         help="only concatenate the runs' logs under --out into train_<gpu>.csv")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="CSV",
+                        help="only add these collected train_<gpu>.csv files' runs to --results")
     parser.add_argument("--results", type=Path,
                         help="where --collect writes train_<gpu>.csv (default: the --out folder, which git "
                         "ignores; `--results results` writes the committed results/train_<gpu>.csv)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.results is None:
+            parser.error("--merge needs --results (the folder of the train_<gpu>.csv to add to)")
+        try:
+            df = merge(args.merge, args.results)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        n_runs = df.groupby(["config", "seed"]).ngroups
+        print(f"{n_runs} runs ({len(df)} rows) -> {args.results}/train_<gpu>.csv")
+        return
     if args.collect:
         dest = args.results or args.out
         df = collect(args.out, dest)
