@@ -70,7 +70,7 @@ def differentiable_once(backward):
     return wrapper
 
 
-def _recording() -> bool:
+def _dry_forward() -> bool:
     """Whether a forward runs inside a precompile's recording (:mod:`vmoe.ops.utils.precompile`),
     for its backward to know: torch runs a CUDA backward on its own autograd thread, which does not
     see the recording thread's :func:`~vmoe.ops.utils.launch.dry` state; launched for real there,
@@ -104,7 +104,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, topk_weights, w1, w2, z, ys, *routing)
         ctx.expert_widths, ctx.activation = expert_widths, activation
-        ctx.dry = _recording()
+        ctx.dry = _dry_forward()
 
     @staticmethod
     @differentiable_once
@@ -133,7 +133,7 @@ class RouteFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # a loss left out of the total costs the kernel nothing
         ctx.save_for_backward(logits, ids, counts, p_sum)
         ctx.config = (router, norm_topk_prob, tuple(expert_widths), tuple(group_sizes))
-        ctx.dry = _recording()
+        ctx.dry = _dry_forward()
 
     @staticmethod
     @differentiable_once

@@ -239,7 +239,7 @@ class dry_launches:
 
     The state is the thread's own, and torch runs a CUDA backward on its own thread: vmoe's
     autograd Functions record ``dry()`` in their forward's context and enter ``dry_launches`` in
-    their backward where it was set (:func:`vmoe.autograd._recording`)."""
+    their backward where it was set (:func:`vmoe.autograd._dry_forward`)."""
 
     def __enter__(self):
         self.previous = dry()
