@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from vmoe.bench import report
 from vmoe.bench.report import gpu_slug
 from vmoe.config import gate_factor
+from vmoe.ops.utils import precompile
 from vmoe.ops.utils.device import interpreting, reexec_with_interpreter
 from vmoe.train.data import DEFAULT_DIR as DEFAULT_DATA
 from vmoe.train.data import DOMAINS, read_corpus
@@ -213,8 +214,9 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
                                  dom_t == DOMAINS.index("code"), punct[xb], letters[xb]], 1).float()
             ce_sum += ce @ masks
             count += masks.sum(0)
-            width_sum += torch.stack([w[t.long()].sum(-1) for w, t in zip(widths, ids)]) @ masks  # [L, C]
-            null_sum += sum((w[t.long()] == 0).float().mean(-1).sum() for w, t in zip(widths, ids))
+            slot_widths = [w[t.long()] for w, t in zip(widths, ids)]                        # L x [T, k]
+            width_sum += torch.stack([sw.sum(-1) for sw in slot_widths]) @ masks            # [L, C]
+            null_sum += sum((sw == 0).float().mean(-1).sum() for sw in slot_widths)
     finally:
         for h in hooks:
             h.remove()
@@ -480,7 +482,7 @@ def train(cfg: TrainConfig, seed: int, out: Path = DEFAULT_OUT, data_dir: Path =
     graphs = mode is not None and "reduce-overhead" in mode
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    if mode and device.type == "cuda":
+    if mode and device.type == "cuda" and precompile.enabled():
         warm_kernels(cfg, model, data, device, autocast)
     total, steps_here = cfg.total_steps, 0
     bar = _progress(total, st["step"], f"{cfg.name} s{seed}")
@@ -554,7 +556,9 @@ def warm_kernels(cfg: TrainConfig, model: nn.Module, data: "ByteCorpus", device:
     gradients dropped. Inside a torch.compile trace a layer compiles its Triton kernels one by one
     as they first launch (about a minute for a cold cache); eager, its first call compiles them in
     parallel (:mod:`vmoe.ops.utils.precompile`) and tunes them, into the caches the compiled step
-    then reads. Changes no parameter, optimizer state or RNG stream of the run."""
+    then reads. Changes no parameter, optimizer state or RNG stream of the run. Only where the
+    precompile is on (:func:`vmoe.ops.utils.precompile.enabled`): without it the step would
+    compile the same kernels one by one, as the trace does."""
     x, y = data.batch(torch.Generator().manual_seed(0), cfg.batch_size, cfg.seq_len, device)
     with autocast:
         loss, _, _ = training_loss(cfg, model, x, y)
