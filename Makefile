@@ -143,11 +143,12 @@ probe-forward: $(VENV)/.installed
 	$(SHOW_CARD)
 	$(PY) -m vmoe.bench.probes.forward results/forward/$(GPU).csv "$(MATCH)"
 
-## probe-width-cost: the experts' GPU time by width at the training study's size (d=384, k=2), into
-## results/width_cost/<gpu>.csv
+## probe-width-cost: the experts' GPU time by width at the training study's sizes (k=2): d=384 into
+## results/width_cost/<gpu>.csv, the d=768 study's cases into results/width_cost/<gpu>_d768.csv
 probe-width-cost: $(VENV)/.installed
 	$(SHOW_CARD)
-	$(PY) -m vmoe.bench.probes.width_cost results/width_cost/$(GPU).csv "$(MATCH)"
+	$(PY) -m vmoe.bench.probes.width_cost results/width_cost/$(GPU).csv "^(?!d768 ).*(?:$(MATCH))"
+	$(PY) -m vmoe.bench.probes.width_cost results/width_cost/$(GPU)_d768.csv "^d768 .*(?:$(MATCH))"
 
 ## probe-kernels: a layer training step kernel by kernel (torch.profiler), into results/kernels/<gpu>.log
 probe-kernels: $(VENV)/.installed

@@ -1,5 +1,5 @@
 """What an expert layer costs per token as a function of its experts' widths, at notebook 08's
-training size: d=384, k=2, T = 64 x 256 tokens, bf16, one step = ``vmoe.expert_mlp``
+training sizes: d=384 or d=768, k=2, T = 64 x 256 tokens, bf16, one step = ``vmoe.expert_mlp``
 forward + backward (x, topk_weights, w1, w2 all require grad). The time is the GPU's: the sum of
 the kernels' times under torch.profiler, per step, over 10 steps (an eager step of this size is
 host-bound, ~1.2 ms whatever the widths: the first run of this probe timed it with do_bench and
@@ -14,6 +14,10 @@ var23 at a realised width of 958 trained only 2% faster than uniform while the u
 - ``var5`` / ``var23`` at ``wide_share`` p: each slot goes to one of the 4 wide experts with
   probability p, else to one of the 4 narrow ones, with p chosen so that the realised width
   k * (p * f_wide + (1 - p) * f_narrow) equals the training runs' mean (1243 and 958).
+
+The ``d768`` cases are the d=768 study's (results/train_h100.csv): its uniform layer and the two uniform
+controls, and var5_d768 / var23_d768 at the two seeds' mean realised width (2008 and 1281, where the
+router puts 76% and 82% of the slots on the narrow experts) and evenly routed (the FLOPs of 8x1536).
 
     python -m vmoe.bench.probes.width_cost [OUT.csv] [CASE_REGEX]
 
@@ -34,17 +38,24 @@ from vmoe import expert_mlp
 from vmoe.bench.probes.profiling import kernel_times
 
 DEV, DT = "cuda", torch.bfloat16
-T, D, K = 64 * 256, 384, 2
+T, K = 64 * 256, 2
 STEPS = 10
 
 
 def cases():
+    """(name, d, widths, wide_share): wide_share None routes uniformly over the experts."""
     for w in (64, 128, 256, 464, 608, 610, 616, 624, 768, 1280, 1472):
-        yield f"uniform {w}x8", [w] * 8, None
+        yield f"uniform {w}x8", 384, [w] * 8, None
     for name, wide, narrow, realised in (("var5", 1280, 256, 1243), ("var23", 1472, 64, 958)):
         p = (realised / K - narrow) / (wide - narrow)
-        yield f"{name} p={p:.3f}", [wide] * 4 + [narrow] * 4, p
-        yield f"{name} even", [wide] * 4 + [narrow] * 4, 0.5
+        yield f"{name} p={p:.3f}", 384, [wide] * 4 + [narrow] * 4, p
+        yield f"{name} even", 384, [wide] * 4 + [narrow] * 4, 0.5
+    for w in (1536, 960, 720, 128):
+        yield f"d768 uniform {w}x8", 768, [w] * 8, None
+    for name, wide, narrow, realised in (("var5", 2560, 512, 2008), ("var23", 2944, 128, 1281)):
+        p = (realised / K - narrow) / (wide - narrow)
+        yield f"d768 {name} p={p:.3f}", 768, [wide] * 4 + [narrow] * 4, p
+        yield f"d768 {name} even", 768, [wide] * 4 + [narrow] * 4, 0.5
 
 
 def routing(widths, wide_share, gen):
@@ -62,7 +73,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{'case':22s} {'width':>7s} {'GPU ms':>7s} {'GFLOP':>7s} {'TFLOP/s':>8s}   slowest kernel ms")
-    for name, widths, share in cases():
+    for name, D, widths, share in cases():
         if not re.search(pick, name):
             continue
         ids = routing(widths, share, gen).to(DEV)
@@ -83,7 +94,7 @@ def main():
         ms = sum(per_kernel.values())
         top, top_ms = max(per_kernel.items(), key=lambda kv: kv[1])
         flops = 6 * 2 * D * realised * T
-        rows.append({"case": name, "widths": " ".join(map(str, widths)), "realised_width": realised,
+        rows.append({"case": name, "d": D, "widths": " ".join(map(str, widths)), "realised_width": realised,
                      "ms": ms, "gflop": flops / 1e9, "tflops": flops / ms / 1e9,
                      "top_kernel": top, "top_kernel_ms": top_ms, "gpu": torch.cuda.get_device_name()})
         print(f"{name:22s} {realised:7.0f} {ms:7.3f} {flops / 1e9:7.1f} {flops / ms / 1e9:8.1f}"
