@@ -26,13 +26,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
-## reproduce: validate every kernel against the naive loop, then regenerate the tables and figures:
+## reproduce: validate every kernel against the naive loop, then regenerate the tables and figures (the
+## README's training table too, from results/train_*.csv):
 ## notebook 07 re-measures first when a GPU is present (VMOE_BENCH=1), else draws from results/*.csv
 reproduce: $(VENV)/.installed
 	$(PY) -m vmoe.validate
 	VMOE_BENCH=1 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute \
 		--output-dir .nbrun notebooks/07_bench.ipynb
 	$(PY) -m vmoe.bench --reproduce
+	$(PY) -m vmoe.train --readme README.md
 
 ## test: the unit tests, then every notebook under strict nbval
 ## (pytest-xdist spreads both over PYTEST_WORKERS processes, one per core by default)

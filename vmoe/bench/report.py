@@ -567,6 +567,14 @@ def _num(v, fmt: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
+def replace_block(text: str, block: str, start_marker: str, end_marker: str) -> str | None:
+    """``text`` with what lies between the two markers replaced by ``block``; None without them."""
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < start:
+        return None
+    return text[:start] + f"{start_marker}\n{block.strip()}\n{end_marker}" + text[end + len(end_marker):]
+
+
 def rewrite_readme(path, block: str) -> bool:
     """Replace what lies between the results markers in ``path`` (appending the markers if absent).
 
@@ -574,11 +582,9 @@ def rewrite_readme(path, block: str) -> bool:
     """
     path = Path(path)
     text = path.read_text() if path.exists() else ""
-    fenced = f"{README_START}\n{block.strip()}\n{README_END}"
-    start, end = text.find(README_START), text.find(README_END)
-    if start >= 0 and end > start:
-        new = text[:start] + fenced + text[end + len(README_END):]
-    else:
+    new = replace_block(text, block, README_START, README_END)
+    if new is None:
+        fenced = f"{README_START}\n{block.strip()}\n{README_END}"
         new = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + fenced + "\n"
     if new == text:
         return False

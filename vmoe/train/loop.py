@@ -14,7 +14,8 @@ per evaluation). ``results/runs/`` is scratch, ignored by git (a checkpoint of t
 is about 390 MB: weights and AdamW's two moments in float32). ``python -m vmoe.train --collect``
 concatenates every run's log into ``results/runs/train_<gpu>.csv``; ``--collect --results results``
 writes ``results/train_<gpu>.csv``, the file to commit; ``--merge CSV... --results results`` adds
-the runs of ``train_<gpu>.csv`` files that a GPU machine's job returned to it.
+the runs of ``train_<gpu>.csv`` files that a GPU machine's job returned to it; ``--readme README.md``
+rewrites the README's training table from the committed files (:mod:`vmoe.train.report`).
 
 On a CPU, ``python -m vmoe.train --config tiny`` is the smoke run (about half a minute): it
 re-executes itself under ``TRITON_INTERPRET=1``, so the MoE layers run the Triton kernels in
@@ -72,6 +73,7 @@ from vmoe.bench.report import gpu_slug
 from vmoe.config import gate_factor
 from vmoe.ops.utils import precompile
 from vmoe.ops.utils.device import interpreting, reexec_with_interpreter
+from vmoe.train import report as train_report
 from vmoe.train.data import DEFAULT_DIR as DEFAULT_DATA
 from vmoe.train.data import DOMAINS, read_corpus
 from vmoe.train.model import AUX_KEYS, CONFIGS, GPT, VOCAB, TrainConfig, resolve_config
@@ -642,10 +644,21 @@ def main(argv=None):
                         help="only concatenate the runs' logs under --out into train_<gpu>.csv")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="CSV",
                         help="only add these collected train_<gpu>.csv files' runs to --results")
+    parser.add_argument("--readme", type=Path, metavar="README",
+                        help="only rewrite README's training table from <--results>/train_*.csv")
     parser.add_argument("--results", type=Path,
                         help="where --collect writes train_<gpu>.csv (default: the --out folder, which git "
                         "ignores; `--results results` writes the committed results/train_<gpu>.csv)")
     args = parser.parse_args(argv)
+    if args.readme:
+        csvs = sorted(Path(args.results or "results").glob("train_*.csv"))
+        try:
+            changed = train_report.regenerate(csvs, args.readme)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        print(f"{'rewrote' if changed else 'unchanged:'} the training block of {args.readme} "
+              f"({len(csvs)} CSVs)")
+        return
     if args.merge:
         if args.results is None:
             parser.error("--merge needs --results (the folder of the train_<gpu>.csv to add to)")
