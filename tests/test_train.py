@@ -17,6 +17,7 @@ import contextlib
 import csv
 import math
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -174,6 +175,7 @@ def test_log_columns_and_widths(corpus, tmp_path):
         d, L = uniform.n_embd, uniform.n_layer
         assert float(row["expert_fwd_flops_per_token"]) == L * 4 * d * 48
         assert row["gpu"] == "cpu" and row["config"] == "tiny_uniform"
+        assert row["host"] == socket.gethostname()
     last = read_log(run)[-1]
     assert math.isfinite(float(last["tokens_per_s"])) and float(last["tokens_per_s"]) > 0
     assert all(math.isfinite(float(last[c])) for c in ("val_bpb_prose", "val_bpb_code", "train_bpb"))

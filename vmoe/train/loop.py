@@ -58,6 +58,7 @@ import contextlib
 import csv
 import math
 import os
+import socket
 import string
 import sys
 import time
@@ -97,7 +98,7 @@ LOG_COLUMNS = [
     "val_bpb_code", "tokens_per_s", "width", "width_code", "width_prose", "width_punct", "width_letters",
     "width_by_layer", "null_share", "expert_fwd_flops_per_token", "lr", *AUX_KEYS, "expert_sizes", "k",
     "compute_loss_weight", "max_null_share", "n_embd", "n_layer", "total_tokens", "compile", "gpu",
-    "torch", "triton", "git_commit", "data_sha256",
+    "host", "torch", "triton", "git_commit", "data_sha256",
 ]
 
 
@@ -244,9 +245,12 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
 
 
 def environment(device: torch.device) -> dict:
-    """:func:`vmoe.bench.report.environment`, with the commit under log.csv's column name."""
+    """:func:`vmoe.bench.report.environment`, with the commit under log.csv's column name, and the
+    host: tokens/s compare cleanly only between runs on one machine (two machines of one GPU model
+    differed by 8% on the same run)."""
     env = report.environment(device)
     env["git_commit"] = env.pop("vmoe_commit")
+    env["host"] = socket.gethostname()
     return env
 
 
