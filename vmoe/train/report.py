@@ -11,6 +11,7 @@ the median over its evaluation intervals after the first (:func:`interval_tokens
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from vmoe.bench.report import replace_block
@@ -29,7 +30,7 @@ def interval_tokens_per_s(run) -> float:
     """A run's tokens/s: the median over its evaluation intervals after the first, because the
     first holds the compilation and autotuning; NaN with fewer than two intervals."""
     v = run["tokens_per_s"].dropna()
-    return float(v.iloc[1:].median()) if len(v) > 1 else float("nan")
+    return v.iloc[1:].median() if len(v) > 1 else math.nan
 
 
 def finished_runs(df):
