@@ -246,8 +246,8 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
 
 def environment(device: torch.device) -> dict:
     """:func:`vmoe.bench.report.environment`, with the commit under log.csv's column name, and the
-    host: tokens/s compare cleanly only between runs on one machine (two machines of one GPU model
-    differed by 8% on the same run)."""
+    host: tokens/s compare cleanly only between runs on one machine (two seeds of one config, on two
+    machines of one GPU model, differed by 8%)."""
     env = report.environment(device)
     env["git_commit"] = env.pop("vmoe_commit")
     env["host"] = socket.gethostname()
