@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, help="start no run that would end past this many seconds")
     parser.add_argument("--data", type=Path, default=Path("data"), help="corpus folder (default data)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs folder (default results/runs)")
-    parser.add_argument("--results", type=Path, help="write train_<gpu>.csv here once the runs end")
+    parser.add_argument("--results", type=Path, help="rewrite train_<gpu>.csv here after each run")
     args = parser.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
