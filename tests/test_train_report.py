@@ -43,7 +43,7 @@ def test_summary_rows_by_hand():
         # Stopped short of its schedule, at another d, and a config outside the README's rows: not shown.
         _run("var23_d768", 0, [3.0, 0.5], [np.nan, 9e9], tokens=TOTAL // 2),
         _run("var5_d768", 1, [3.0, 0.1], [np.nan, 9e9], n_embd=384),
-        _run("var5_cl_d768", 0, [3.0, 0.1], [np.nan, 9e9]),
+        _run("var5_cl0_d768", 0, [3.0, 0.1], [np.nan, 9e9]),
     ], ignore_index=True)
     rows = _table(report.summary_markdown(df))
     # uniform: seeds 0 (on G, no interval after the first: no tokens/s) and 1 on G, seed 0 on H.

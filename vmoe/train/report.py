@@ -20,9 +20,11 @@ README_START = "<!-- training:start -->"
 README_END = "<!-- training:end -->"
 BASELINE = "uniform_d768"
 # The README's rows, in this order (the others are in notebook 08): uniform, the write-up's two
-# mixes, the null-expert run and the uniform controls at the mixes' realised widths.
-README_CONFIGS = ("uniform_d768", "var5_d768", "var23_d768", "var5_null_bound_d768",
-                  "uniform_realised_d768_w960", "uniform_realised_d768_w720")
+# mixes without and with its compute loss, the null-expert runs without and with the null bound, and
+# the uniform controls at the mixes' realised widths.
+README_CONFIGS = ("uniform_d768", "var5_d768", "var5_cl_d768", "var23_d768", "var23_cl_d768",
+                  "var5_null_d768", "var5_null_bound_d768", "uniform_realised_d768_w960",
+                  "uniform_realised_d768_w720")
 RUN = ["config", "seed", "gpu"]
 
 
