@@ -197,6 +197,20 @@ def test_log_columns_and_widths(corpus, tmp_path):
         assert float(row["width"]) == pytest.approx(2 * 48 * (1 - share), rel=1e-5), row
 
 
+def test_machine_names_the_gpu_beside_the_hostname(monkeypatch):
+    # Rented GPU machines can share a hostname; the GPU's UUID tells them apart.
+    assert loop.machine(torch.device("cpu")) == socket.gethostname()
+    seen = []
+
+    def props(device):
+        seen.append(device)
+        return type("Props", (), {"uuid": "3f2a-77"})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    assert loop.machine(torch.device("cuda", 1)) == f"{socket.gethostname()} GPU-3f2a-77"
+    assert seen == [torch.device("cuda", 1)]
+
+
 def test_widths_of_a_slimmed_model(corpus):
     """The width columns read each layer's own widths: a slimmed GPT's layers differ from each
     other and from its config. The expected widths come from each layer's forward output f_i

@@ -244,13 +244,22 @@ def evaluate(model: GPT, windows, domain, device, batch_size: int, autocast) -> 
     }
 
 
+def machine(device: torch.device) -> str:
+    """The hostname, and on a GPU the GPU's UUID: tokens/s compare cleanly only between runs on one
+    machine (two seeds of one config, on two machines of one GPU model, differed by 8%), and rented
+    machines can share a hostname."""
+    name = socket.gethostname()
+    if device.type == "cuda":
+        name += f" GPU-{torch.cuda.get_device_properties(device).uuid}"
+    return name
+
+
 def environment(device: torch.device) -> dict:
     """:func:`vmoe.bench.report.environment`, with the commit under log.csv's column name, and the
-    host: tokens/s compare cleanly only between runs on one machine (two seeds of one config, on two
-    machines of one GPU model, differed by 8%)."""
+    machine (:func:`machine`) as ``host``."""
     env = report.environment(device)
     env["git_commit"] = env.pop("vmoe_commit")
-    env["host"] = socket.gethostname()
+    env["host"] = machine(device)
     return env
 
 
