@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from vmoe import expert_mlp, reference
 from vmoe.ops.routing import (
     add_shared_slot,
     build_routing,
     finish_routing,
+    locate_tile_by_load,
     scatter_routing,
     tile_schedule,
 )
@@ -295,6 +297,37 @@ def test_tile_schedule(bm, bn, n_cols, n_per_width):
         cols = n_cols if n_cols is not None else n_per_width * widths[e]
         n_e = sum(1 for t in live if t[0] == e)
         assert n_e == triton.cdiv(counts[e], bm) * triton.cdiv(cols, bn), f"expert {e}"
+
+
+@triton.jit
+def _tiles_by_load_kernel(tiles_ptr, nt_ptr, load_ptr, out_ptr, E, E_PAD: tl.constexpr):
+    o_e = tl.arange(0, E_PAD)
+    m_e = o_e < E
+    e, i_m, i_n = locate_tile_by_load(tl.program_id(0), tl.load(tiles_ptr + o_e, mask=m_e, other=0),
+                                      tl.load(nt_ptr + o_e, mask=m_e, other=0),
+                                      tl.load(load_ptr + o_e, mask=m_e, other=0), E_PAD)
+    tl.store(out_ptr + tl.program_id(0) * 3 + 0, e)
+    tl.store(out_ptr + tl.program_id(0) * 3 + 1, i_m)
+    tl.store(out_ptr + tl.program_id(0) * 3 + 2, i_n)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_locate_tile_by_load_runs_the_heaviest_experts_first(seed):
+    """Every tile once; experts by decreasing load, ties by index; row-major within an expert.
+    Experts with no tiles (a null expert's width 0) and with no load (no rows) included."""
+    gen = torch.Generator().manual_seed(seed)
+    E = 7
+    row_tiles = torch.randint(0, 4, (E,), generator=gen)
+    col_tiles = torch.randint(1, 4, (E,), generator=gen)
+    load = torch.randint(0, 3, (E,), generator=gen) * 50  # few values: ties
+    tiles = row_tiles * col_tiles
+    total = int(tiles.sum())
+    out = torch.full((total, 3), -1, dtype=torch.int32, device=DEVICE)
+    to_dev = [t.to(torch.int32).to(DEVICE) for t in (tiles, col_tiles, load)]
+    _tiles_by_load_kernel[(total,)](*to_dev, out, E, E_PAD=8)
+    order = sorted(range(E), key=lambda e: (-int(load[e]), e))
+    expected = [(e, i, j) for e in order for i in range(int(row_tiles[e])) for j in range(int(col_tiles[e]))]
+    assert [tuple(r) for r in out.cpu().tolist()] == expected
 
 
 def test_tile_schedule_zero_tokens():

@@ -26,7 +26,10 @@ Layouts:
 Two kernels serve all six GEMMs. ``_rows_kernel`` computes ``C[rows of e] = A[rows of e] @ B_e`` for
 each expert, over a persistent grid whose tile schedule is rebuilt on the device from the counts
 (:func:`vmoe.ops.routing.schedule_prologue`). ``_wgrad_kernel`` computes ``A_e^T @ B_e`` over each
-expert's rows; its tiles are known on the host (they depend only on the widths and d).
+expert's rows; its tiles are known on the host (they depend only on the widths and d), and each
+loops over all of its expert's rows, so the most loaded experts' tiles are launched first
+(:func:`vmoe.ops.routing.locate_tile_by_load`): a router that sends most slots to a few narrow
+experts otherwise leaves their few long tiles running alone at the end.
 
 On a Hopper GPU both also have a tensor-descriptor (TMA) path, chosen by the autotuner among its
 configs where :func:`tma_eligible` holds (16-bit dtypes, widths and d in multiples of 8): each
@@ -49,9 +52,11 @@ from triton.runtime import _allocation
 from vmoe.config import column_offsets, gate_factor
 from vmoe.ops.activations import ACT_CODES, act_bwd, act_fwd, swiglu_bwd, swiglu_fwd
 from vmoe.ops.routing import (
+    LOAD_ORDER_MAX_E,
     Routing,
     expert_dims,
     locate_tile,
+    locate_tile_by_load,
     max_row_tiles,
     schedule_prologue,
     tile_schedule,
@@ -458,8 +463,13 @@ def _wgrad_kernel(
     b_m = expert_dims(widths_ptr, E, M_FIXED, M_PER_WIDTH, E_PAD)
     b_n = expert_dims(widths_ptr, E, N_FIXED, N_PER_WIDTH, E_PAD)
     b_nt = tl.cdiv(b_n, BN)
-    b_cum = tl.cumsum(tl.cdiv(b_m, BM) * b_nt, axis=0)
-    e, i_m, i_n = locate_tile(tl.program_id(0), b_cum, b_nt, E_PAD)
+    b_tiles = tl.cdiv(b_m, BM) * b_nt
+    if E_PAD <= LOAD_ORDER_MAX_E:
+        # Every tile of expert e loops over its n_e rows: the most loaded experts' tiles go first.
+        b_load = tl.load(counts_ptr + tl.arange(0, E_PAD), mask=tl.arange(0, E_PAD) < E, other=0)
+        e, i_m, i_n = locate_tile_by_load(tl.program_id(0), b_tiles, b_nt, b_load, E_PAD)
+    else:
+        e, i_m, i_n = locate_tile(tl.program_id(0), tl.cumsum(b_tiles, axis=0), b_nt, E_PAD)
     # M and N from the arguments and f_e (see _expert_geometry), not from b_m / b_n.
     f_e, o_col, rag0, M, N = _expert_geometry(e, widths_ptr, woffsets_ptr, ragged_offsets_ptr,
                                               M_FIXED, N_FIXED, M_PER_WIDTH, N_PER_WIDTH, ALIGN)

@@ -398,6 +398,34 @@ def locate_tile(tile_id, b_cum, b_nt, E_PAD: tl.constexpr):
     return e, local // n_tiles, local % n_tiles
 
 
+# Above this many experts (padded), locate_tile_by_load's [E_PAD, E_PAD] comparison would spill
+# registers in every program; the experts' tiles then keep their index order.
+LOAD_ORDER_MAX_E = tl.constexpr(64)
+
+
+@triton.jit
+def locate_tile_by_load(tile_id, b_tiles, b_nt, b_load, E_PAD: tl.constexpr):
+    """:func:`locate_tile` with the experts' tiles in order of decreasing load.
+
+    ``b_tiles`` is the tiles per expert, ``b_nt`` the column tiles per expert and ``b_load`` a
+    per-expert cost of one tile (a weight gradient's tile loops over all of the expert's rows, so
+    its rows). The heaviest tiles are launched first, so that they do not run alone at the end
+    of the grid (longest-processing-time-first); ties keep the experts' index order. Only the
+    order of the programs changes: each tile is still computed by one program, in one order, so
+    the result is bitwise the same. ``tile_id`` must be below the total number of tiles.
+    """
+    o_e = tl.arange(0, E_PAD)
+    # first[e]: the tiles of every expert that goes before e.
+    goes_before = (b_load[:, None] > b_load[None, :]) | (
+        (b_load[:, None] == b_load[None, :]) & (o_e[:, None] < o_e[None, :]))
+    first = tl.sum(tl.where(goes_before, b_tiles[:, None], 0), axis=0)
+    hit = (first <= tile_id) & (tile_id < first + b_tiles)
+    e = tl.sum(tl.where(hit, o_e, 0), axis=0)
+    local = tile_id - tl.sum(tl.where(hit, first, 0), axis=0)
+    n_tiles = tl.maximum(tl.sum(tl.where(hit, b_nt, 0), axis=0), 1)
+    return e, local // n_tiles, local % n_tiles
+
+
 @triton.jit(do_not_specialize=['max_tiles'])
 def _tile_schedule_kernel(counts_ptr, widths_ptr, out_ptr, max_tiles, E, N,
                           N_PER_WIDTH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
