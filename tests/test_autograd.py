@@ -12,6 +12,7 @@ import torch
 from vmoe import expert_mlp, reference
 from vmoe.config import gate_factor
 from vmoe.ops import grouped_gemm
+from vmoe.ops.routing import LOAD_ORDER_MAX_E
 from vmoe.testing import (
     ACT_DTYPE_IDS,
     ACT_DTYPES,
@@ -116,6 +117,12 @@ def _edge_cases():
         ("null-k-equals-E", 6, 16, (7, 0, 12, 0), 4, "gelu", torch.float32, None),
         ("null-all-tokens-null", 9, 16, (0, 7, 0, 20), 2, "silu", torch.float32,
          lambda T, E, k: torch.tensor([[0, 2], [2, 0], [1, 3]]).repeat(3, 1)),
+        # Above LOAD_ORDER_MAX_E experts the weight gradients keep their tiles in expert order.
+        ("many-experts", 11, 16, tuple(3 * e % 10 for e in range(LOAD_ORDER_MAX_E.value + 1)), 2,
+         "relu2", torch.float32, None),
+        # Below it they go by load: one narrow expert with most of the rows.
+        ("skewed-load", 10, 16, (33, 7, 20), 2, "swiglu", torch.float32,
+         lambda T, E, k: torch.tensor([[1, 0], [1, 2], [1, 0], [1, 2], [1, 0]]).repeat(2, 1)),
     ]
     params, ids = [], []
     for name, T, d, widths, k, act, dtype, make_ids in cases:

@@ -27,9 +27,10 @@ Two kernels serve all six GEMMs. ``_rows_kernel`` computes ``C[rows of e] = A[ro
 each expert, over a persistent grid whose tile schedule is rebuilt on the device from the counts
 (:func:`vmoe.ops.routing.schedule_prologue`). ``_wgrad_kernel`` computes ``A_e^T @ B_e`` over each
 expert's rows; its tiles are known on the host (they depend only on the widths and d), and each
-loops over all of its expert's rows, so the most loaded experts' tiles are launched first
-(:func:`vmoe.ops.routing.locate_tile_by_load`): a router that sends most slots to a few narrow
-experts otherwise leaves their few long tiles running alone at the end.
+loops over all of its expert's rows, so in layers of up to ``LOAD_ORDER_MAX_E`` experts the most
+loaded experts' tiles are launched first (:func:`vmoe.ops.routing.locate_tile_by_load`): a router
+that sends most slots to a few narrow experts otherwise leaves their few long tiles running alone
+at the end.
 
 On a Hopper GPU both also have a tensor-descriptor (TMA) path, chosen by the autotuner among its
 configs where :func:`tma_eligible` holds (16-bit dtypes, widths and d in multiples of 8): each
