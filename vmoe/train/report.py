@@ -53,6 +53,8 @@ def summary_markdown(df) -> str:
     """The README's table: :data:`README_CONFIGS` rows of the d=768 runs in ``df`` (the rows of
     ``results/train_*.csv``), bpb as mean (min–max over seeds) and Δ against :data:`BASELINE`."""
     runs = finished_runs(df[df["n_embd"] == 768]) if "n_embd" in df else finished_runs(df.iloc[:0])
+    if runs.empty:
+        return "No finished d=768 run in `results/train_*.csv` yet."
     base = runs[runs["config"] == BASELINE]
     lines = ["| config | experts | seeds | val bpb | Δ bpb | realised width | tokens/s | Δ tokens/s |",
              "|---|---|---:|---|---:|---:|---:|---:|"]
@@ -67,8 +69,6 @@ def summary_markdown(df) -> str:
         lines.append(f"| {name} | {r['expert_sizes'].iloc[0]} | {r['seed'].nunique()} | "
                      f"{_range(r['val_bpb'], '{:.4f}')} | {d_bpb} | {r['width'].mean():.0f} | "
                      f"{r['tps'].mean() / 1e3:.0f}k | {d_tps} |")
-    if runs.empty:
-        return "No finished d=768 run in `results/train_*.csv` yet."
     gpus = " / ".join(sorted(runs["gpu"].astype(str).unique()))
     return "\n".join([f"Runs on {gpus}; `results/train_*.csv`, notebook 08 section 6.", "", *lines])
 
